@@ -1,0 +1,104 @@
+"""The `metaner` console script: inspect corpora, score predictions, and run the jobs."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+# Subcommands that are whole jobs: each module has `main(argv)`; imported only when asked for,
+# so that `metaner inspect` does not pay for torch, transformers or Ray.
+JOBS = {
+    "demo": "jobs.demo",
+    "pipeline": "jobs.pipeline",
+    "meta-train": "jobs.meta_train",
+    "evaluate": "jobs.evaluate",
+    "build-index": "jobs.build_index",
+    "ablation": "jobs.ablation",
+    "low-resource": "jobs.low_resource",
+    "predict": "jobs.predict",
+}
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from trainer.corpus import read_corpus
+
+    stats = read_corpus(args.file, misc_to_o=args.misc_to_o, split=args.split).stats()
+    if args.json:
+        print(json.dumps(stats, ensure_ascii=False))
+        return 0
+    print(f"file        {stats['path']}" + (f"  (split: {stats['split']})" if stats["split"] else ""))
+    print(f"encoding    {stats['encoding']}" + ("  (BOM)" if stats["bom"] else "") + ("  (CRLF)" if stats["crlf"] else ""))
+    print(f"columns     {stats['columns']} ({stats['delimiter']}-separated), tag column {stats['tag_column']}")
+    converted = "converted to BIO" if stats["converted"] else "kept as BIO"
+    print(f"scheme      {stats['scheme']} ({converted}; {stats['repaired_tags']} I- after O repaired)")
+    if stats["segmented_at_period"]:
+        print("segments    no sentence breaks: split at each '.' token")
+    print(f"MISC -> O   {'yes' if stats['misc_to_o'] else 'no'}")
+    print(f"-DOCSTART-  {stats['docstart_dropped']} dropped")
+    print(f"sentences   {stats['sentences']:,}")
+    print(f"tokens      {stats['tokens']:,}")
+    print(f"entities    {stats['entities']:,}  " + ", ".join(f"{k} {v:,}" for k, v in stats["entities_by_type"].items()))
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from trainer.scoring import read_conll, score
+
+    _, gold, pred = read_conll(args.file)
+    result = score(gold, pred)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{'type':<8}{'precision':>10}{'recall':>10}{'F1':>10}{'support':>9}")
+    for name, row in sorted(result["per_type"].items()):
+        print(f"{name:<8}{row['precision']:>10.2f}{row['recall']:>10.2f}{row['f1']:>10.2f}{row['support']:>9}")
+    print(f"{'overall':<8}{result['precision']:>10.2f}{result['recall']:>10.2f}{result['f1']:>10.2f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metaner", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="what a corpus file holds and how it was read")
+    p.add_argument("file")
+    p.add_argument("--split", choices=["train", "test"], help="split of a file without sentence breaks")
+    p.add_argument("--misc-to-o", action="store_true", help="map MISC entities to O")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.set_defaults(func=_inspect)
+    p = sub.add_parser("score", help="phrase-level P/R/F1 of a conlleval file (token ... gold pred)")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.set_defaults(func=_score)
+    for name, module in JOBS.items():
+        p = sub.add_parser(name, help=f"run {module} (see its --help)", add_help=False)
+        p.set_defaults(func=None, module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args, rest = build_parser().parse_known_args(argv)
+    if args.func is None:
+        try:
+            job = importlib.import_module(args.module)
+        except ModuleNotFoundError as err:
+            if err.name != args.module:
+                raise
+            print(f"metaner: `{args.command}` is not available in this version", file=sys.stderr)
+            return 2
+        return job.main(rest) or 0
+    if rest:
+        print(f"metaner {args.command}: unexpected arguments {' '.join(rest)}", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except ValueError as err:  # CorpusError and bad settings carry their own file/line message
+        print(f"metaner {args.command}: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

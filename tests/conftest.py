@@ -1,0 +1,52 @@
+"""Shared fixtures: paths to the shared corpora and models, and a tiny BERT built on the fly."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("METANER_SHARED", REPO.parent / "shared"))
+DATA = Path(os.environ.get("METANER_DATA", SHARED / "data"))
+MODELS = SHARED / "models"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+needs_data = pytest.mark.skipif(not (DATA / "meta-cross").is_dir(),
+                                reason=f"shared corpora not found at {DATA} (set METANER_DATA)")
+needs_tiny_6l = pytest.mark.skipif(not (MODELS / "bert-tiny-6l").is_dir(),
+                                   reason=f"model of record not found at {MODELS / 'bert-tiny-6l'}")
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    if not (DATA / "meta-cross").is_dir():
+        pytest.skip(f"shared corpora not found at {DATA} (set METANER_DATA)")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def toy_corpus():
+    """Synthetic English train and per-language test sentences (deterministic)."""
+    from trainer.synthetic import TEMPLATES, make_sentences
+
+    return {lang: make_sentences(lang, 60 if lang == "en" else 20, seed=1) for lang in TEMPLATES}
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, toy_corpus) -> str:
+    """A 2-layer, hidden-64 BERT with a WordPiece vocabulary trained on the toy corpus, saved and
+    reloadable with from_pretrained offline."""
+    from trainer.tiny import build_tiny_bert
+
+    texts = [s.words for sentences in toy_corpus.values() for s in sentences]
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), texts, num_layers=2, hidden=64, vocab_size=500)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_bert):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_bert)

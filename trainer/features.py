@@ -1,0 +1,136 @@
+"""Sentences to model inputs: subword windows with first-subword labels, and back.
+
+Only a word's first subword carries its label (-100 elsewhere, and on [CLS]/[SEP]). A sentence
+longer than the model's window is cut into windows; each window after the first starts with the
+last `context` subwords of the words before it, unlabelled, so that every word is predicted exactly
+once, with left context, when the windows are merged back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .corpus import LABELS, Sentence
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Window:
+    sentence: int  # index of the sentence in the encoded list
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]  # IGNORE except at the first subword of each word owned by the window
+    words: tuple[int, ...]  # for each labelled position, in order, the word index in the sentence
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class Featurizer:
+    """Tokenise with a fast Hugging Face tokenizer and cut sentences into labelled windows."""
+
+    def __init__(self, tokenizer, max_length: int = 128, context: int = 32, labels: Sequence[str] = LABELS):
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("a fast tokenizer is needed for word alignment; load it with AutoTokenizer(use_fast=True)")
+        if not 0 <= context <= (max_length - 2) // 2:
+            raise ValueError(f"context ({context}) must be between 0 and half the window ({(max_length - 2) // 2})")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.context = context
+        self.labels = tuple(labels)
+        self.label2id = {label: i for i, label in enumerate(self.labels)}
+        self.pad_id = tokenizer.pad_token_id
+        self.mask_id = tokenizer.mask_token_id
+        self._cls, self._sep, self._unk = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.unk_token_id
+
+    def word_pieces(self, sentences: Sequence[Sentence]) -> list[list[list[int]]]:
+        """Subword ids of every word; a word that tokenises to nothing becomes the unknown token."""
+        enc = self.tokenizer([list(s.words) for s in sentences], is_split_into_words=True,
+                             add_special_tokens=False)
+        out = []
+        for i, sentence in enumerate(sentences):
+            pieces: list[list[int]] = [[] for _ in sentence.words]
+            for token_id, word in zip(enc["input_ids"][i], enc.word_ids(i)):
+                if word is not None:
+                    pieces[word].append(token_id)
+            out.append([p or [self._unk] for p in pieces])
+        return out
+
+    def encode(self, sentences: Sequence[Sentence]) -> list[Window]:
+        windows: list[Window] = []
+        for index, (sentence, pieces) in enumerate(zip(sentences, self.word_pieces(sentences))):
+            tags = [self.label2id[t] for t in sentence.tags]
+            windows.extend(self._windows(index, pieces, tags))
+        return windows
+
+    def _windows(self, index: int, pieces: list[list[int]], tags: list[int]) -> list[Window]:
+        budget = self.max_length - 2
+        # A single word longer than a whole window keeps only its first pieces (it is labelled
+        # by its first one anyway).
+        pieces = [p[:budget - self.context] for p in pieces]
+        out, start = [], 0
+        while start < len(pieces) or not out:
+            context_words = self._context_words(pieces, start) if start else []
+            used = sum(len(pieces[w]) for w in context_words)
+            end = start
+            while end < len(pieces) and used + len(pieces[end]) <= budget:
+                used += len(pieces[end])
+                end += 1
+            ids, labels, words = [self._cls], [IGNORE], []
+            for w in context_words:
+                ids += pieces[w]
+                labels += [IGNORE] * len(pieces[w])
+            for w in range(start, end):
+                ids += pieces[w]
+                labels += [tags[w]] + [IGNORE] * (len(pieces[w]) - 1)
+                words.append(w)
+            ids.append(self._sep)
+            labels.append(IGNORE)
+            out.append(Window(index, tuple(ids), tuple(labels), tuple(words)))
+            start = end
+        return out
+
+    def _context_words(self, pieces: list[list[int]], start: int) -> list[int]:
+        words, used, w = [], 0, start - 1
+        while w >= 0 and used + len(pieces[w]) <= self.context:
+            used += len(pieces[w])
+            words.insert(0, w)
+            w -= 1
+        return words
+
+    def collate(self, windows: Sequence[Window]) -> dict[str, torch.Tensor]:
+        """Pad to the longest window of the batch (not to max_length)."""
+        width = max(len(w) for w in windows)
+        ids = torch.full((len(windows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(windows), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(windows), width), dtype=torch.long)
+        for row, w in enumerate(windows):
+            ids[row, : len(w)] = torch.tensor(w.input_ids)
+            labels[row, : len(w)] = torch.tensor(w.labels)
+            mask[row, : len(w)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def merge(self, sentences: Sequence[Sentence], windows: Sequence[Window],
+              predictions: Sequence[Sequence[int]]) -> list[list[str]]:
+        """Tags per word from per-window predictions (one label id per labelled position)."""
+        out: list[list[str | None]] = [[None] * len(s.words) for s in sentences]
+        for window, predicted in zip(windows, predictions):
+            if len(predicted) != len(window.words):
+                raise ValueError(f"window of sentence {window.sentence} has {len(window.words)} labelled "
+                                 f"positions but {len(predicted)} predictions")
+            for word, label in zip(window.words, predicted):
+                if out[window.sentence][word] is not None:
+                    raise ValueError(f"word {word} of sentence {window.sentence} predicted twice")
+                out[window.sentence][word] = self.labels[int(label)]
+        for i, tags in enumerate(out):
+            if any(t is None for t in tags):
+                raise ValueError(f"sentence {i}: some words were not predicted; were all its windows given?")
+        return out  # type: ignore[return-value]
+
+
+def labelled_predictions(logits: torch.Tensor, labels: torch.Tensor) -> list[list[int]]:
+    """Argmax label ids at the labelled positions of each row, in order."""
+    best = logits.argmax(-1)
+    return [best[row][labels[row] != IGNORE].tolist() for row in range(labels.shape[0])]

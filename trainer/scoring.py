@@ -1,0 +1,78 @@
+"""Phrase-level precision, recall and F1 as conlleval computes them, and conlleval's file format.
+
+seqeval's default mode follows conlleval's chunking (an entity may start with I-), so its figures
+agree with `conlleval.pl`; its strict IOB2 mode would not.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Iterable, Sequence
+
+from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+
+from .corpus import CorpusError
+
+
+def score(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict:
+    """Overall and per-type precision/recall/F1 in percent, with entity counts."""
+    if len(gold) != len(pred):
+        raise ValueError(f"{len(gold)} gold sentences but {len(pred)} predicted")
+    for i, (g, p) in enumerate(zip(gold, pred)):
+        if len(g) != len(p):
+            raise ValueError(f"sentence {i}: {len(g)} gold tags but {len(p)} predicted")
+    gold, pred = [list(g) for g in gold], [list(p) for p in pred]
+    with warnings.catch_warnings():
+        # All-O predictions are a legitimate (bad) result: F1 0, not a warning per call.
+        warnings.simplefilter("ignore")
+        report = classification_report(gold, pred, output_dict=True, zero_division=0)
+        overall = {
+            "precision": 100.0 * precision_score(gold, pred, zero_division=0),
+            "recall": 100.0 * recall_score(gold, pred, zero_division=0),
+            "f1": 100.0 * f1_score(gold, pred, zero_division=0),
+        }
+    per_type = {
+        name: {"precision": 100.0 * row["precision"], "recall": 100.0 * row["recall"],
+               "f1": 100.0 * row["f1-score"], "support": int(row["support"])}
+        for name, row in report.items() if not name.endswith(" avg")
+    }
+    return {**overall, "per_type": per_type}
+
+
+def write_conll(path: str | os.PathLike, words: Iterable[Sequence[str]], gold: Iterable[Sequence[str]],
+                pred: Iterable[Sequence[str]]) -> None:
+    """`token gold pred` per line, a blank line after each sentence (conlleval's input)."""
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for ws, gs, ps in zip(words, gold, pred):
+            for w, g, p in zip(ws, gs, ps):
+                # conlleval splits on whitespace: a token holding a space would shift the columns.
+                fh.write(f"{''.join(w.split()) or '_'} {g} {p}\n")
+            fh.write("\n")
+    os.replace(tmp, path)
+
+
+def read_conll(path: str | os.PathLike) -> tuple[list[list[str]], list[list[str]], list[list[str]]]:
+    """Words, gold and predicted tags from a conlleval file (the last two columns are the tags)."""
+    path = os.fspath(path)
+    words, gold, pred = [], [], []
+    cw, cg, cp = [], [], []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            lines = fh.read().splitlines()
+    except OSError as err:
+        raise CorpusError(path, None, f"cannot be read ({err.strerror})", "Check the path") from None
+    for number, line in enumerate(lines + [""], 1):
+        fields = line.split()
+        if not fields or fields[0] == "-DOCSTART-":
+            if cw:
+                words.append(cw), gold.append(cg), pred.append(cp)
+            cw, cg, cp = [], [], []
+            continue
+        if len(fields) < 3:
+            raise CorpusError(path, number, f"expected `token ... gold pred`, got {line.strip()!r}",
+                              "Write one token per line with the gold and the predicted tag last")
+        cw.append(fields[0]), cg.append(fields[-2]), cp.append(fields[-1])
+    if not words:
+        raise CorpusError(path, None, "no tokens found", "Give a file of `token gold pred` lines")
+    return words, gold, pred
