@@ -87,6 +87,9 @@ class TrainConfig:
     checkpoint_every: int = 300
     inner_lr: float = 3e-5
     meta_lr: float = 3e-5
+    # The official code scales inner_lr by the meta learning rate's warmup-linear schedule over
+    # meta-training progress (its warmup_prop_inner = 0.1); false keeps inner_lr constant.
+    schedule_inner_lr: bool = True
     warmup_proportion: float = 0.1
     weight_decay: float = 0.01
     # BertAdam clips each parameter tensor's gradient norm to this value.
@@ -191,6 +194,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise ValueError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-5" (no dot) as a string.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key}: expected a number, got {value!r}")
         return float(value)

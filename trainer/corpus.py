@@ -123,21 +123,6 @@ def _raw_blocks(path: str, text: str, info: CorpusInfo) -> list[list[tuple[int, 
     token_lines = [line for line in lines if line.strip()]
     tabbed = bool(token_lines) and all("\t" in line for line in token_lines)
     info.delimiter = "tab" if tabbed else "whitespace"
-    counts = Counter(len(_split_fields(line, tabbed)) for line in token_lines
-                     if not line.startswith(DOCSTART))
-    if not counts:
-        raise CorpusError(path, None, "the file holds no token lines, only -DOCSTART- markers",
-                          "Give a corpus with at least one sentence")
-    info.columns = counts.most_common(1)[0][0]
-    info.tag_column = info.columns - 1
-    odd = sum(n for c, n in counts.items() if c != info.columns)
-    if odd and odd > _MAX_ODD_COLUMN_FRACTION * len(token_lines):
-        first = next(i for i, line in enumerate(lines, 1) if line.strip() and not line.startswith(DOCSTART)
-                     and len(_split_fields(line, tabbed)) != info.columns)
-        raise CorpusError(path, first, f"mixed column counts ({dict(counts)}; most lines have {info.columns})",
-                          "Give every token line the same columns, the NER tag last")
-    info.odd_column_lines = odd
-
     blocks: list[list[tuple[int, str, str]]] = []
     current: list[tuple[int, str, str]] = []
     for number, line in enumerate(lines, 1):
@@ -159,7 +144,25 @@ def _raw_blocks(path: str, text: str, info: CorpusInfo) -> list[list[tuple[int, 
         current.append((number, fields[0], fields[-1]))
     if current:
         blocks.append(current)
+    _check_columns(path, lines, tabbed, info)
     return blocks
+
+
+def _check_columns(path: str, lines: list[str], tabbed: bool, info: CorpusInfo) -> None:
+    counts = Counter(len(_split_fields(line, tabbed)) for line in lines
+                     if line.strip() and not line.startswith(DOCSTART))
+    if not counts:
+        raise CorpusError(path, None, "the file holds no token lines, only -DOCSTART- markers",
+                          "Give a corpus with at least one sentence")
+    info.columns = counts.most_common(1)[0][0]
+    info.tag_column = info.columns - 1
+    odd = sum(n for c, n in counts.items() if c != info.columns)
+    if odd > _MAX_ODD_COLUMN_FRACTION * sum(counts.values()):
+        first = next(i for i, line in enumerate(lines, 1) if line.strip() and not line.startswith(DOCSTART)
+                     and len(_split_fields(line, tabbed)) != info.columns)
+        raise CorpusError(path, first, f"mixed column counts ({dict(counts)}; most lines have {info.columns})",
+                          "Give every token line the same columns, the NER tag last")
+    info.odd_column_lines = odd
 
 
 def _segment_at_period(blocks):

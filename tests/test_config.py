@@ -1,0 +1,70 @@
+import pytest
+
+from trainer.config import Config, load_config
+
+
+def test_defaults_are_the_papers():
+    cfg = load_config()
+    assert cfg.retrieval.k == 2 and cfg.train.mask_ratio == 0.2 and cfg.train.lambda_max == 2.0
+    assert cfg.train.num_inner_steps == 2 and cfg.train.meta_batch_size == 32
+    assert cfg.train.num_meta_steps == 3001 and cfg.train.eval_every == 300
+    assert cfg.train.inner_lr == cfg.train.meta_lr == 3e-5 and cfg.train.warmup_proportion == 0.1
+    assert cfg.adapt.adapt_lr == 1e-5 and cfg.adapt.num_adapt_steps == 1
+    assert cfg.model.max_length == 128 and cfg.model.num_frozen_layers == 4
+    assert cfg.model.name_or_path == "bert-base-multilingual-cased"
+    assert cfg.train.seeds == [95, 495, 539, 667, 806]
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("train:\n  meta_batch_size: 8\nretrieval:\n  pooling: mean\n")
+    cfg = load_config(path, ["train.meta_batch_size=16", "data.targets=[es, nl]", "train.meta_lr=1e-4"])
+    assert cfg.train.meta_batch_size == 16
+    assert cfg.retrieval.pooling == "mean"
+    assert cfg.data.targets == ["es", "nl"]
+    assert cfg.train.meta_lr == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.meta_batchsize=3", "train.meta_batchsize"),
+    ("train.meta_batch_size=abc", "train.meta_batch_size"),
+    ("train.meta_lr=-1", "train.meta_lr"),
+    ("train.mask_ratio=1.5", "train.mask_ratio"),
+    ("retrieval.pooling=max", "retrieval.pooling"),
+    ("data.targets=[]", "data.targets"),
+    ("data.targets=[xx]", "data.targets"),
+    ("model.dropout=true", "model.dropout"),
+    ("cluster.zero_stage=3", "cluster.zero_stage"),
+    ("nosection.key=1", "nosection"),
+])
+def test_bad_value_names_the_key(override, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_config(overrides=[override])
+
+
+def test_literal_error_lists_allowed_values():
+    with pytest.raises(ValueError, match="'cls', 'mean'"):
+        load_config(overrides=["retrieval.pooling=max"])
+
+
+def test_bad_yaml_file_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ValueError, match="bad.yaml"):
+        load_config(path)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_flat_params_cover_every_section():
+    flat = Config().flat()
+    assert flat["train.meta_batch_size"] == 32
+    assert flat["data.target_files.fr"].endswith("#test")
+    assert any(k.startswith("cluster.") for k in flat) and any(k.startswith("mlflow.") for k in flat)
+
+
+def test_data_root_from_environment(monkeypatch):
+    cfg = load_config()
+    monkeypatch.setenv("METANER_DATA", "/corpora")
+    assert cfg.data.resolve("meta-cross/en/train.txt") == "/corpora/meta-cross/en/train.txt"
+    assert cfg.data.resolve("raw/europeana/enp_FR.bnf.bio#test") == "/corpora/raw/europeana/enp_FR.bnf.bio#test"

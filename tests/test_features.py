@@ -1,0 +1,89 @@
+"""Windows, first-subword labels, dynamic padding and the round trip back to words."""
+import random
+
+import pytest
+
+from trainer.corpus import LABELS, Sentence
+from trainer.features import IGNORE, Featurizer
+
+
+def _long_sentence(toy_corpus, n_words, seed):
+    rng = random.Random(seed)
+    pool = [(w, t) for s in toy_corpus["en"] for w, t in zip(s.words, s.tags)]
+    pairs = [rng.choice(pool) for _ in range(n_words)]
+    return Sentence(tuple(w for w, _ in pairs), tuple("O" if t.startswith("I-") else t for _, t in pairs))
+
+
+def test_first_subword_only_carries_the_label(tiny_tokenizer):
+    feat = Featurizer(tiny_tokenizer, max_length=32, context=4)
+    sentence = Sentence(("Anna", "Berg", "visitedxyzq", "Madrid", "."), ("B-PER", "I-PER", "O", "B-LOC", "O"))
+    (window,) = feat.encode([sentence])
+    assert window.input_ids[0] == tiny_tokenizer.cls_token_id and window.input_ids[-1] == tiny_tokenizer.sep_token_id
+    labelled = [lab for lab in window.labels if lab != IGNORE]
+    assert [LABELS[i] for i in labelled] == list(sentence.tags)
+    pieces = feat.word_pieces([sentence])[0]
+    assert len(pieces[2]) > 1  # an unseen word splits, and only its first piece is labelled
+    assert len(window.labels) == 2 + sum(len(p) for p in pieces)
+    assert window.labels[0] == window.labels[-1] == IGNORE
+
+
+@pytest.mark.parametrize("n_words, max_length, context", [(300, 32, 8), (1000, 64, 16), (57, 16, 0), (5, 128, 32)])
+def test_windows_round_trip_every_word_once(tiny_tokenizer, toy_corpus, n_words, max_length, context):
+    feat = Featurizer(tiny_tokenizer, max_length=max_length, context=context)
+    sentences = [_long_sentence(toy_corpus, n_words, seed) for seed in range(3)]
+    windows = feat.encode(sentences)
+    assert all(len(w) <= max_length for w in windows)
+    if n_words * 1 > max_length:
+        assert len(windows) > len(sentences)
+    # Predict each word's gold label back through the windows: the merge must reproduce the tags.
+    predictions = [[lab for lab in w.labels if lab != IGNORE] for w in windows]
+    assert feat.merge(sentences, windows, predictions) == [list(s.tags) for s in sentences]
+    for w in windows[1:]:
+        if w.sentence == windows[0].sentence and context:
+            # a continuation window opens with unlabelled context subwords
+            assert w.labels[1] == IGNORE
+
+
+def test_merge_refuses_missing_or_duplicate_windows(tiny_tokenizer, toy_corpus):
+    feat = Featurizer(tiny_tokenizer, max_length=16, context=4)
+    sentence = _long_sentence(toy_corpus, 40, 0)
+    windows = feat.encode([sentence])
+    preds = [[0] * len(w.words) for w in windows]
+    with pytest.raises(ValueError, match="not predicted"):
+        feat.merge([sentence], windows[:-1], preds[:-1])
+    with pytest.raises(ValueError, match="predicted twice"):
+        feat.merge([sentence], windows + windows[:1], preds + preds[:1])
+
+
+def test_dynamic_padding_to_longest_in_batch(tiny_tokenizer, toy_corpus):
+    feat = Featurizer(tiny_tokenizer, max_length=128, context=8)
+    windows = feat.encode(toy_corpus["en"][:8])
+    batch = feat.collate(windows)
+    longest = max(len(w) for w in windows)
+    assert batch["input_ids"].shape == (8, longest) and longest < 128
+    for row, w in enumerate(windows):
+        assert batch["attention_mask"][row].sum() == len(w)
+        assert (batch["labels"][row, len(w):] == IGNORE).all()
+        assert (batch["input_ids"][row, len(w):] == tiny_tokenizer.pad_token_id).all()
+
+
+def test_word_without_pieces_becomes_unknown(tiny_tokenizer):
+    feat = Featurizer(tiny_tokenizer, max_length=16, context=0)
+    sentence = Sentence(("a", "\u200b", "b"), ("O", "B-PER", "O"))
+    pieces = feat.word_pieces([sentence])[0]
+    assert all(pieces) and pieces[1] == [tiny_tokenizer.unk_token_id]
+    windows = feat.encode([sentence])
+    assert feat.merge([sentence], windows, [[1, 2, 0]]) == [["B-PER", "I-PER", "O"]]
+
+
+def test_real_tokenizer_of_record(tiny_tokenizer):
+    from conftest import MODELS
+    from transformers import AutoTokenizer
+
+    if not (MODELS / "bert-tiny-6l").is_dir():
+        pytest.skip(f"model of record not found at {MODELS / 'bert-tiny-6l'}")
+    tok = AutoTokenizer.from_pretrained(MODELS / "bert-tiny-6l")
+    feat = Featurizer(tok, max_length=128, context=32)
+    sentence = Sentence(("EU", "rejects", "German", "call"), ("B-ORG", "O", "B-MISC", "O"))
+    (window,) = feat.encode([sentence])
+    assert window.input_ids[0] == 101 and window.input_ids[-1] == 102

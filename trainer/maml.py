@@ -1,0 +1,179 @@
+"""First-order MAML over pseudo meta-NER tasks, in place on one model.
+
+For each task the trainable parameters are saved (a copy of those tensors only), adapted by
+`num_inner_steps` BertAdam steps on the support sentences, the query loss gradient is taken at the
+adapted weights, and the meta weights are restored exactly. The meta-gradient of a batch of tasks
+is the sum of the per-task query gradients, accumulated in the parameters' `.grad` (one buffer for
+the whole batch). All gradients are taken with `torch.autograd.grad`, so inner steps never touch
+`.grad`. A distributed caller uses `task_gradients` and places the result in its own buffers.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .features import Featurizer, Window
+from .losses import token_loss
+from .masking import mask_batch, mask_generator, masked_sides
+from .model import NerModel, trainable_parameters
+from .optim import BertAdam, make_optimizer, optimizer_step, param_groups, schedule_factor
+
+logger = logging.getLogger(__name__)
+
+Source = Sequence[Union[Window, Sequence[Window]]]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A pseudo task: `query` and `support` are indices of source sentences."""
+
+    support: tuple[int, ...]
+    query: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "support", tuple(int(i) for i in self.support))
+        if not self.support:
+            raise ValueError(f"task with query {self.query} has an empty support set")
+
+
+def group_windows(windows: Sequence[Window]) -> list[list[Window]]:
+    """Windows of `Featurizer.encode` grouped per sentence, in sentence order."""
+    groups: dict[int, list[Window]] = {}
+    for w in windows:
+        groups.setdefault(w.sentence, []).append(w)
+    if sorted(groups) != list(range(len(groups))):
+        raise ValueError("windows do not cover sentences 0..n-1; pass the whole output of Featurizer.encode")
+    return [groups[i] for i in range(len(groups))]
+
+
+class MetaLearner:
+    """Holds the model, its meta optimiser and the meta-step count."""
+
+    def __init__(self, model: NerModel, featurizer: Featurizer, cfg, seed: int = 0):
+        self.model, self.featurizer, self.cfg, self.seed = model, featurizer, cfg, seed
+        train = cfg.train
+        named = trainable_parameters(model)
+        groups = param_groups(named, train.weight_decay)
+        by_id = {id(p): n for n, p in named}
+        # One order for everything: the inner optimiser's, so explicit gradients line up with it.
+        self.params = [p for g in groups for p in g["params"]]
+        self.names = [by_id[id(p)] for p in self.params]
+        self.meta_optimizer, self.scheduler = make_optimizer(groups, cfg, train.meta_lr, train.num_meta_steps)
+        self.mask_support, self.mask_query = masked_sides(train.mask_on)
+        self.step = 0
+
+    # ------------------------------------------------------------------ one task
+
+    def inner_lr(self) -> float:
+        train = self.cfg.train
+        if not train.schedule_inner_lr:
+            return train.inner_lr
+        return train.inner_lr * schedule_factor(self.step, train.num_meta_steps, train.warmup_proportion)
+
+    def _batch(self, ids: Sequence[int], source: Source, generator: Optional[torch.Generator]):
+        windows: list[Window] = []
+        for i in ids:
+            if not 0 <= i < len(source):
+                raise ValueError(f"sentence index {i} is outside the source set of {len(source)} sentences")
+            item = source[i]
+            windows.extend([item] if isinstance(item, Window) else item)
+        batch = self.featurizer.collate(windows)
+        if generator is not None:
+            batch = mask_batch(batch, self.featurizer.mask_id, self.cfg.train.mask_ratio, generator,
+                               self.featurizer.label2id.get("O", 0))
+        return batch
+
+    def _loss(self, batch, task: Task, side: str) -> torch.Tensor:
+        logits = self.model(batch["input_ids"], batch["attention_mask"])
+        loss = token_loss(logits, batch["labels"], self.cfg.train.lambda_max)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"task with query sentence {task.query} (support {list(task.support)}): "
+                                     f"the {side} loss is {loss.item()}; lower train.inner_lr/meta_lr or check "
+                                     "the sentences")
+        return loss
+
+    def task_gradients(self, task: Task, source: Source, epoch: int = 0) -> tuple[list[torch.Tensor], dict]:
+        """Query-loss gradient at the support-adapted weights, one tensor per `self.params` entry
+        (zeros for a parameter the loss does not reach); the meta weights are restored bit-exactly."""
+        generator = mask_generator(self.seed, epoch, task.query)
+        support = self._batch(task.support, source, generator if self.mask_support else None)
+        query = self._batch([task.query], source, generator if self.mask_query else None)
+        saved = [p.detach().clone() for p in self.params]
+        was_training = self.model.training
+        self.model.train()
+        try:
+            # A fresh optimiser per task, constant rate, as the official inner update.
+            inner = BertAdam(param_groups(zip(self.names, self.params), self.cfg.train.weight_decay),
+                             lr=self.inner_lr(), max_grad_norm=self.cfg.train.max_grad_norm)
+            for _ in range(self.cfg.train.num_inner_steps):
+                support_loss = self._loss(support, task, "support")
+                inner.step_with(torch.autograd.grad(support_loss, self.params, allow_unused=True))
+            query_loss = self._loss(query, task, "query")
+            grads = torch.autograd.grad(query_loss, self.params, allow_unused=True)
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
+            self.model.train(was_training)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
+        return grads, {"support_loss": support_loss.item(), "query_loss": query_loss.item()}
+
+    def accumulate(self, grads: Sequence[torch.Tensor]) -> None:
+        """Add one task's gradients into the parameters' `.grad`."""
+        with torch.no_grad():
+            for p, g in zip(self.params, grads):
+                if p.grad is None:
+                    p.grad = g.detach().clone()
+                else:
+                    p.grad.add_(g)
+
+    # ------------------------------------------------------------------ a batch of tasks
+
+    def meta_gradient(self, tasks: Sequence[Task], source: Source, epoch: int = 0) -> dict:
+        """Add the sum of the tasks' query gradients to `.grad`; mean losses of the batch."""
+        if not tasks:
+            raise ValueError("meta_gradient needs at least one task")
+        totals = {"support_loss": 0.0, "query_loss": 0.0}
+        for task in tasks:
+            grads, stats = self.task_gradients(task, source, epoch)
+            self.accumulate(grads)
+            for key in totals:
+                totals[key] += stats[key]
+        return {key: value / len(tasks) for key, value in totals.items()}
+
+    def meta_lr(self) -> float:
+        if isinstance(self.meta_optimizer, BertAdam):
+            return self.meta_optimizer.current_lr()[0]
+        return self.meta_optimizer.param_groups[0]["lr"]
+
+    def meta_step(self, tasks: Sequence[Task], source: Source, epoch: int = 0) -> dict:
+        """Zero `.grad`, accumulate the batch's meta-gradient, take one meta-optimiser step."""
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        stats = self.meta_gradient(tasks, source, epoch)
+        stats.update(meta_lr=self.meta_lr(), inner_lr=self.inner_lr())
+        optimizer_step(self.meta_optimizer, self.scheduler, self.cfg.train.max_grad_norm)
+        self.meta_optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return stats
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "optimizer": self.meta_optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.meta_optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+    def evaluate(self, sentences, batch_size: int = 32) -> dict:
+        """Dev score of the meta weights without adaptation (the official model selection)."""
+        from .adapt import evaluate
+
+        return evaluate(self.model, self.featurizer, sentences, batch_size)

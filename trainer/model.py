@@ -1,0 +1,110 @@
+"""The paper's model: a pretrained encoder, dropout and a linear token classifier."""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from .corpus import LABELS
+
+logger = logging.getLogger(__name__)
+
+
+class NerModel(nn.Module):
+    """Encoder (any Hugging Face `AutoModel`) + dropout + linear layer over the last hidden states."""
+
+    def __init__(self, encoder: nn.Module, labels: Sequence[str] = LABELS, dropout: float = 0.1,
+                 seed: Optional[int] = None):
+        super().__init__()
+        if not labels:
+            raise ValueError("labels must name at least one tag")
+        self.encoder = encoder
+        self.labels = tuple(labels)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(encoder.config.hidden_size, len(self.labels))
+        # BERT's initialisation of a new head, from a seed of its own so that the head does not
+        # depend on whatever consumed the global RNG before.
+        std = getattr(encoder.config, "initializer_range", 0.02)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.no_grad():
+            self.classifier.weight.copy_(torch.randn(self.classifier.weight.shape, generator=generator) * std)
+            self.classifier.bias.zero_()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, labels: Sequence[str] = LABELS, dropout: float = 0.1,
+                        seed: Optional[int] = None) -> "NerModel":
+        """Load the encoder from a hub id or a local folder and add a fresh classifier."""
+        from transformers import AutoModel
+
+        try:
+            encoder = AutoModel.from_pretrained(name_or_path)
+        except OSError as err:
+            raise ValueError(f"cannot load the encoder {name_or_path!r} ({err}); set model.name_or_path to a "
+                             "hub id or a folder holding config.json and the weights") from None
+        return cls(encoder, labels, dropout, seed)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, length, labels]; `attention_mask` may be 2-D or a prepared 4-D mask."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.classifier(self.dropout(hidden))
+
+    def attention_mask_4d(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The 4-D mask the encoder would build from a 2-D one, always materialised.
+
+        Under torch.func.vmap the encoder cannot build it itself (it checks `mask.all()`, which is
+        data-dependent control flow); a prepared 4-D mask is passed through as is.
+        """
+        from transformers.masking_utils import create_bidirectional_mask
+
+        dtype = next(self.encoder.parameters()).dtype
+        shape_only = torch.empty(attention_mask.shape[0], attention_mask.shape[1], 1, dtype=dtype)
+        return create_bidirectional_mask(config=self.encoder.config, inputs_embeds=shape_only,
+                                         attention_mask=attention_mask, allow_is_bidirectional_skip=False)
+
+
+def encoder_layers(encoder: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks of BERT/XLM-R style (encoder.layer) or DistilBERT (transformer.layer)."""
+    for path in ("encoder.layer", "transformer.layer", "layers", "layer"):
+        module = encoder
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise ValueError(f"cannot find the transformer layers of {type(encoder).__name__}; "
+                     "freezing supports encoders with encoder.layer or transformer.layer")
+
+
+def freeze(model: NerModel, num_frozen_layers: int, freeze_embeddings: bool = True,
+           freeze_pooler: bool = True) -> None:
+    """Make everything trainable, then freeze embeddings, pooler and layers 0..num_frozen_layers-1."""
+    layers = encoder_layers(model.encoder)
+    if not 0 <= num_frozen_layers <= len(layers):
+        raise ValueError(f"model.num_frozen_layers={num_frozen_layers} but the encoder has {len(layers)} "
+                         f"layers; choose 0..{len(layers)}")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    frozen: list[nn.Module] = list(layers[:num_frozen_layers])
+    if freeze_embeddings and getattr(model.encoder, "embeddings", None) is not None:
+        frozen.append(model.encoder.embeddings)
+    if freeze_pooler and getattr(model.encoder, "pooler", None) is not None:
+        frozen.append(model.encoder.pooler)
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad_(False)
+    logger.info("frozen: %d of %d parameter tensors", sum(not p.requires_grad for p in model.parameters()),
+                len(list(model.parameters())))
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def build_model(cfg, labels: Sequence[str] = LABELS, seed: Optional[int] = None) -> NerModel:
+    """The model as `cfg.model` describes it: pretrained encoder, fresh head, frozen bottom."""
+    model = NerModel.from_pretrained(cfg.model.name_or_path, labels, cfg.model.dropout, seed)
+    freeze(model, cfg.model.num_frozen_layers, cfg.model.freeze_embeddings, cfg.model.freeze_pooler)
+    return model

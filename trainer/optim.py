@@ -1,0 +1,182 @@
+"""BertAdam, the optimiser of the paper's code, and the choice between it and torch's AdamW.
+
+BertAdam comes from `pytorch_pretrained_bert` 0.6.x, which no maintained library ships any more
+(transformers dropped it with pytorch_pretrained_bert, and torch's Adam/AdamW always apply bias
+correction), so it is written here. Its behaviour, kept exactly:
+- each parameter tensor's gradient is clipped to `max_grad_norm` on its own (not the global norm);
+- no bias correction: update = m / (sqrt(v) + e), so a fresh optimiser's first step is
+  lr * 0.1 g / (sqrt(0.001) |g|) ~ 3.16 * lr * sign(g);
+- decoupled weight decay added to the update before the learning rate: update += wd * p;
+- the learning rate is scaled by the schedule at the step count *before* the step, so with warmup
+  the very first step has lr 0.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch.optim import Optimizer
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES = ("warmup_linear", "constant")
+# torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing; kept for identical results.
+_CLIP_EPS = 1e-6
+
+
+def warmup_linear(progress: float, warmup: float) -> float:
+    """pytorch_pretrained_bert 0.6.x WarmupLinearSchedule: rise over `warmup`, then fall to 0 at 1."""
+    warmup = max(warmup, 0.0)
+    if progress < warmup:
+        return progress / warmup
+    return max((progress - 1.0) / (warmup - 1.0), 0.0)
+
+
+def schedule_factor(step: int, t_total: int, warmup: float, schedule: str = "warmup_linear") -> float:
+    """Learning-rate multiplier at `step` (0-based); t_total < 0 means a constant rate."""
+    if schedule == "constant" or t_total < 0:
+        return 1.0
+    return warmup_linear(step / t_total, warmup)
+
+
+def clip_tensor_grad(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """`grad` scaled as clip_grad_norm_([p], max_norm) would scale p.grad (a new tensor)."""
+    if max_norm <= 0:
+        return grad
+    norm = torch.linalg.vector_norm(grad.detach(), 2)
+    coef = torch.clamp(max_norm / (norm + _CLIP_EPS), max=1.0)
+    return grad * coef
+
+
+class BertAdam(Optimizer):
+    """Adam without bias correction, per-tensor clipping and decoupled weight decay (see module doc).
+
+    `warmup` is a fraction of `t_total` (-1 or 0: none); `t_total=-1` keeps the learning rate
+    constant. The schedule's values live in each param group as plain numbers and strings, so
+    `state_dict()` holds only tensors and plain types.
+    """
+
+    def __init__(self, params, lr: float, warmup: float = -1, t_total: int = -1,
+                 schedule: str = "warmup_linear", b1: float = 0.9, b2: float = 0.999, e: float = 1e-6,
+                 weight_decay: float = 0.01, max_grad_norm: float = 1.0):
+        if lr < 0.0:
+            raise ValueError(f"BertAdam lr={lr}: the learning rate must be 0 or more")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"BertAdam schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if not (0.0 <= warmup < 1.0 or warmup == -1):
+            raise ValueError(f"BertAdam warmup={warmup}: give a fraction of t_total in [0, 1), or -1 for none")
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"BertAdam betas ({b1}, {b2}) must be in [0, 1)")
+        if e < 0.0:
+            raise ValueError(f"BertAdam e={e} must be 0 or more")
+        defaults = dict(lr=lr, warmup=warmup, t_total=t_total, schedule=schedule, b1=b1, b2=b2, e=e,
+                        weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+        super().__init__(params, defaults)
+
+    def ordered_params(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def current_lr(self) -> list[float]:
+        """The learning rate the next step of each group will use."""
+        out = []
+        for group in self.param_groups:
+            steps = [self.state[p]["step"] for p in group["params"] if self.state.get(p)]
+            step = steps[0] if steps else 0
+            out.append(group["lr"] * schedule_factor(step, group["t_total"], group["warmup"], group["schedule"]))
+        return out
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update from each parameter's `.grad`; `.grad` is clipped in place, as the original does."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("BertAdam does not support sparse gradients")
+                p.grad.copy_(clip_tensor_grad(p.grad, group["max_grad_norm"]))
+                self._update(p, p.grad, group)
+        return loss
+
+    @torch.no_grad()
+    def step_with(self, grads: Sequence[Optional[torch.Tensor]]) -> None:
+        """One update from explicit gradients, one per parameter in `ordered_params()` order.
+
+        Leaves `.grad` untouched, so inner-loop updates cannot leak into an accumulated meta-gradient.
+        A None gradient skips its parameter, as a None `.grad` does in `step`.
+        """
+        params = self.ordered_params()
+        if len(grads) != len(params):
+            raise ValueError(f"step_with got {len(grads)} gradients for {len(params)} parameters")
+        it = iter(grads)
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = next(it)
+                if grad is not None:
+                    self._update(p, clip_tensor_grad(grad, group["max_grad_norm"]), group)
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["next_m"] = torch.zeros_like(p)
+            state["next_v"] = torch.zeros_like(p)
+        next_m, next_v = state["next_m"], state["next_v"]
+        next_m.mul_(group["b1"]).add_(grad, alpha=1 - group["b1"])
+        next_v.mul_(group["b2"]).addcmul_(grad, grad, value=1 - group["b2"])
+        update = next_m / (next_v.sqrt() + group["e"])
+        if group["weight_decay"] > 0.0:
+            update += group["weight_decay"] * p
+        lr = group["lr"] * schedule_factor(state["step"], group["t_total"], group["warmup"], group["schedule"])
+        p.add_(update, alpha=-lr)
+        state["step"] += 1
+
+
+def no_decay(name: str) -> bool:
+    """Biases and LayerNorm weights take no weight decay (BERT's and the official code's rule)."""
+    return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or "layernorm" in name
+
+
+def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]] | torch.nn.Module,
+                 weight_decay: float) -> list[dict]:
+    """Two groups of trainable parameters: with `weight_decay`, and without (biases, LayerNorm)."""
+    if isinstance(named_params, torch.nn.Module):
+        named_params = named_params.named_parameters()
+    named = [(n, p) for n, p in named_params if p.requires_grad]
+    if not named:
+        raise ValueError("no trainable parameters: check model.num_frozen_layers and the freeze settings")
+    return [
+        {"params": [p for n, p in named if not no_decay(n)], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(params, cfg, lr: float, t_total: int):
+    """(optimizer, scheduler) as `cfg.train.optimizer` says; the scheduler is None for BertAdam,
+    which schedules itself. `params` are parameter groups or tensors."""
+    train = cfg.train
+    if train.optimizer == "bertadam":
+        return BertAdam(params, lr=lr, warmup=train.warmup_proportion, t_total=t_total,
+                        weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm), None
+    if train.optimizer == "adamw":
+        # Weight decay comes from the groups; eps as BertAdam's e.
+        optimizer = torch.optim.AdamW(params, lr=lr, eps=1e-6, weight_decay=train.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: schedule_factor(step, t_total, train.warmup_proportion))
+        return optimizer, scheduler
+    raise ValueError(f"train.optimizer={train.optimizer!r}: choose bertadam or adamw")
+
+
+def optimizer_step(optimizer, scheduler, max_grad_norm: float) -> None:
+    """Apply accumulated `.grad`s: BertAdam clips per tensor itself; AdamW gets a global clip."""
+    if not isinstance(optimizer, BertAdam) and max_grad_norm > 0:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
