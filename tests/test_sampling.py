@@ -1,0 +1,30 @@
+import numpy as np
+import pytest
+
+from trainer.sampling import epoch_of, sample_task_batch, shard_tasks
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_shards_partition_the_batch(world):
+    batch = sample_task_batch(1000, 32, seed=95, step=7)
+    parts = [shard_tasks(batch, r, world) for r in range(world)]
+    merged = np.concatenate(parts)
+    assert sorted(merged.tolist()) == sorted(batch.tolist()) and len(set(merged.tolist())) == 32
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_batches_depend_on_seed_and_step_only():
+    a = sample_task_batch(500, 32, seed=1, step=3)
+    assert (a == sample_task_batch(500, 32, seed=1, step=3)).all()
+    assert not (a == sample_task_batch(500, 32, seed=1, step=4)).all()
+    assert not (a == sample_task_batch(500, 32, seed=2, step=3)).all()
+    assert len(sample_task_batch(5, 32, seed=0, step=0)) == 5
+
+
+def test_epoch_counts_passes_over_tasks():
+    assert [epoch_of(s, 32, 100) for s in (0, 3, 4, 7)] == [0, 0, 1, 2]
+
+
+def test_bad_rank():
+    with pytest.raises(ValueError):
+        shard_tasks(np.arange(4), 2, 2)
