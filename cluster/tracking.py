@@ -58,21 +58,21 @@ class NullLogger:
 class MlflowLogger(NullLogger):
     """One MLflow run (optionally nested under `parent_run_id`) with the project's logging calls."""
 
-    def __init__(self, uri: str, experiment: str, run_name: str | None = None,
+    def __init__(self, uri: str, experiment: str | None = None, run_name: str | None = None,
                  parent_run_id: str | None = None, run_id: str | None = None):
+        """A new run in `experiment`, or with `run_id` the existing run (e.g. in a worker)."""
         import mlflow
 
-        self._mlflow = mlflow
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         self.uri = uri
+        if run_id is not None:
+            self.run_id = run_id
+            self.experiment_id = self.client.get_run(run_id).info.experiment_id
+            return
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-        if run_id is None:
-            tags = {"mlflow.runName": run_name} if run_name else {}
-            if parent_run_id:
-                tags["mlflow.parentRunId"] = parent_run_id
-            run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name).info.run_id
-        self.run_id = run_id
+        tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+        self.run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name).info.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

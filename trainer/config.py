@@ -233,6 +233,14 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """A checked Config from the nested dict that `Config.to_dict` wrote (checkpoints, workers)."""
+    cfg = Config()
+    _apply(cfg, data, "")
+    validate(cfg)
+    return cfg
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file at `path`, then each `a.b=value` override, then checks."""
     cfg = Config()

@@ -13,7 +13,7 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 def build_tiny_bert(out_dir: str | os.PathLike, texts: Iterable[Sequence[str]], *, num_layers: int = 2,
                     hidden: int = 64, heads: int = 2, vocab_size: int = 2000, seed: int = 0,
-                    max_length: int = 128) -> str:
+                    max_length: int = 128, dropout: float = 0.1) -> str:
     """Train a cased WordPiece vocabulary on word lists `texts`, save tokenizer and random BERT."""
     import torch
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -35,7 +35,8 @@ def build_tiny_bert(out_dir: str | os.PathLike, texts: Iterable[Sequence[str]], 
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=num_layers,
                         num_attention_heads=heads, intermediate_size=2 * hidden,
-                        max_position_embeddings=max(512, max_length), pad_token_id=0)
+                        max_position_embeddings=max(512, max_length), pad_token_id=0,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     os.makedirs(out_dir, exist_ok=True)
     BertModel(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
