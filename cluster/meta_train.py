@@ -158,6 +158,13 @@ def _replace_dir(src: str, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _write_pid(out: Path, rank: int) -> None:
+    """Which process is which rank, for an operator who needs to inspect or stop one."""
+    folder = out / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank{rank}.pid").write_text(str(os.getpid()))
+
+
 def meta_train_worker(loop_config: dict) -> None:
     """The per-worker loop that Ray Train runs (one process per worker)."""
     import deepspeed
@@ -174,6 +181,7 @@ def meta_train_worker(loop_config: dict) -> None:
     inputs: MetaTrainInputs = ray.get(loop_config["inputs"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _write_pid(Path(inputs.output_dir), rank)
     cfg, model, tokenizer, featurizer, source, learner = _build(inputs)
     engine, *_ = deepspeed.initialize(model=model, optimizer=learner.meta_optimizer,
                                       lr_scheduler=learner.scheduler, config=deepspeed_config(cfg, world))

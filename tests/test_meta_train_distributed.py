@@ -56,13 +56,26 @@ def test_deepspeed_config_is_derived():
 
 @pytest.mark.slow
 def test_one_and_two_workers_and_single_process_agree(ray_local, tiny_bert_no_dropout, toy_corpus, tmp_path):
-    weights = {}
+    import mlflow
+
+    from cluster.tracking import MlflowLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    weights, runs = {}, {}
     for workers in (1, 2):
         cfg = _cfg(tiny_bert_no_dropout, **{"cluster.num_workers": workers})
         inputs = _inputs(cfg, toy_corpus, tmp_path / f"out{workers}")
+        runs[workers] = MlflowLogger(uri, "meta", run_name=f"w{workers}").run_id
+        inputs.run_id, inputs.tracking_uri = runs[workers], uri
         result = run_meta_training(inputs, cfg, str(tmp_path / "ray"), f"w{workers}", max_failures=0)
         assert result.error is None
         weights[workers] = load_file(str(tmp_path / f"out{workers}" / "final" / "model.safetensors"))
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    for workers, run_id in runs.items():
+        # Only rank 0 logs: one value per meta-step, whatever the number of workers.
+        history = client.get_metric_history(run_id, "meta_loss")
+        assert [m.step for m in history] == [1, 2, 3]
+        assert {"tasks_per_s", "meta_lr", "inner_lr", "support_loss", "dev_f1"} <= set(client.get_run(run_id).data.metrics)
     reference = _single_process_weights(_cfg(tiny_bert_no_dropout), inputs)
     for name, ref in reference.items():
         torch.testing.assert_close(weights[1][name], weights[2][name], atol=1e-6, rtol=0)
@@ -72,3 +85,42 @@ def test_one_and_two_workers_and_single_process_agree(ray_local, tiny_bert_no_dr
     start = build_model(_cfg(tiny_bert_no_dropout), seed=95).state_dict()
     moved = sum(not torch.equal(start[k], reference[k]) for k in reference)
     assert moved > 0, "the meta-steps changed no weight"
+
+
+@pytest.mark.slow
+def test_killed_worker_is_replaced_and_training_resumes(ray_local, tiny_bert_no_dropout, toy_corpus, tmp_path):
+    """SIGKILL rank 1 after the first checkpoint: the group restarts from it and ends where the
+    same run without the failure ends."""
+    import os
+    import signal
+    import threading
+    import time
+
+    cfg = _cfg(tiny_bert_no_dropout, **{"cluster.num_workers": 2, "train.num_meta_steps": 12,
+                                         "train.checkpoint_every": 3})
+    out = tmp_path / "out"
+    inputs = _inputs(cfg, toy_corpus, out)
+    killed = {}
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if list((tmp_path / "ray" / "killed").glob("checkpoint_*")) and (out / "workers" / "rank1.pid").exists():
+                pid = int((out / "workers" / "rank1.pid").read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed["pid"] = pid
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    watcher.start()
+    result = run_meta_training(inputs, cfg, str(tmp_path / "ray"), "killed", max_failures=2)
+    watcher.join(timeout=1)
+    assert result.error is None
+    assert "pid" in killed, "the worker was never killed"
+    assert int((out / "workers" / "rank1.pid").read_text()) != killed["pid"], "rank 1 was not replaced"
+    final = load_file(str(out / "final" / "model.safetensors"))
+    inputs.output_dir = str(tmp_path / "uninterrupted")
+    assert run_meta_training(inputs, cfg, str(tmp_path / "ray"), "uninterrupted", max_failures=0).error is None
+    reference = load_file(str(tmp_path / "uninterrupted" / "final" / "model.safetensors"))
+    for name, ref in reference.items():
+        torch.testing.assert_close(final[name], ref, atol=1e-6, rtol=0)
