@@ -22,6 +22,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_dri
         # Ray otherwise advertises the machine's external interface for the node and MASTER_ADDR.
         ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  log_to_driver=log_to_driver)
+        joined = ray.get_runtime_context().gcs_address
+        if not joined.startswith("127.0.0.1:"):
+            ray.shutdown()
+            raise RuntimeError(f"the local Ray node bound {joined}, not 127.0.0.1: Ray was imported before "
+                               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set; import cluster first or export it")
     joined = ray.get_runtime_context().gcs_address
     logger.info("Ray cluster at %s with %s", joined, ray.cluster_resources())
     return joined
