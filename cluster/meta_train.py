@@ -171,11 +171,11 @@ def meta_train_worker(loop_config: dict) -> None:
     import ray
     import ray.train
     import torch
-    import torch.distributed as dist
     from ray.train import Checkpoint
 
     from trainer.sampling import epoch_of, sample_task_batch, shard_tasks
 
+    from .distributed import all_reduce_sum
     from .tracking import MlflowLogger, NullLogger
 
     inputs: MetaTrainInputs = ray.get(loop_config["inputs"])
@@ -198,15 +198,18 @@ def meta_train_worker(loop_config: dict) -> None:
     while step < train.num_meta_steps:
         batch = sample_task_batch(num_tasks, train.meta_batch_size, inputs.seed, step)
         mine = shard_tasks(batch, rank, world)
-        buffer, losses = _meta_gradient(learner, source, inputs.support, mine, epoch_of(step, train.meta_batch_size, num_tasks))
+        try:
+            buffer, losses = _meta_gradient(learner, source, inputs.support, mine,
+                                            epoch_of(step, train.meta_batch_size, num_tasks))
+        except FloatingPointError as err:
+            raise FloatingPointError(f"meta-step {step + 1}, rank {rank}: {err}") from None
         surrogate = world * sum((p * b).sum() for p, b in zip(learner.params, buffer))
         engine.backward(surrogate)
         lrs = {"meta_lr": learner.meta_lr(), "inner_lr": learner.inner_lr()}
         engine.step()
         step += 1
         learner.step = step
-        if dist.is_initialized():
-            dist.all_reduce(losses)
+        all_reduce_sum(losses)
         done_tasks += int(losses[2])
         metrics = {"support_loss": float(losses[0] / losses[2]), "meta_loss": float(losses[1] / losses[2]),
                    "tasks_per_s": done_tasks / (time.perf_counter() - started), **lrs}

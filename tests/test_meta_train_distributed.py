@@ -124,3 +124,17 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_local, tiny_bert_no_
     reference = load_file(str(tmp_path / "uninterrupted" / "final" / "model.safetensors"))
     for name, ref in reference.items():
         torch.testing.assert_close(final[name], ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_non_finite_meta_loss_stops_with_step_and_task(ray_local, tiny_bert_no_dropout, toy_corpus, tmp_path):
+    cfg = _cfg(tiny_bert_no_dropout, **{"cluster.num_workers": 1, "train.meta_lr": 1e30, "train.inner_lr": 1e30,
+                                         "train.optimizer": "adamw", "train.max_grad_norm": 0.0,
+                                         "train.warmup_proportion": 0.0})
+    inputs = _inputs(cfg, toy_corpus, tmp_path / "out")
+    with pytest.raises(Exception) as err:
+        result = run_meta_training(inputs, cfg, str(tmp_path / "ray"), "nan", max_failures=0)
+        if result.error is not None:
+            raise result.error
+    message = str(err.value)
+    assert "meta-step" in message and "query sentence" in message and "loss is" in message
