@@ -124,6 +124,8 @@ class ClusterConfig:
     num_embed_actors: int = 2
     num_index_shards: int = 2
     num_adapter_actors: int = 2
+    # Sentences per unit of work sent to an adapter actor (and per resumable file).
+    adapt_unit_size: int = 32
     cpus_per_actor: float = 0.5
     gpus_per_actor: float = 0.0
 
@@ -306,7 +308,7 @@ def validate(cfg: Config) -> None:
     _check(len(t.seeds) > 0, "train.seeds", "give at least one seed")
     _check(c.num_workers >= 1, "cluster.num_workers", "must be at least 1")
     _check(c.zero_stage in (0, 1, 2), "cluster.zero_stage", "must be 0, 1 or 2")
-    for key in ("num_embed_actors", "num_index_shards", "num_adapter_actors"):
+    for key in ("num_embed_actors", "num_index_shards", "num_adapter_actors", "adapt_unit_size"):
         _check(getattr(c, key) >= 1, f"cluster.{key}", "must be at least 1")
     _check(c.cpus_per_actor >= 0 and c.gpus_per_actor >= 0, "cluster.cpus_per_actor",
            "actor resources must be 0 or more")

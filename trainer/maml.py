@@ -82,6 +82,7 @@ class MetaLearner:
             item = source[i]
             windows.extend([item] if isinstance(item, Window) else item)
         batch = self.featurizer.collate(windows)
+        batch = {k: v.to(self.params[0].device) for k, v in batch.items()}
         if generator is not None:
             batch = mask_batch(batch, self.featurizer.mask_id, self.cfg.train.mask_ratio, generator,
                                self.featurizer.label2id.get("O", 0))

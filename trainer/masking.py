@@ -35,7 +35,7 @@ def mask_entities(input_ids: torch.Tensor, labels: torch.Tensor, mask_id: int, r
     if input_ids.shape != labels.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} differ in shape")
     entity = (labels != IGNORE) & (labels != outside_id)
-    draw = torch.rand(input_ids.shape, generator=generator) < ratio
+    draw = (torch.rand(input_ids.shape, generator=generator) < ratio).to(input_ids.device)
     return torch.where(entity & draw, torch.full_like(input_ids, mask_id), input_ids)
 
 

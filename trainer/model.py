@@ -13,7 +13,10 @@ logger = logging.getLogger(__name__)
 
 
 class NerModel(nn.Module):
-    """Encoder (any Hugging Face `AutoModel`) + dropout + linear layer over the last hidden states."""
+    """Encoder (any Hugging Face `AutoModel`) + dropout + linear layer over the last hidden states.
+
+    `dropout` is the head's; the encoder keeps the dropout of its own config (BERT's 0.1).
+    """
 
     def __init__(self, encoder: nn.Module, labels: Sequence[str] = LABELS, dropout: float = 0.1,
                  seed: Optional[int] = None):
@@ -59,9 +62,17 @@ class NerModel(nn.Module):
         from transformers.masking_utils import create_bidirectional_mask
 
         dtype = next(self.encoder.parameters()).dtype
-        shape_only = torch.empty(attention_mask.shape[0], attention_mask.shape[1], 1, dtype=dtype)
+        shape_only = torch.empty(attention_mask.shape[0], attention_mask.shape[1], 1, dtype=dtype,
+                                 device=attention_mask.device)
         return create_bidirectional_mask(config=self.encoder.config, inputs_embeds=shape_only,
                                          attention_mask=attention_mask, allow_is_bidirectional_skip=False)
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set every dropout of the model, encoder included (`NerModel`'s own `dropout` is the head's only)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
 
 
 def encoder_layers(encoder: nn.Module) -> nn.ModuleList:

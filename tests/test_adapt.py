@@ -1,0 +1,137 @@
+"""Test-time adaptation: exact restoring, batched == sequential, independence, the Adapter unit."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.adapt import (AdaptItem, Adapter, AdaptSettings, _adapted_batched, _adapted_sequential, _first_step,
+                           adapt_and_predict, adapt_many, predict)
+from trainer.checkpoint import save_checkpoint
+from trainer.config import load_config
+from trainer.corpus import LABELS, Sentence
+from trainer.features import Featurizer
+from trainer.model import NerModel, freeze, trainable_parameters
+from trainer.optim import BertAdam, param_groups
+
+# A large step so that adaptation visibly changes predictions of the random tiny model.
+SETTINGS = AdaptSettings(adapt_lr=1e-2, num_adapt_steps=1, weight_decay=0.01, max_grad_norm=1.0)
+CFG = ["adapt.adapt_lr=0.01", "adapt.batch_size=3"]
+
+
+@pytest.fixture()
+def featurizer(tiny_tokenizer):
+    return Featurizer(tiny_tokenizer, max_length=32, context=8)
+
+
+@pytest.fixture()
+def model(tiny_bert):
+    model = NerModel.from_pretrained(tiny_bert, LABELS, dropout=0.0, seed=0)
+    freeze(model, 1)
+    return model.eval()
+
+
+@pytest.fixture()
+def items(toy_corpus):
+    en = toy_corpus["en"]
+    targets = toy_corpus["es"][:3] + toy_corpus["de"][:2]
+    return targets, [[en[2 * i], en[2 * i + 1]] for i in range(len(targets))]
+
+
+def _weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_adaptation_restores_weights_bit_exactly_and_changes_predictions(model, featurizer, items):
+    sentences, supports = items
+    before = _weights(model)
+    plain = predict(model, featurizer, sentences)
+    adapted = [adapt_and_predict(model, featurizer, s, sup, 1e-2, 1, weight_decay=0.01, max_grad_norm=1.0)
+               for s, sup in zip(sentences, supports)]
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model), before))
+    assert all(p.grad is None for p in model.parameters())
+    assert adapted != plain
+    assert [len(t) for t in adapted] == [len(s.words) for s in sentences]
+    assert not model.training
+
+
+def test_batched_adaptation_equals_sequential(model, featurizer, items):
+    sentences, supports = items
+    before = _weights(model)
+    sequential = [_adapted_sequential(model, featurizer, s, sup, SETTINGS) for s, sup in zip(sentences, supports)]
+    batched = _adapted_batched(model, featurizer, sentences, supports, SETTINGS)
+    for (tags_s, logits_s), (tags_b, logits_b) in zip(sequential, batched):
+        assert tags_s == tags_b
+        for a, b in zip(logits_s, logits_b):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(_weights(model), before))
+
+
+def test_closed_form_first_step_equals_bertadam(model):
+    torch.manual_seed(0)
+    named = trainable_parameters(model)
+    grads = {n: torch.randn(2, *p.shape) * (5.0 if i % 2 else 0.01) for i, (n, p) in enumerate(named)}
+    adapted = _first_step({n: p.detach() for n, p in named}, grads, SETTINGS)
+    for b in range(2):
+        copies = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in named]
+        opt = BertAdam(param_groups(copies, SETTINGS.weight_decay), lr=SETTINGS.adapt_lr)
+        order = {id(p): n for n, p in copies}
+        opt.step_with([grads[order[id(p)]][b] for p in opt.ordered_params()])
+        for n, p in copies:
+            torch.testing.assert_close(adapted[n][b], p.detach(), rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_adapting_one_sentence_never_changes_another_processed_after(model, featurizer, items):
+    sentences, supports = items
+    alone = [adapt_and_predict(model, featurizer, s, sup, 1e-2, 1, weight_decay=0.01, max_grad_norm=1.0)
+             for s, sup in zip(sentences, supports)]
+    for a in range(len(sentences)):
+        for b in range(len(sentences)):
+            adapt_and_predict(model, featurizer, sentences[a], supports[a], 1e-2, 1, weight_decay=0.01,
+                              max_grad_norm=1.0)
+            after = adapt_and_predict(model, featurizer, sentences[b], supports[b], 1e-2, 1, weight_decay=0.01,
+                                      max_grad_norm=1.0)
+            assert after == alone[b], (a, b)
+    # in a batch, each sentence's neighbours do not matter either
+    cfg = load_config(None, CFG)
+    assert adapt_many(model, featurizer, sentences, supports, cfg, batched=True) == alone
+    reordered = adapt_many(model, featurizer, sentences[::-1], supports[::-1], cfg, batched=True)
+    assert reordered == alone[::-1]
+
+
+def test_adapt_many_falls_back_to_sequential_for_several_steps(model, featurizer, items):
+    sentences, supports = items
+    cfg = load_config(None, CFG + ["adapt.num_adapt_steps=2"])
+    settings = AdaptSettings.from_config(cfg)
+    expected = [_adapted_sequential(model, featurizer, s, sup, settings)[0] for s, sup in zip(sentences, supports)]
+    assert adapt_many(model, featurizer, sentences, supports, cfg) == expected
+    with pytest.raises(ValueError, match="exactly one"):
+        _adapted_batched(model, featurizer, sentences, supports, settings)
+
+
+def test_long_sentences_and_empty_supports(model, featurizer, toy_corpus):
+    en = toy_corpus["en"]
+    long = Sentence(tuple(w for s in en[:6] for w in s.words), tuple(t for s in en[:6] for t in s.tags))
+    assert len(featurizer.encode([long])) > 1
+    cfg = load_config(None, CFG)
+    sentences, supports = [long, en[7], en[8]], [[en[9]], [], [en[10], en[11]]]
+    tags = adapt_many(model, featurizer, sentences, supports, cfg)
+    assert [len(t) for t in tags] == [len(s.words) for s in sentences]
+    assert tags[1] == predict(model, featurizer, [en[7]])[0]  # no support: no adaptation
+    settings = AdaptSettings.from_config(cfg)
+    assert tags[0] == _adapted_sequential(model, featurizer, long, [en[9]], settings)[0]
+
+
+def test_adapter_from_a_checkpoint_and_baseline_mode(model, featurizer, tiny_tokenizer, items, tmp_path):
+    sentences, supports = items
+    folder = save_checkpoint(tmp_path / "ckpt", model, tokenizer=tiny_tokenizer)
+    cfg = load_config(None, CFG + ["model.max_length=32", "model.window_context=8"])
+    adapter = Adapter(str(folder), cfg=cfg)
+    unit = [AdaptItem(f"s{i}", s, tuple(sup)) for i, (s, sup) in enumerate(zip(sentences, supports))]
+    result = adapter.run(unit)
+    assert list(result) == [f"s{i}" for i in range(len(sentences))]
+    assert list(result.values()) == adapt_many(model, featurizer, sentences, supports, cfg, batched=False)
+    baseline = Adapter(model, featurizer, load_config(None, ["adapt.enabled=false"])).run(
+        [(i, s, tuple(sup)) for i, (s, sup) in enumerate(zip(sentences, supports))])
+    assert list(baseline.values()) == predict(model, featurizer, sentences)
+    with pytest.raises(ValueError, match="featurizer"):
+        Adapter(model, None, cfg)

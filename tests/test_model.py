@@ -1,0 +1,147 @@
+"""The NER model, layer freezing for BERT and XLM-R encoders, and checkpoints."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+
+from trainer.checkpoint import load_model, load_trainer_state, read_info, rng_state, save_checkpoint
+from trainer.config import Config
+from trainer.corpus import LABELS
+from trainer.features import Featurizer
+from trainer.model import NerModel, freeze, trainable_parameters
+from trainer.optim import BertAdam
+
+
+@pytest.fixture()
+def model(tiny_bert):
+    return NerModel.from_pretrained(tiny_bert, LABELS, dropout=0.0, seed=3)
+
+
+def test_forward_gives_logits_per_token_and_label(model, tiny_tokenizer, toy_corpus):
+    featurizer = Featurizer(tiny_tokenizer, max_length=32, context=8)
+    batch = featurizer.collate(featurizer.encode(toy_corpus["en"][:3]))
+    logits = model(batch["input_ids"], batch["attention_mask"])
+    assert logits.shape == (*batch["input_ids"].shape, len(LABELS))
+    assert torch.isfinite(logits).all()
+
+
+def test_from_pretrained_loads_the_real_encoder_weights(model, tiny_bert):
+    from transformers import AutoModel
+
+    reference = AutoModel.from_pretrained(tiny_bert)
+    for (name, a), (_, b) in zip(model.encoder.state_dict().items(), reference.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert model.encoder.pooler is not None
+    other = NerModel.from_pretrained(tiny_bert, LABELS, dropout=0.0, seed=3)
+    assert torch.equal(model.classifier.weight, other.classifier.weight)
+
+
+def test_a_missing_encoder_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="model.name_or_path"):
+        NerModel.from_pretrained(str(tmp_path / "nothing-here"))
+
+
+def _frozen_names(model):
+    return {n for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def test_freeze_embeddings_pooler_and_bottom_layers(model):
+    freeze(model, 1)
+    frozen = _frozen_names(model)
+    assert all(n.startswith(("encoder.embeddings.", "encoder.pooler.", "encoder.encoder.layer.0.")) for n in frozen)
+    assert any(n.startswith("encoder.encoder.layer.0.") for n in frozen)
+    assert any(n.startswith("encoder.pooler.") for n in frozen)
+    trainable = {n for n, _ in trainable_parameters(model)}
+    assert "classifier.weight" in trainable
+    assert any(n.startswith("encoder.encoder.layer.1.") for n in trainable)
+    # freezing again with other settings starts from a fully trainable model
+    freeze(model, 0, freeze_embeddings=True, freeze_pooler=False)
+    assert all(n.startswith("encoder.embeddings.") for n in _frozen_names(model))
+    freeze(model, 2)
+    assert not any(n.startswith("encoder.encoder.layer.") for n, _ in trainable_parameters(model))
+    with pytest.raises(ValueError, match="num_frozen_layers"):
+        freeze(model, 3)
+
+
+def test_freeze_works_for_an_xlm_r_encoder():
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    config = XLMRobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                              intermediate_size=64, max_position_embeddings=64)
+    model = NerModel(XLMRobertaModel(config), LABELS, dropout=0.0)
+    freeze(model, 2)
+    trainable = {n for n, _ in trainable_parameters(model)}
+    assert any(n.startswith("encoder.encoder.layer.2.") for n in trainable)
+    assert not any(n.startswith(("encoder.encoder.layer.0.", "encoder.encoder.layer.1.", "encoder.embeddings."))
+                   for n in trainable)
+    ids = torch.randint(5, 100, (2, 6))
+    assert model(ids, torch.ones_like(ids)).shape == (2, 6, len(LABELS))
+
+
+def test_checkpoint_round_trip_is_exact(model, tiny_tokenizer, tmp_path):
+    cfg = Config()
+    freeze(model, 1)
+    folder = save_checkpoint(tmp_path / "ckpt", model, tokenizer=tiny_tokenizer, config=cfg, meta={"step": 7})
+    for name in ("model.safetensors", "config.json", "labels.json", "metaner.json", "tokenizer.json"):
+        assert (folder / name).is_file(), name
+    info = read_info(folder)
+    assert info["meta"] == {"step": 7} and info["config"]["train"]["inner_lr"] == cfg.train.inner_lr
+    loaded, tokenizer, _ = load_model(folder, labels=LABELS)
+    assert [p.requires_grad for p in loaded.parameters()] == [p.requires_grad for p in model.parameters()]
+    assert tokenizer is not None and tokenizer.mask_token_id == tiny_tokenizer.mask_token_id
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    ids = torch.randint(5, 100, (2, 9))
+    model.eval(), loaded.eval()
+    assert torch.equal(model(ids, torch.ones_like(ids)), loaded(ids, torch.ones_like(ids)))
+
+
+def test_a_different_label_set_is_refused_naming_both(model, tmp_path):
+    folder = save_checkpoint(tmp_path / "ckpt", model)
+    other = ["O", "B-PER", "I-PER"]
+    with pytest.raises(ValueError) as err:
+        load_model(folder, labels=other)
+    assert str(other) in str(err.value) and str(list(LABELS)) in str(err.value)
+
+
+def test_trainer_state_round_trips_and_pickled_objects_are_refused(model, tmp_path):
+    params = [p for _, p in trainable_parameters(model)]
+    opt = BertAdam(params, lr=1e-3, warmup=0.1, t_total=10)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    state = {"optimizer": opt.state_dict(), "step": 1, "rng": rng_state()}
+    folder = save_checkpoint(tmp_path / "ckpt", model, trainer_state=state)
+    loaded = load_trainer_state(folder)
+    fresh = BertAdam(params, lr=1e-3, warmup=0.1, t_total=10)
+    fresh.load_state_dict(loaded["optimizer"])
+    assert fresh.state[params[0]]["step"] == 1
+    assert torch.equal(fresh.state[params[0]]["next_m"], opt.state[params[0]]["next_m"])
+    assert torch.equal(loaded["rng"]["torch"], state["rng"]["torch"])
+
+    marker = tmp_path / "pwned"
+    torch.save({"payload": _Payload(str(marker))}, folder / "trainer_state.pt")
+    with pytest.raises(ValueError, match="refusing"):
+        load_trainer_state(folder)
+    assert not marker.exists()
+    assert json.loads((folder / "labels.json").read_text()) == list(LABELS)
+
+
+class _Payload:
+    """An object whose unpickling would run code (it creates a file)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickle_payload_really_runs_code_when_unpickled(tmp_path):
+    # Guards the test above: the payload is dangerous for a plain unpickler.
+    marker = tmp_path / "ran"
+    pickle.loads(pickle.dumps(_Payload(str(marker)))).close()
+    assert marker.exists()

@@ -1,0 +1,161 @@
+"""BertAdam against its formulas (pytorch_pretrained_bert 0.6.x) and the optimiser factory."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainer.config import load_config
+from trainer.optim import (BertAdam, clip_tensor_grad, make_optimizer, optimizer_step, param_groups,
+                           schedule_factor, warmup_linear)
+
+
+def _param(values) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.tensor(values, dtype=torch.float64))
+
+
+def test_warmup_linear_matches_the_reference_formula():
+    # progress < warmup: progress / warmup; after: max((progress - 1) / (warmup - 1), 0)
+    assert schedule_factor(0, 100, 0.1) == 0.0
+    assert schedule_factor(5, 100, 0.1) == pytest.approx(0.5)
+    assert schedule_factor(10, 100, 0.1) == pytest.approx(1.0)
+    assert schedule_factor(55, 100, 0.1) == pytest.approx(0.5)
+    assert schedule_factor(100, 100, 0.1) == 0.0
+    assert schedule_factor(150, 100, 0.1) == 0.0
+    assert schedule_factor(7, -1, 0.1) == 1.0
+    # warmup -1 means none: linear decay from 1 at step 0
+    assert warmup_linear(0.25, -1) == pytest.approx(0.75)
+
+
+def test_first_step_is_about_3_16_lr_sign_g_without_bias_correction():
+    p = _param([0.5, -0.2, 0.1, 0.0])
+    g = torch.tensor([0.3, -0.02, 1e-3, -0.4], dtype=torch.float64)  # norm < 1: no clipping
+    opt = BertAdam([p], lr=1e-3, weight_decay=0.0)
+    before = p.detach().clone()
+    p.grad = g.clone()
+    opt.step()
+    expected = -1e-3 * (0.1 * g) / (torch.sqrt(0.001 * g * g) + 1e-6)
+    torch.testing.assert_close(p.detach() - before, expected, rtol=1e-12, atol=1e-15)
+    # ~ 3.16 * lr * sign(g) where |g| >> e
+    big = g.abs() > 0.1
+    torch.testing.assert_close((p.detach() - before)[big], -1e-3 * math.sqrt(10) * g.sign()[big], rtol=1e-3, atol=0)
+
+
+def test_second_step_uses_uncorrected_moments():
+    p = _param([1.0, -2.0])
+    opt = BertAdam([p], lr=0.01, weight_decay=0.0, max_grad_norm=0)
+    g1, g2 = torch.tensor([0.5, 0.1], dtype=torch.float64), torch.tensor([-0.2, 0.3], dtype=torch.float64)
+    p.grad = g1.clone()
+    opt.step()
+    after_one = p.detach().clone()
+    p.grad = g2.clone()
+    opt.step()
+    m = 0.9 * (0.1 * g1) + 0.1 * g2
+    v = 0.999 * (0.001 * g1 * g1) + 0.001 * g2 * g2
+    torch.testing.assert_close(p.detach(), after_one - 0.01 * m / (v.sqrt() + 1e-6), rtol=1e-12, atol=1e-15)
+
+
+def test_lr_is_exactly_zero_at_step_zero_with_warmup_then_follows_schedule():
+    p = _param([1.0, 2.0, 3.0])
+    opt = BertAdam([p], lr=0.1, warmup=0.1, t_total=20, weight_decay=0.0)
+    before = p.detach().clone()
+    p.grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    assert torch.equal(p.detach(), before)
+    # the next step runs at lr * (1 / 20) / 0.1 = lr / 2
+    assert opt.current_lr() == [pytest.approx(0.05)]
+    p.grad = torch.ones(3, dtype=torch.float64)
+    opt.step()
+    assert opt.state[p]["step"] == 2
+
+
+def test_constant_lr_when_t_total_is_minus_one():
+    opt = BertAdam([_param([1.0])], lr=0.3)
+    assert opt.current_lr() == [0.3]
+
+
+def test_each_tensor_is_clipped_on_its_own():
+    a, b = _param([3.0, 4.0]), _param([0.3, 0.4])
+    a.grad = torch.tensor([30.0, 40.0], dtype=torch.float64)  # norm 50 -> clipped to 1
+    b.grad = torch.tensor([0.03, 0.04], dtype=torch.float64)  # norm 0.05 -> untouched
+    opt = BertAdam([a, b], lr=1e-3, weight_decay=0.0, max_grad_norm=1.0)
+    opt.step()
+    torch.testing.assert_close(opt.state[a]["next_m"], 0.1 * torch.tensor([0.6, 0.8], dtype=torch.float64) * (50 / (50 + 1e-6)))
+    torch.testing.assert_close(opt.state[b]["next_m"], 0.1 * torch.tensor([0.03, 0.04], dtype=torch.float64))
+
+
+def test_clip_tensor_grad_equals_torch_clip_grad_norm():
+    torch.manual_seed(0)
+    for scale in (0.1, 1.0, 7.0):
+        p = torch.nn.Parameter(torch.randn(5, 3))
+        p.grad = torch.randn(5, 3) * scale
+        ours = clip_tensor_grad(p.grad.clone(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p], 1.0)
+        assert torch.equal(ours, p.grad)
+
+
+def test_decoupled_weight_decay_is_added_to_the_update_before_lr():
+    p = _param([2.0, -1.0])
+    g = torch.tensor([0.2, 0.1], dtype=torch.float64)
+    opt = BertAdam([p], lr=0.01, weight_decay=0.5)
+    p.grad = g.clone()
+    opt.step()
+    update = (0.1 * g) / ((0.001 * g * g).sqrt() + 1e-6) + 0.5 * torch.tensor([2.0, -1.0], dtype=torch.float64)
+    torch.testing.assert_close(p.detach(), torch.tensor([2.0, -1.0], dtype=torch.float64) - 0.01 * update)
+
+
+def test_step_with_explicit_gradients_matches_step_and_leaves_grad_alone():
+    torch.manual_seed(1)
+    p1, p2 = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+    q1, q2 = torch.nn.Parameter(p1.detach().clone()), torch.nn.Parameter(p2.detach().clone())
+    g = [torch.randn(4) * 3, None]
+    a = BertAdam([p1, p2], lr=0.01)
+    b = BertAdam([q1, q2], lr=0.01)
+    a.step_with(g)
+    q1.grad = g[0].clone()
+    b.step()
+    assert p1.grad is None and p2.grad is None
+    assert torch.equal(p1, q1) and torch.equal(p2, q2)  # a None gradient skips the parameter
+    with pytest.raises(ValueError, match="gradients"):
+        a.step_with([g[0]])
+
+
+def test_param_groups_exclude_biases_and_layernorm_from_weight_decay(tiny_bert):
+    from trainer.model import NerModel
+
+    model = NerModel.from_pretrained(tiny_bert, dropout=0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, plain = param_groups(model, 0.01)
+    assert decay["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
+    decayed = {names[id(p)] for p in decay["params"]}
+    excluded = {names[id(p)] for p in plain["params"]}
+    assert "classifier.weight" in decayed and "classifier.bias" in excluded
+    assert any("LayerNorm.weight" in n for n in excluded)
+    assert not any(n.endswith("bias") or "LayerNorm" in n for n in decayed)
+    assert len(decayed) + len(excluded) == len(list(model.parameters()))
+
+
+def test_make_optimizer_bertadam_and_adamw_schedules():
+    cfg = load_config(None, ["train.warmup_proportion=0.25"])
+    p = _param([1.0, 1.0])
+    opt, sched = make_optimizer([p], cfg, lr=0.1, t_total=8)
+    assert isinstance(opt, BertAdam) and sched is None
+    cfg = load_config(None, ["train.optimizer=adamw", "train.warmup_proportion=0.25"])
+    opt, sched = make_optimizer([p], cfg, lr=0.1, t_total=8)
+    assert isinstance(opt, torch.optim.AdamW)
+    seen = []
+    for _ in range(8):
+        seen.append(opt.param_groups[0]["lr"])
+        p.grad = torch.ones(2, dtype=torch.float64)
+        optimizer_step(opt, sched, cfg.train.max_grad_norm)
+    expected = [0.1 * schedule_factor(s, 8, 0.25) for s in range(8)]
+    assert seen == pytest.approx(expected)
+    assert seen[0] == 0.0 and seen[2] == pytest.approx(0.1)
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="warmup"):
+        BertAdam([_param([1.0])], lr=0.1, warmup=1.5)
+    with pytest.raises(ValueError, match="schedule"):
+        BertAdam([_param([1.0])], lr=0.1, schedule="cosine")

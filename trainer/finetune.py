@@ -1,0 +1,90 @@
+"""Plain fine-tuning on the source language: the paper's "Base Model" row.
+
+As in the official code's no-meta scheme: shuffled minibatches of `train.base_batch_size` windows,
+the same optimiser and schedule as meta-training over `num_steps`, the loss and entity masking of
+`train.lambda_max` / `train.mask_ratio` (masks redrawn every pass over the data; a Base Model
+recipe sets both to 0 for plain cross-entropy), and model selection on dev F1.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .adapt import evaluate
+from .corpus import Sentence
+from .features import Featurizer
+from .losses import token_loss
+from .masking import mask_batch, mask_generator
+from .model import NerModel, trainable_parameters
+from .optim import make_optimizer, optimizer_step, param_groups
+
+logger = logging.getLogger(__name__)
+
+
+def _batches(num_windows: int, batch_size: int, seed: int):
+    """Endless (epoch, indices) minibatches; each epoch a new permutation fixed by (seed, epoch)."""
+    epoch = 0
+    while True:
+        order = torch.randperm(num_windows, generator=mask_generator(seed, epoch, salt=1)).tolist()
+        for start in range(0, num_windows, batch_size):
+            yield epoch, order[start:start + batch_size]
+        epoch += 1
+
+
+def _train_step(model: NerModel, optimizer, scheduler, batch: dict, train) -> float:
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss = token_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"], train.lambda_max)
+    if math.isfinite(loss.item()):
+        loss.backward()
+        optimizer_step(optimizer, scheduler, train.max_grad_norm)
+    return loss.item()
+
+
+def finetune(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentence], cfg, *, seed: int,
+             num_steps: Optional[int] = None, dev: Optional[Sequence[Sentence]] = None, metrics_logger=None,
+             eval_batch_size: int = 32) -> dict:
+    """Train in place; with `dev`, evaluate every `train.eval_every` steps and end on the best weights.
+
+    Returns {"steps", "last_loss", "best_f1", "best_step"}; `metrics_logger` is any object with
+    `log_metrics(dict, step)`.
+    """
+    train = cfg.train
+    num_steps = train.num_meta_steps if num_steps is None else num_steps
+    windows = featurizer.encode(sentences)
+    if not windows:
+        raise ValueError("finetune got no sentences to train on")
+    named = trainable_parameters(model)
+    # The official no-meta scheme trains with the meta learning rate and schedule.
+    optimizer, scheduler = make_optimizer(param_groups(named, train.weight_decay), cfg, train.meta_lr, num_steps)
+    device = next(model.parameters()).device
+    best = {"best_f1": -1.0, "best_step": -1}
+    best_state = None
+    loss_value = float("nan")
+    batches = _batches(len(windows), train.base_batch_size, seed)
+    for step in range(num_steps):
+        epoch, idx = next(batches)
+        batch = featurizer.collate([windows[i] for i in idx])
+        batch = mask_batch(batch, featurizer.mask_id, train.mask_ratio, mask_generator(seed, epoch, salt=step + 2),
+                           featurizer.label2id.get("O", 0))
+        loss_value = _train_step(model, optimizer, scheduler, {k: v.to(device) for k, v in batch.items()}, train)
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"fine-tuning step {step}: loss is {loss_value}; lower train.meta_lr")
+        if metrics_logger is not None:
+            metrics_logger.log_metrics({"train_loss": loss_value}, step)
+        if dev and (step % train.eval_every == 0 or step == num_steps - 1):
+            f1 = evaluate(model, featurizer, dev, eval_batch_size)["f1"]
+            if metrics_logger is not None:
+                metrics_logger.log_metrics({"dev_f1": f1}, step)
+            if f1 > best["best_f1"]:
+                best = {"best_f1": f1, "best_step": step}
+                best_state = {n: p.detach().clone() for n, p in named}
+    if best_state is not None:
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(best_state[n])
+    model.eval()
+    return {"steps": num_steps, "last_loss": loss_value, **best}
