@@ -258,7 +258,7 @@ class Adapter:
     """
 
     def __init__(self, source: Union[str, os.PathLike, NerModel], featurizer: Optional[Featurizer] = None,
-                 cfg=None):
+                 cfg=None, device: str = "cpu"):
         from .config import Config
 
         self.cfg = cfg if cfg is not None else Config()
@@ -275,7 +275,7 @@ class Adapter:
             model = source
         if featurizer is None:
             raise ValueError("Adapter needs a featurizer when given a model")
-        self.model, self.featurizer = model, featurizer
+        self.model, self.featurizer = model.to(device), featurizer
         self.model.eval()
 
     def run(self, unit: Sequence[Union[AdaptItem, tuple]]) -> dict[Any, list[str]]:

@@ -1,0 +1,180 @@
+"""A Ray pool of adapter actors that labels every test sentence of all targets at once.
+
+Work units are batches of sentences of one language; units of all languages are interleaved so
+that every language progresses together. Each finished unit is written to disk at once (atomic
+file), so an evaluation started again with the same inputs skips it. An actor that dies is
+restarted by Ray (loading the checkpoint again) and its unit retried.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Unit:
+    id: str
+    lang: str
+    indices: tuple[int, ...]  # positions in the language's test set
+    items: tuple  # trainer.adapt.AdaptItem, ids = indices
+
+
+def make_units(targets: dict[str, Sequence], supports: dict[str, Sequence[Sequence]], unit_size: int) -> list[Unit]:
+    """Units of `unit_size` sentences per language, interleaved round-robin across languages."""
+    from trainer.adapt import AdaptItem
+
+    per_lang: list[list[Unit]] = []
+    for lang, sentences in targets.items():
+        if len(supports[lang]) != len(sentences):
+            raise ValueError(f"{lang}: {len(sentences)} sentences but {len(supports[lang])} support sets")
+        units = []
+        for start in range(0, len(sentences), unit_size):
+            idx = tuple(range(start, min(start + unit_size, len(sentences))))
+            items = tuple(AdaptItem(i, sentences[i], tuple(supports[lang][i])) for i in idx)
+            units.append(Unit(f"{lang}-{start // unit_size:06d}", lang, idx, items))
+        per_lang.append(units)
+    out = []
+    for row in range(max((len(u) for u in per_lang), default=0)):
+        out.extend(units[row] for units in per_lang if row < len(units))
+    return out
+
+
+def inputs_key(checkpoint: str, cfg, units: Sequence[Unit]) -> str:
+    """Hash of everything a unit's result depends on: weights, adaptation settings, sentences."""
+    h = hashlib.sha256()
+    weights = Path(checkpoint) / "model.safetensors"
+    h.update(hashlib.sha256(weights.read_bytes()).digest() if weights.is_file() else str(checkpoint).encode())
+    h.update(json.dumps({"adapt": vars(cfg.adapt), "max_length": cfg.model.max_length,
+                         "window_context": cfg.model.window_context}, sort_keys=True).encode())
+    for unit in units:
+        h.update(unit.id.encode())
+        for item in unit.items:
+            h.update(repr((item.sentence.words, [s.words for s in item.support])).encode())
+    return h.hexdigest()[:16]
+
+
+class UnitStore:
+    """Finished units on disk, one JSON file each, written atomically."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, unit_id: str) -> Path:
+        return self.folder / f"{unit_id}.json"
+
+    def done(self) -> set[str]:
+        return {p.stem for p in self.folder.glob("*.json")}
+
+    def save(self, unit_id: str, tags: dict[int, list[str]]) -> None:
+        tmp = self._path(unit_id).with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({str(k): v for k, v in tags.items()}), encoding="utf-8")
+        os.replace(tmp, self._path(unit_id))
+
+    def load(self, unit_id: str) -> dict[int, list[str]]:
+        return {int(k): v for k, v in json.loads(self._path(unit_id).read_text(encoding="utf-8")).items()}
+
+
+class AdapterPool:
+    """`num_adapter_actors` Adapter actors, each loading the checkpoint once."""
+
+    def __init__(self, checkpoint: str, cfg, max_restarts: int = 3):
+        import ray
+
+        from trainer.adapt import Adapter
+
+        c = cfg.cluster
+        threads = max(1, int(c.cpus_per_actor))
+        remote = ray.remote(Adapter).options(
+            num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor, max_restarts=max_restarts,
+            max_task_retries=max_restarts,
+            # Fractional-CPU actors would otherwise each start one torch thread per core.
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}})
+        device = "cuda" if c.gpus_per_actor > 0 else "cpu"
+        self.actors = [remote.remote(str(checkpoint), None, cfg, device) for _ in range(c.num_adapter_actors)]
+
+    def pids(self) -> list[int]:
+        import ray
+
+        return ray.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in self.actors])
+
+    def run(self, units: Sequence[Unit], store: UnitStore, progress: bool = True) -> None:
+        """Run every unit not yet in `store`, at most two in flight per actor."""
+        import ray
+        from tqdm.auto import tqdm
+
+        done = store.done()
+        todo = [u for u in units if u.id not in done]
+        counts = Counter()
+        bar = tqdm(total=sum(len(u.indices) for u in units), desc="adapt", unit="sent", disable=not progress)
+        for u in units:
+            if u.id in done:
+                counts[u.lang] += len(u.indices)
+                bar.update(len(u.indices))
+        if done:
+            logger.info("resuming: %d of %d units already done", len(units) - len(todo), len(units))
+        in_flight: dict[Any, tuple[Unit, Any]] = {}
+        queue = list(reversed(todo))
+        free = [a for a in self.actors for _ in range(2)]
+        while queue or in_flight:
+            while queue and free:
+                actor, unit = free.pop(), queue.pop()
+                in_flight[actor.run.remote(list(unit.items))] = (unit, actor)
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            unit, actor = in_flight.pop(ready[0])
+            store.save(unit.id, ray.get(ready[0]))
+            free.append(actor)
+            counts[unit.lang] += len(unit.indices)
+            bar.update(len(unit.indices))
+            bar.set_postfix({k: counts[k] for k in sorted(counts)})
+        bar.close()
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+def collect(units: Sequence[Unit], store: UnitStore, sizes: dict[str, int]) -> dict[str, list[list[str]]]:
+    """Predictions per language in the original sentence order; every sentence exactly once."""
+    out: dict[str, list] = {lang: [None] * n for lang, n in sizes.items()}
+    for unit in units:
+        tags = store.load(unit.id)
+        if sorted(tags) != sorted(unit.indices):
+            raise RuntimeError(f"unit {unit.id} returned sentences {sorted(tags)[:5]}... not {list(unit.indices)[:5]}...")
+        for i, t in tags.items():
+            if out[unit.lang][i] is not None:
+                raise RuntimeError(f"{unit.lang} sentence {i} was returned twice")
+            out[unit.lang][i] = t
+    for lang, preds in out.items():
+        missing = [i for i, p in enumerate(preds) if p is None]
+        if missing:
+            raise RuntimeError(f"{lang}: {len(missing)} sentences were never returned (first {missing[:5]})")
+    return out
+
+
+def adapt_targets(checkpoint: str, cfg, targets: dict[str, Sequence], supports: dict[str, Sequence[Sequence]],
+                  work_dir: str | os.PathLike, progress: bool = True, pool: AdapterPool | None = None) -> dict[str, list[list[str]]]:
+    """Predicted tags of every target sentence, through the pool, resumable from `work_dir`."""
+    units = make_units(targets, supports, cfg.cluster.adapt_unit_size)
+    store = UnitStore(Path(work_dir) / inputs_key(checkpoint, cfg, units))
+    if {u.id for u in units} - store.done():
+        own = pool is None
+        pool = pool or AdapterPool(checkpoint, cfg)
+        try:
+            pool.run(units, store, progress)
+        finally:
+            if own:
+                pool.shutdown()
+    else:
+        logger.info("every unit is already done in %s", store.folder)
+    return collect(units, store, {lang: len(s) for lang, s in targets.items()})

@@ -1,0 +1,78 @@
+"""Scores per language, the paper's figures beside them, and their MLflow record."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+logger = logging.getLogger(__name__)
+
+# Wu et al. (AAAI 2020), mBERT: Table 3 (F1 on each target's test set).
+PAPER_TABLE3 = {
+    "base": {"es": 74.59, "nl": 79.57, "de": 70.79, "fr": 50.89, "zh": 76.42},
+    "ours": {"es": 76.75, "nl": 80.44, "de": 73.16, "fr": 55.30, "zh": 77.89},
+}
+
+
+def score_language(lang: str, sentences: Sequence, predictions: Sequence[Sequence[str]], out_dir: str | os.PathLike) -> dict:
+    """seqeval scores of one language and its conlleval-format predictions file."""
+    from trainer.scoring import score, write_conll
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"predictions.{lang}.txt"
+    gold = [list(s.tags) for s in sentences]
+    write_conll(path, [s.words for s in sentences], gold, predictions)
+    result = score(gold, predictions)
+    result["predictions_file"] = str(path)
+    return result
+
+
+def language_metrics(result: dict) -> dict[str, float]:
+    metrics = {"f1": result["f1"], "precision": result["precision"], "recall": result["recall"]}
+    for kind, row in result["per_type"].items():
+        for key in ("f1", "precision", "recall"):
+            metrics[f"{kind}_{key}"] = row[key]
+    return metrics
+
+
+def f1_chart(scores: dict[str, float], path: str | os.PathLike, title: str, paper: dict[str, float] | None = None) -> str:
+    """Bar chart (PNG) of F1 per language, with the paper's figure beside each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    langs = list(scores)
+    paper = paper if paper is not None else PAPER_TABLE3["ours"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    x = range(len(langs))
+    ax.bar([i - 0.2 for i in x], [scores[lang] for lang in langs], width=0.4, label="this run")
+    ax.bar([i + 0.2 for i in x], [paper.get(lang, 0.0) for lang in langs], width=0.4, label="paper (mBERT)")
+    ax.set_xticks(list(x), langs)
+    ax.set_ylabel("F1")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
+
+
+def log_evaluation(parent, results: dict[str, dict], checkpoint: str, test_files: dict[str, str],
+                   out_dir: str | os.PathLike, paper: dict[str, float] | None = None) -> dict[str, float]:
+    """One child run per language under `parent`; the average and the chart on the parent."""
+    for lang, result in results.items():
+        with parent.child(f"eval-{lang}") as child:
+            child.log_params({"language": lang, "test_file": test_files.get(lang, ""), "checkpoint": checkpoint})
+            child.log_metrics(language_metrics(result))
+            child.log_artifact(result["predictions_file"])
+    f1 = {lang: r["f1"] for lang, r in results.items()}
+    summary = {f"f1_{lang}": v for lang, v in f1.items()}
+    summary["f1_avg"] = sum(f1.values()) / len(f1)
+    parent.log_metrics(summary)
+    chart = f1_chart(f1, Path(out_dir) / "f1_per_language.png", "F1 per target language", paper)
+    parent.log_artifact(chart)
+    return summary
