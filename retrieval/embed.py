@@ -62,22 +62,30 @@ class Embedder:
 
     `encoder` is a hub id or a local folder (model and tokenizer are loaded from it), or an already
     built model (then `tokenizer` is required: a fast tokenizer or a path to load one from). A
-    token-classification model is accepted: its base encoder is used.
+    token-classification model is accepted: its base encoder is used. `device` defaults to the CPU
+    for a loaded encoder and to a built encoder's own device (a given device moves it there).
+    Settings left out take the defaults of trainer.config.
     """
 
-    def __init__(self, encoder, tokenizer=None, *, max_length: int = 128,
-                 pooling: Literal["cls", "mean"] = "cls", batch_size: int = 64,
-                 device: str = "cpu", progress: bool = True):
+    def __init__(self, encoder, tokenizer=None, *, max_length: int | None = None,
+                 pooling: Literal["cls", "mean"] | None = None, batch_size: int | None = None,
+                 device: str | None = None, progress: bool = True):
         from transformers import AutoModel, AutoTokenizer
 
+        from trainer.config import Config
         from trainer.features import Featurizer
 
+        defaults = Config()
+        max_length = max_length if max_length is not None else defaults.model.max_length
+        pooling = pooling if pooling is not None else defaults.retrieval.pooling
+        batch_size = batch_size if batch_size is not None else defaults.retrieval.batch_size
         if pooling not in POOLINGS:
             raise ValueError(f"pooling {pooling!r} is not known; choose one of {', '.join(POOLINGS)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self._folder = None
-        if isinstance(encoder, (str, os.PathLike)):
+        self._loaded = isinstance(encoder, (str, os.PathLike))
+        if self._loaded:
             self.encoder_id = os.fspath(encoder)
             if os.path.isdir(self.encoder_id):
                 self._folder = self.encoder_id
@@ -90,6 +98,9 @@ class Embedder:
             self.encoder_id = type(model).__name__
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+        if device is None:
+            # A built encoder stays where its owner put it; a loaded one starts on the CPU.
+            device = "cpu" if self._loaded else str(next(model.parameters()).device)
         self.model = model.to(device)
         self.device = device
         self.tokenizer = tokenizer
@@ -99,15 +110,19 @@ class Embedder:
         self._fingerprint: str | None = None
 
     @classmethod
-    def from_config(cls, cfg, encoder=None, tokenizer=None, *, device: str = "cpu", progress: bool = True) -> "Embedder":
+    def from_config(cls, cfg, encoder=None, tokenizer=None, *, device: str | None = None,
+                    progress: bool = True) -> "Embedder":
         """An Embedder with the settings of a Config; `encoder` defaults to cfg.model.name_or_path."""
         return cls(encoder if encoder is not None else cfg.model.name_or_path, tokenizer,
                    max_length=cfg.model.max_length, pooling=cfg.retrieval.pooling,
                    batch_size=cfg.retrieval.batch_size, device=device, progress=progress)
 
     def weights_fingerprint(self) -> str:
-        """Hash of the weights file(s) of a local folder, else of the loaded tensors; plus the vocabulary."""
-        if self._fingerprint is None:
+        """Hash of the weights file(s) of a local folder, else of the loaded tensors; plus the vocabulary.
+
+        A built encoder may be trained between calls, so its hash is taken afresh each time.
+        """
+        if self._fingerprint is None or not self._loaded:
             files = []
             if self._folder is not None:
                 files = [os.path.join(self._folder, f) for f in os.listdir(self._folder) if f.endswith(_WEIGHT_FILES)]
@@ -122,8 +137,10 @@ class Embedder:
 
     def first_windows(self, sentences: Sequence[Sentence]):
         """The first window of each sentence, in order."""
+        # Tags play no part in the vectors; plain O tags accept any corpus's label set.
+        untagged = [Sentence(tuple(s.words), ("O",) * len(s.words)) for s in sentences]
         windows, seen = [], set()
-        for window in self.featurizer.encode(sentences):
+        for window in self.featurizer.encode(untagged):
             if window.sentence not in seen:
                 seen.add(window.sentence)
                 windows.append(window)

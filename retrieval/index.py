@@ -80,17 +80,19 @@ def brute_force(xq, xb, k: int) -> tuple[np.ndarray, np.ndarray]:
     xq, xb = as_matrix("xq", xq), as_matrix("xb", xb)
     if not 1 <= k <= xb.shape[0]:
         raise ValueError(f"k must be between 1 and the number of source vectors ({xb.shape[0]}), got {k}")
-    ids = np.arange(xb.shape[0], dtype=np.int64)
-    D, I = [], []
+    D = np.empty((xq.shape[0], k), dtype=np.float32)
+    I = np.empty((xq.shape[0], k), dtype=np.int64)
+    xb64 = xb.astype(np.float64)
     step = max(1, _RESCORE_BUDGET // max(1, xb.shape[0]))
     for start in range(0, xq.shape[0], step):
-        S = (xq[start:start + step].astype(np.float64) @ xb.T.astype(np.float64)).astype(np.float32)
-        order = np.lexsort((np.broadcast_to(ids, S.shape), -S.astype(np.float64)), axis=-1)[:, :k]
-        D.append(np.take_along_axis(S, order, -1))
-        I.append(order.astype(np.int64))
-    if not D:
-        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-    return np.concatenate(D), np.concatenate(I)
+        S = (xq[start:start + step].astype(np.float64) @ xb64.T).astype(np.float32)
+        kth = -np.partition(-S, k - 1, axis=1)[:, k - 1]
+        for row, (scores, bound) in enumerate(zip(S, kth)):
+            # Everything tied with the k-th score competes for the last places, by id.
+            cand = np.flatnonzero(scores >= bound)
+            best = cand[np.lexsort((cand, -scores[cand].astype(np.float64)))[:k]]
+            D[start + row], I[start + row] = scores[best], best
+    return D, I
 
 
 @dataclass(frozen=True)

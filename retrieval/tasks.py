@@ -88,7 +88,7 @@ def target_support(xq, xb, k: int, drop_top1: bool = False, index: IndexBuilder 
     """
     xq, xb = as_matrix("target embeddings", xq), as_matrix("source embeddings", xb)
     fetch = k + int(drop_top1)
-    if not 1 <= k or fetch > xb.shape[0]:
+    if k < 1 or fetch > xb.shape[0]:
         raise ValueError(f"k={k}{' + 1 dropped' if drop_top1 else ''} supports asked of {xb.shape[0]} "
                          "source sentences; lower retrieval.k")
     (_, I), = _search(index or IndexSpec("flat"), xb, [(xq, fetch)])

@@ -11,6 +11,9 @@ SHARED = Path(os.environ.get("METANER_SHARED", REPO.parent / "shared"))
 DATA = Path(os.environ.get("METANER_DATA", SHARED / "data"))
 MODELS = SHARED / "models"
 
+# Ray reads this when it is imported: set before any test imports it, so that every node and
+# MASTER_ADDR stay on 127.0.0.1.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -46,7 +49,34 @@ def tiny_bert(tmp_path_factory, toy_corpus) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_no_dropout(tmp_path_factory, toy_corpus) -> str:
+    """The same tiny BERT with every dropout off, for exact equivalence tests."""
+    from trainer.tiny import build_tiny_bert
+
+    texts = [s.words for sentences in toy_corpus.values() for s in sentences]
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert-nodrop"), texts, num_layers=2, hidden=64,
+                           vocab_size=500, dropout=0.0)
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_bert):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_bert)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A 2-CPU Ray cluster bound to 127.0.0.1 for the whole session, shut down at its end.
+
+    Tests that make actors must kill them when done: actors hold their CPUs until then.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
