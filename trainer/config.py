@@ -10,7 +10,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
@@ -243,7 +243,21 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
+def with_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """A checked copy of `cfg` with each `a.b=value` applied in order."""
+    out = Config()
+    _apply(out, cfg.to_dict(), "")
+    for text in overrides:
+        keys, value = _parse_override(text)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _apply(out, nested, "")
+    validate(out)
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file at `path`, then each `a.b=value` override, then checks."""
     cfg = Config()
     if path is not None:
@@ -255,15 +269,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
             raise ValueError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise ValueError(f"config file {path}: expected a mapping of sections at the top level")
-        _apply(cfg, data, "")
-    for text in overrides:
-        keys, value = _parse_override(text)
-        nested: Any = value
-        for k in reversed(keys):
-            nested = {k: nested}
-        _apply(cfg, nested, "")
-    validate(cfg)
-    return cfg
+        try:
+            _apply(cfg, data, "")
+        except ValueError as err:
+            raise ValueError(f"config file {path}: {err}") from None
+    return with_overrides(cfg, overrides)
 
 
 def _check(ok: bool, key: str, message: str) -> None:

@@ -1,0 +1,66 @@
+"""Adapt and label every target test set in parallel with a trained checkpoint; score per language.
+
+    python -m jobs.evaluate --checkpoint outputs/meta_train/seed95/best [section.key=value ...]
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .common import Data, Supports, build_supports, load_data, main_guard, parse, tracked_run
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_one(cfg, checkpoint: str, data: Data, supports: Supports, run, out: Path) -> dict:
+    """Predictions through the adapter pool, scores per language, a child run per language."""
+    from cluster.adapt_pool import adapt_targets
+    from cluster.report import log_evaluation, score_language
+
+    support_sentences = {lang: supports.sentences(lang, data.source) for lang in data.targets}
+    predictions = adapt_targets(checkpoint, cfg, data.targets, support_sentences, out / "units")
+    results = {lang: score_language(lang, data.targets[lang], predictions[lang], out)
+               for lang in data.targets}
+    log_evaluation(run, results, checkpoint, data.test_files, out)
+    return results
+
+
+def _checkpoint_of(args) -> str:
+    if args.checkpoint:
+        return args.checkpoint
+    import mlflow
+
+    from cluster.tracking import tracking_uri
+
+    run = mlflow.MlflowClient(tracking_uri=tracking_uri(None)).get_run(args.run_id)
+    if "checkpoint" not in run.data.tags:
+        raise ValueError(f"MLflow run {args.run_id} has no checkpoint tag; pass --checkpoint FOLDER")
+    return run.data.tags["checkpoint"]
+
+
+def run(argv=None) -> int:
+    from cluster.runtime import init_ray
+
+    def arguments(p):
+        group = p.add_mutually_exclusive_group(required=True)
+        group.add_argument("--checkpoint", help="checkpoint folder")
+        group.add_argument("--run-id", help="MLflow run of a training job (its checkpoint tag)")
+        p.add_argument("--seed", type=int, default=None, help="seed of the target sample (default: first seed)")
+
+    cfg, args = parse(argv, "evaluate", arguments)
+    checkpoint = _checkpoint_of(args)
+    seed = args.seed if args.seed is not None else cfg.train.seeds[0]
+    init_ray(cfg.cluster.address)
+    data = load_data(cfg, seed)
+    supports = build_supports(cfg, data.source, data.targets)
+    with tracked_run(cfg, "evaluate", {"checkpoint": checkpoint}) as tracked:
+        results = evaluate_one(cfg, checkpoint, data, supports, tracked, args.out)
+    for lang, r in results.items():
+        print(f"{lang}  F1 {r['f1']:6.2f}  P {r['precision']:6.2f}  R {r['recall']:6.2f}")
+    return 0
+
+
+main = main_guard(run)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

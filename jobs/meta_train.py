@@ -1,0 +1,52 @@
+"""Meta-train (or, with train.mode=base, fine-tune) one model per seed.
+
+    python -m jobs.meta_train [--config jobs/configs/meta_train.yaml] [section.key=value ...]
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .common import Data, Supports, build_supports, load_data, main_guard, parse, tracked_run
+
+logger = logging.getLogger(__name__)
+
+
+def train_one(cfg, seed: int, data: Data, supports: Supports, run, out: Path) -> str:
+    """Train with `seed` into `out`; returns the selected checkpoint (best on English dev)."""
+    from cluster.finetune import run_finetune
+    from cluster.meta_train import MetaTrainInputs, run_meta_training
+    from cluster.tracking import tracking_uri
+
+    uri = tracking_uri(cfg.mlflow.tracking_uri)
+    if cfg.train.mode == "base":
+        return run_finetune(cfg, data.source, data.dev, seed, str(out), run.run_id, uri)
+    inputs = MetaTrainInputs(config=cfg.to_dict(), source=data.source, support=supports.source, dev=data.dev,
+                             dev_support=supports.sentences("dev", data.source), seed=seed, run_id=run.run_id,
+                             tracking_uri=uri, output_dir=str(out.resolve()))
+    result = run_meta_training(inputs, cfg, str((out / "ray").resolve()), f"meta-seed{seed}")
+    if result.error is not None:
+        raise result.error
+    best = out / "best"
+    return str(best if best.is_dir() else out / "final")
+
+
+def run(argv=None) -> int:
+    from cluster.runtime import init_ray
+
+    cfg, args = parse(argv, "meta_train")
+    init_ray(cfg.cluster.address)
+    for seed in cfg.train.seeds:
+        data = load_data(cfg, seed, targets=[])
+        supports = build_supports(cfg, data.source, {"dev": data.dev})
+        with tracked_run(cfg, f"{cfg.train.mode}-seed{seed}", {"seed": seed}) as tracked:
+            checkpoint = train_one(cfg, seed, data, supports, tracked, args.out / f"seed{seed}")
+            tracked.set_tags({"checkpoint": checkpoint})
+        print(f"seed {seed}: {checkpoint}")
+    return 0
+
+
+main = main_guard(run)
+
+if __name__ == "__main__":
+    raise SystemExit(main())
