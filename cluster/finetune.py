@@ -12,27 +12,33 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
-def _finetune(config: dict, source, dev, seed: int, out_dir: str, run_id: str | None, uri: str | None) -> str:
+def _finetune(config: dict, source, dev, seed: int, out_dir: str, run_id: str | None, uri: str | None,
+              init_checkpoint: str | None = None, num_steps: int | None = None) -> str:
     import torch
-    from transformers import AutoTokenizer
 
     from trainer.checkpoint import save_checkpoint
     from trainer.config import config_from_dict
     from trainer.features import Featurizer
     from trainer.finetune import finetune
-    from trainer.model import build_model
+    from trainer.model import build_model, load_tokenizer
 
     from .tracking import MlflowLogger, NullLogger
 
     cfg = config_from_dict(config)
     torch.manual_seed(seed)
-    model = build_model(cfg, seed=seed)
+    if init_checkpoint:  # continue from a trained model (e.g. on a few target-language sentences)
+        from trainer.checkpoint import load_model
+
+        model = load_model(init_checkpoint)[0]
+    else:
+        model = build_model(cfg, seed=seed)
     if cfg.cluster.use_gpu and torch.cuda.is_available():
         model = model.cuda()
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
     featurizer = Featurizer(tokenizer, cfg.model.max_length, cfg.model.window_context, model.labels)
     log = MlflowLogger(uri, run_id=run_id) if run_id else NullLogger()
-    stats = finetune(model, featurizer, source, cfg, seed=seed, dev=dev or None, metrics_logger=log)
+    stats = finetune(model, featurizer, source, cfg, seed=seed, num_steps=num_steps, dev=dev or None,
+                     metrics_logger=log)
     folder = Path(out_dir) / "best"
     save_checkpoint(folder, model.cpu(), tokenizer=tokenizer, config=cfg, meta={"mode": "base", **stats})
     logger.info("base model: %s", stats)
@@ -40,11 +46,13 @@ def _finetune(config: dict, source, dev, seed: int, out_dir: str, run_id: str | 
 
 
 def run_finetune(cfg, source, dev, seed: int, out_dir: str, run_id: str | None = None,
-                 tracking_uri: str | None = None) -> str:
+                 tracking_uri: str | None = None, init_checkpoint: str | None = None,
+                 num_steps: int | None = None) -> str:
     """Fine-tune on a worker with the job's training resources; returns the checkpoint folder."""
     import ray
 
     c = cfg.cluster
     task = ray.remote(_finetune).options(num_cpus=c.cpus_per_worker, num_gpus=1 if c.use_gpu else 0,
                                          runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    return ray.get(task.remote(cfg.to_dict(), source, dev, seed, os.path.abspath(out_dir), run_id, tracking_uri))
+    return ray.get(task.remote(cfg.to_dict(), source, dev, seed, os.path.abspath(out_dir), run_id, tracking_uri,
+                               init_checkpoint, num_steps))

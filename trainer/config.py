@@ -47,6 +47,14 @@ class DataConfig:
         "fr": "raw/europeana/enp_FR.bnf.bio#test",
         "zh": "raw/panx/dev-zh.tsv",
     })
+    # Target-language training data, used only by the low-resource job (Table 6).
+    target_train_files: dict[str, str] = field(default_factory=lambda: {
+        "es": "meta-cross/es/train.txt",
+        "nl": "meta-cross/nl/train.txt",
+        "de": "meta-cross/de/train.txt",
+        "fr": "raw/europeana/enp_FR.bnf.bio#train",
+    })
+    low_resource_fractions: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05])
     # The paper maps MISC to O where the target corpus has no MISC type.
     misc_to_o: list[str] = field(default_factory=lambda: ["fr", "zh"])
     # Sample this many sentences of each target test set (0 = all), reproducibly from the seed.
@@ -100,6 +108,8 @@ class TrainConfig:
     lambda_max: float = 2.0
     # Batch size of plain fine-tuning (the "Base Model" row).
     base_batch_size: int = 32
+    # Fine-tuning steps on a target-language sample in the low-resource job.
+    low_resource_steps: int = 100
     seeds: list[int] = field(default_factory=lambda: [95, 495, 539, 667, 806])
     output_dir: str = "outputs"
 
@@ -297,6 +307,8 @@ def validate(cfg: Config) -> None:
         _check(lang in LANGUAGES, "data.misc_to_o", f"{lang!r} is not one of {', '.join(LANGUAGES)}")
     _check(d.target_sample >= 0, "data.target_sample", "must be 0 (all) or a positive count")
     _check(d.dev_sample >= 0, "data.dev_sample", "must be 0 (all) or a positive count")
+    _check(all(0 < f <= 1 for f in d.low_resource_fractions), "data.low_resource_fractions",
+           "each fraction must be in (0, 1]")
     _check(r.k >= 1, "retrieval.k", "must be at least 1")
     _check(r.batch_size >= 1, "retrieval.batch_size", "must be at least 1")
     for key in ("inner_lr", "meta_lr"):
