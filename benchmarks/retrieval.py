@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -41,17 +40,10 @@ def parse_args(argv):
 
 def machine(device: str) -> str:
     import faiss
-    import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (f"machine cpu={cpu!r} cores={os.cpu_count()} gpu={gpu!r} device={device} "
-            f"torch={torch.__version__} faiss={faiss.__version__} faiss_gpus={faiss.get_num_gpus()}")
+    from benchmarks import common
+
+    return f"{common.machine(device)} faiss={faiss.__version__} faiss_gpus={faiss.get_num_gpus()}"
 
 
 def load(args, cfg):

@@ -106,12 +106,19 @@ class MlflowLogger(NullLogger):
         """A nested run, closed FAILED if the block raises."""
         run = MlflowLogger(self.uri, self.client.get_experiment(self.experiment_id).name, run_name=name,
                            parent_run_id=self.run_id)
-        try:
+        with finishing(run):
             yield run
-        except BaseException:
-            run.close("FAILED")
-            raise
-        run.close()
+
+
+@contextmanager
+def finishing(run: NullLogger) -> Iterator[NullLogger]:
+    """Close `run` FINISHED after the block, or FAILED if it raises (Ctrl-C included)."""
+    try:
+        yield run
+    except BaseException:
+        run.close("FAILED")
+        raise
+    run.close()
 
 
 def make_logger(uri: str | None, experiment: str, run_name: str | None = None, rank: int = 0,

@@ -123,15 +123,11 @@ def build_supports(cfg, source: list, queries: dict[str, list], encoder=None, to
 @contextmanager
 def tracked_run(cfg, run_name: str, tags: dict | None = None) -> Iterator:
     """A top-level MLflow run with every config value as a parameter; FAILED if the block raises."""
-    from cluster.tracking import make_logger
+    from cluster.tracking import finishing, make_logger
 
     run = make_logger(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, run_name)
-    run.log_params(cfg.flat())
-    if tags:
-        run.set_tags(tags)
-    try:
+    with finishing(run):
+        run.log_params(cfg.flat())
+        if tags:
+            run.set_tags(tags)
         yield run
-    except BaseException:
-        run.close("FAILED")
-        raise
-    run.close()
