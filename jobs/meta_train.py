@@ -27,8 +27,9 @@ def train_one(cfg, seed: int, data: Data, supports: Supports, run, out: Path) ->
     result = run_meta_training(inputs, cfg, str((out / "ray").resolve()), f"meta-seed{seed}")
     if result.error is not None:
         raise result.error
-    best = out / "best"
-    return str(best if best.is_dir() else out / "final")
+    best, final = out / "best", out / "final"
+    run.set_tags({"final_checkpoint": str(final), "best_checkpoint": str(best if best.is_dir() else final)})
+    return str(best if best.is_dir() else final)
 
 
 def run(argv=None) -> int:

@@ -43,7 +43,7 @@ def run_variants(cfg, variants: list[str], out: Path) -> dict:
                     continue
                 started = time.perf_counter()
                 with parent.child(f"{name}-seed{seed}") as run:
-                    run.log_params({"seed": seed, "variant": name})
+                    run.log_params({**vcfg.flat(), "seed": seed, "variant": name})
                     checkpoint = train_one(vcfg, seed, data, supports, run, folder)
                     run.set_tags({"checkpoint": checkpoint})
                     results = evaluate_one(vcfg, checkpoint, data, supports, run, folder / "eval")
