@@ -100,7 +100,7 @@ class Bundle:
 
 
 def bundle(name: str, path: str, num_frozen_layers: Optional[int] = None) -> Bundle:
-    from transformers import AutoTokenizer
+    from trainer.model import load_tokenizer
 
     from trainer.config import Config
     from trainer.corpus import LABELS
@@ -110,7 +110,7 @@ def bundle(name: str, path: str, num_frozen_layers: Optional[int] = None) -> Bun
     cfg.model.name_or_path = path
     if num_frozen_layers is not None:
         cfg.model.num_frozen_layers = num_frozen_layers
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     featurizer = Featurizer(tokenizer, cfg.model.max_length, cfg.model.window_context, LABELS)
     return Bundle(name, path, cfg, tokenizer, featurizer)
 

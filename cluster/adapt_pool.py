@@ -65,8 +65,11 @@ class UnitStore:
     """Finished units on disk, one JSON file each, written atomically."""
 
     def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        from trainer.paths import make_output_dir
+
+        # A unit is done once its .json exists: it is renamed into place whole, so a kill while
+        # writing leaves only a .json.tmp, which done() does not match.
+        self.folder = make_output_dir(folder, "adapter work folder (--out)")
 
     def _path(self, unit_id: str) -> Path:
         return self.folder / f"{unit_id}.json"

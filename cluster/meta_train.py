@@ -64,17 +64,16 @@ class MetaTrainInputs:
 
 def _build(inputs: MetaTrainInputs):
     import torch
-    from transformers import AutoTokenizer
 
     from trainer.config import config_from_dict
     from trainer.features import Featurizer
     from trainer.maml import MetaLearner, group_windows
-    from trainer.model import build_model
+    from trainer.model import build_model, load_tokenizer
 
     cfg = config_from_dict(inputs.config)
     torch.manual_seed(inputs.seed)
     model = build_model(cfg, seed=inputs.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
     featurizer = Featurizer(tokenizer, cfg.model.max_length, cfg.model.window_context, model.labels)
     source = group_windows(featurizer.encode(inputs.source))
     learner = MetaLearner(model, featurizer, cfg, seed=inputs.seed)

@@ -29,22 +29,13 @@ def parse(argv: Optional[Sequence[str]], job: str, add_arguments: Callable | Non
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     args.out = Path(args.out or Path(cfg.train.output_dir) / job)
-    _check_output(args.out)
     from cluster.tracking import check_reachable, tracking_uri
+    from trainer.paths import make_output_dir
+
+    make_output_dir(args.out, "--out")
 
     check_reachable(tracking_uri(cfg.mlflow.tracking_uri))  # before any work, naming the URI
     return cfg, args
-
-
-def _check_output(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"output folder {out} cannot be written ({err.strerror}); pass --out to a writable "
-                         "folder") from None
 
 
 def main_guard(run: Callable[[Optional[Sequence[str]]], int]) -> Callable:
@@ -55,7 +46,7 @@ def main_guard(run: Callable[[Optional[Sequence[str]]], int]) -> Callable:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         try:
             return run(argv) or 0
-        except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as err:
+        except (ValueError, OSError, RuntimeError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
     return main

@@ -55,8 +55,9 @@ class RetrievalCache:
     """A folder of `<kind>-<hash>.npy` entries, each with a `.json` note of its key parts."""
 
     def __init__(self, root: str | os.PathLike):
-        self.root = os.fspath(root)
-        os.makedirs(self.root, exist_ok=True)
+        from trainer.paths import make_output_dir
+
+        self.root = os.fspath(make_output_dir(root, "retrieval.cache_dir"))
 
     def path(self, kind: str, parts: dict[str, Any]) -> str:
         return os.path.join(self.root, f"{kind}-{key_hash(parts)}.npy")

@@ -70,10 +70,9 @@ class Embedder:
     def __init__(self, encoder, tokenizer=None, *, max_length: int | None = None,
                  pooling: Literal["cls", "mean"] | None = None, batch_size: int | None = None,
                  device: str | None = None, progress: bool = True):
-        from transformers import AutoModel, AutoTokenizer
-
         from trainer.config import Config
         from trainer.features import Featurizer
+        from trainer.model import load_encoder, load_tokenizer
 
         defaults = Config()
         max_length = max_length if max_length is not None else defaults.model.max_length
@@ -89,7 +88,7 @@ class Embedder:
             self.encoder_id = os.fspath(encoder)
             if os.path.isdir(self.encoder_id):
                 self._folder = self.encoder_id
-            model = AutoModel.from_pretrained(self.encoder_id)
+            model = load_encoder(self.encoder_id)
             tokenizer = tokenizer if tokenizer is not None else self.encoder_id
         else:
             if tokenizer is None:
@@ -97,7 +96,7 @@ class Embedder:
             model = getattr(encoder, "base_model", encoder)
             self.encoder_id = type(model).__name__
         if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer))
+            tokenizer = load_tokenizer(tokenizer)
         if device is None:
             # A built encoder stays where its owner put it; a loaded one starts on the CPU.
             device = "cpu" if self._loaded else str(next(model.parameters()).device)

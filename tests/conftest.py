@@ -73,10 +73,12 @@ def ray_local():
     """
     import ray
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from cluster.runtime import init_ray
+
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+        # The project's own start-up path, so that the tests see the loopback binding it enforces.
+        init_ray(num_cpus=2, log_to_driver=False)
     yield ray
     if started:
         ray.shutdown()

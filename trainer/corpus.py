@@ -19,6 +19,8 @@ ENTITY_TYPES = ("PER", "LOC", "ORG", "MISC")
 LABELS = ("O",) + tuple(f"{p}-{t}" for t in ENTITY_TYPES for p in ("B", "I"))
 _TAG = re.compile(r"^(O|[BI]-(PER|LOC|ORG|MISC))$")
 DOCSTART = "-DOCSTART-"
+# A well-formed UTF-8 multi-byte character (lead byte, then continuation bytes).
+_UTF8_SEQUENCE = re.compile(rb"[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf4][\x80-\xbf]{3}")
 
 # Europeana French: the paper splits the unsegmented file at each "." token and uses
 # 9,527 segments for training and 2,375 for testing. We keep the file's order and take the first
@@ -100,15 +102,39 @@ class Corpus:
         }
 
 
+def _line_of(raw: bytes, offset: int) -> int:
+    return raw.count(b"\n", 0, offset) + 1
+
+
 def _decode(path: str, raw: bytes) -> tuple[str, str, bool]:
     if not raw.strip():
         raise CorpusError(path, None, "the file is empty", "Point the setting at a corpus with one `word ... TAG` line per token")
+    if b"\x00" in raw:
+        # Text corpora hold no NUL bytes; UTF-16 text and compressed archives do.
+        raise CorpusError(path, _line_of(raw, raw.index(b"\x00")), "the file holds NUL bytes: it is UTF-16 or binary "
+                          "(compressed?), not a text corpus", "Decompress it or re-save it as UTF-8 text")
     bom = raw.startswith(b"\xef\xbb\xbf")
     try:
         return raw.decode("utf-8-sig"), "utf-8", bom
-    except UnicodeDecodeError:
+    except UnicodeDecodeError as err:
+        _refuse_mixed_encoding(path, raw, err.start)
         # CoNLL-2002/2003 non-English files are latin-1; every byte sequence decodes as latin-1.
         return raw.decode("latin-1"), "latin-1", bom
+
+
+def _refuse_mixed_encoding(path: str, raw: bytes, first_bad: int) -> None:
+    """A UTF-8 file with a few stray bytes would read as latin-1 with every accented word mangled.
+
+    Real latin-1 corpora (deu/esp/ned) hold no valid UTF-8 multi-byte sequence at all, so a file
+    where such sequences are at least as common as stray high bytes is UTF-8 with damage.
+    """
+    utf8 = _UTF8_SEQUENCE.findall(raw)
+    high = len(raw) - len(raw.translate(None, bytes(range(0x80, 0x100))))
+    stray = high - sum(len(s) for s in utf8)
+    if utf8 and len(utf8) >= stray:
+        raise CorpusError(path, _line_of(raw, first_bad),
+                          f"byte 0x{raw[first_bad]:02x} is not UTF-8, yet the file holds {len(utf8)} UTF-8 characters "
+                          "(a mix of encodings)", "Re-save the whole file in one encoding, UTF-8")
 
 
 def _split_fields(line: str, tabbed: bool) -> list[str]:
@@ -149,8 +175,10 @@ def _raw_blocks(path: str, text: str, info: CorpusInfo) -> list[list[tuple[int, 
 
 
 def _check_columns(path: str, lines: list[str], tabbed: bool, info: CorpusInfo) -> None:
-    counts = Counter(len(_split_fields(line, tabbed)) for line in lines
-                     if line.strip() and not line.startswith(DOCSTART))
+    # The same test as _raw_blocks applies, so that a " -DOCSTART-" line is a marker in both.
+    token_lines = [(i, len(fields)) for i, line in enumerate(lines, 1) if line.strip()
+                   for fields in [_split_fields(line, tabbed)] if fields[0] != DOCSTART]
+    counts = Counter(n for _, n in token_lines)
     if not counts:
         raise CorpusError(path, None, "the file holds no token lines, only -DOCSTART- markers",
                           "Give a corpus with at least one sentence")
@@ -158,8 +186,7 @@ def _check_columns(path: str, lines: list[str], tabbed: bool, info: CorpusInfo) 
     info.tag_column = info.columns - 1
     odd = sum(n for c, n in counts.items() if c != info.columns)
     if odd > _MAX_ODD_COLUMN_FRACTION * sum(counts.values()):
-        first = next(i for i, line in enumerate(lines, 1) if line.strip() and not line.startswith(DOCSTART)
-                     and len(_split_fields(line, tabbed)) != info.columns)
+        first = next(i for i, n in token_lines if n != info.columns)
         raise CorpusError(path, first, f"mixed column counts ({dict(counts)}; most lines have {info.columns})",
                           "Give every token line the same columns, the NER tag last")
     info.odd_column_lines = odd
@@ -239,6 +266,9 @@ def read_corpus(path: str | os.PathLike, misc_to_o: bool = False, split: str | N
         blocks, dropped_tail = segments, len(tail)
         if split is not None:
             blocks = _select_split(blocks, split)
+            if not blocks:
+                raise CorpusError(path, None, f"the '#{split}' split is empty ({len(segments)} segments in all)",
+                                  "Use the whole file (no '#split') or a longer stream")
     elif split is not None:
         raise CorpusError(path, None, f"a '#{split}' split was asked of a file that already has sentence breaks",
                           "Drop the '#split' suffix; splits apply to unsegmented files such as Europeana")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -10,6 +11,52 @@ from torch import nn
 from .corpus import LABELS
 
 logger = logging.getLogger(__name__)
+
+
+# Files of which a local model folder needs at least one for its tokenizer: transformers 5 builds
+# an empty 5-token vocabulary from a folder that has none, and every word would become [UNK].
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model",
+                   "tokenizer.model")
+
+
+def _local_folder(name_or_path: str, what: str) -> bool:
+    """True for an existing folder; a path that names no folder is refused before the hub is asked."""
+    if os.path.isdir(name_or_path):
+        return True
+    if os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or os.path.exists(name_or_path):
+        raise ValueError(f"{what} {name_or_path!r} is not a folder; set model.name_or_path to a hub id or "
+                         "a folder holding config.json, the weights and the tokenizer files")
+    return False
+
+
+def load_encoder(name_or_path: str | os.PathLike) -> nn.Module:
+    """`AutoModel` from a hub id or local folder, with a ValueError that names the setting."""
+    from transformers import AutoModel
+
+    name_or_path = os.fspath(name_or_path)
+    _local_folder(name_or_path, "encoder")
+    try:
+        return AutoModel.from_pretrained(name_or_path)
+    except OSError as err:
+        raise ValueError(f"cannot load the encoder {name_or_path!r} ({err}); set model.name_or_path to a "
+                         "hub id or a folder holding config.json and the weights") from None
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """The fast tokenizer of a hub id or local folder; a folder without tokenizer files is refused."""
+    from transformers import AutoTokenizer
+
+    name_or_path = os.fspath(name_or_path)
+    if _local_folder(name_or_path, "tokenizer") and not any(
+            os.path.isfile(os.path.join(name_or_path, f)) for f in TOKENIZER_FILES):
+        raise ValueError(f"{name_or_path} holds no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+                         "save the tokenizer into it with tokenizer.save_pretrained, or point "
+                         "model.name_or_path at a folder that has one")
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as err:
+        raise ValueError(f"cannot load the tokenizer {name_or_path!r} ({err}); set model.name_or_path to a "
+                         "hub id or a folder holding the tokenizer files") from None
 
 
 class NerModel(nn.Module):
@@ -39,14 +86,7 @@ class NerModel(nn.Module):
     def from_pretrained(cls, name_or_path: str, labels: Sequence[str] = LABELS, dropout: float = 0.1,
                         seed: Optional[int] = None) -> "NerModel":
         """Load the encoder from a hub id or a local folder and add a fresh classifier."""
-        from transformers import AutoModel
-
-        try:
-            encoder = AutoModel.from_pretrained(name_or_path)
-        except OSError as err:
-            raise ValueError(f"cannot load the encoder {name_or_path!r} ({err}); set model.name_or_path to a "
-                             "hub id or a folder holding config.json and the weights") from None
-        return cls(encoder, labels, dropout, seed)
+        return cls(load_encoder(name_or_path), labels, dropout, seed)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits [batch, length, labels]; `attention_mask` may be 2-D or a prepared 4-D mask."""
