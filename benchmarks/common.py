@@ -100,11 +100,10 @@ class Bundle:
 
 
 def bundle(name: str, path: str, num_frozen_layers: Optional[int] = None) -> Bundle:
-    from trainer.model import load_tokenizer
-
     from trainer.config import Config
     from trainer.corpus import LABELS
     from trainer.features import Featurizer
+    from trainer.model import load_tokenizer
 
     cfg = Config()
     cfg.model.name_or_path = path

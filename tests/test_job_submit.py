@@ -64,7 +64,9 @@ def test_demo_job_through_ray_job_submit(tmp_path):
         out, store = tmp_path / "out", tmp_path / "mlflow.db"
         submit = _ray("job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
                       "--submission-id", "demo-ci", "--no-wait", "--", "python", "-m", "jobs.demo",
-                      "--out", str(out), f"mlflow.tracking_uri=sqlite:///{store}", env=env)
+                      "--out", str(out), f"mlflow.tracking_uri=sqlite:///{store}",
+                      # fewer meta-steps than the demo's default: the plumbing is what is tested
+                      "train.num_meta_steps=8", "train.eval_every=4", "train.checkpoint_every=4", env=env)
         assert "demo-ci" in submit.stdout + submit.stderr
         deadline, status = time.time() + 900, ""
         while time.time() < deadline:
