@@ -24,7 +24,7 @@ JOBS = {
 def _inspect(args: argparse.Namespace) -> int:
     from trainer.corpus import read_corpus
 
-    stats = read_corpus(args.file, misc_to_o=args.misc_to_o, split=args.split).stats()
+    stats = read_corpus(args.file, misc_to_o=args.misc_to_o, split=args.split, format=args.format).stats()
     if args.json:
         print(json.dumps(stats, ensure_ascii=False))
         return 0
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="what a corpus file holds and how it was read")
     p.add_argument("file")
+    p.add_argument("--format", choices=["auto", "sentences", "stream"], default="auto",
+                   help="sentences: blank lines end sentences; stream: no sentence breaks, split at each '.' "
+                        "(auto: a stream when the file has no blank line and at least 1,000 tokens)")
     p.add_argument("--split", choices=["train", "test"], help="split of a file without sentence breaks")
     p.add_argument("--misc-to-o", action="store_true", help="map MISC entities to O")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")

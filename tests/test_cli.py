@@ -45,3 +45,10 @@ def test_score_json(tmp_path):
     assert out["per_type"]["PER"]["f1"] == 100.0 and out["per_type"]["LOC"]["f1"] == 0.0
     text = _metaner("score", str(path)).stdout
     assert "overall" in text and "50.00" in text
+
+
+def test_inspect_format_option(tmp_path):
+    path = tmp_path / "stream.txt"
+    path.write_text("Le O\nmaire O\n. O\nParis I-LOC\nvote O\n. O\n")
+    out = json.loads(_metaner("inspect", str(path), "--format", "stream", "--json").stdout)
+    assert out["sentences"] == 2 and out["segmented_at_period"] and out["entities"] == 1

@@ -155,3 +155,20 @@ def test_entity_spans():
 def test_sentence_rejects_length_mismatch():
     with pytest.raises(ValueError):
         Sentence(("a", "b"), ("O",))
+
+
+def test_format_forces_stream_or_sentences(tmp_path):
+    path = _write(tmp_path, "Le O\nmaire O\n. O\nParis I-LOC\nvote O\n. O\n")
+    assert len(read_corpus(path).sentences) == 1  # short, no blank line: one sentence
+    stream = read_corpus(path, format="stream")
+    assert [s.words for s in stream.sentences] == [("Le", "maire", "."), ("Paris", "vote", ".")]
+    assert stream.info.segmented_at_period and stream.sentences[1].tags[0] == "B-LOC"
+    assert len(read_corpus(path, format="sentences").sentences) == 1
+    with pytest.raises(CorpusError, match="unknown format"):
+        read_corpus(path, format="xml")
+
+
+@needs_data
+def test_europeana_read_as_sentences_is_one_block(data_root):
+    corpus = read_corpus(data_root / "raw/europeana/enp_FR.bnf.bio", format="sentences")
+    assert len(corpus.sentences) == 1 and not corpus.info.segmented_at_period

@@ -239,12 +239,21 @@ def _misc_to_o(tags: list[str]) -> list[str]:
     return ["O" if t.endswith("-MISC") else t for t in tags]
 
 
-def read_corpus(path: str | os.PathLike, misc_to_o: bool = False, split: str | None = None) -> Corpus:
+FORMATS = ("auto", "sentences", "stream")
+
+
+def read_corpus(path: str | os.PathLike, misc_to_o: bool = False, split: str | None = None,
+                format: str = "auto") -> Corpus:
     """Read a corpus file; `path` may end in '#train'/'#test' to select a split of an unsegmented file.
 
-    Raises CorpusError (a ValueError) naming the file and line of the first problem.
+    `format`: "sentences" (blank lines end sentences), "stream" (a token stream without sentence
+    breaks, segmented at each "." token), or "auto" (a stream when the file has no blank line and
+    at least 1,000 token lines). Raises CorpusError (a ValueError) naming the file and line of the
+    first problem.
     """
     path = os.fspath(path)
+    if format not in FORMATS:
+        raise CorpusError(path, None, f"unknown format {format!r}", f"Use one of {', '.join(FORMATS)}")
     if "#" in path and split is None:
         path, _, split = path.partition("#")
     if split not in (None, "train", "test"):
@@ -260,8 +269,9 @@ def read_corpus(path: str | os.PathLike, misc_to_o: bool = False, split: str | N
     text, info.encoding, info.bom = _decode(path, raw)
     blocks = _raw_blocks(path, text, info)
     dropped_tail = 0
-    segments, tail = _segment_at_period(blocks) if len(blocks) == 1 else ([], [])
-    if len(blocks[0]) >= _UNSEGMENTED_MIN_LINES and len(segments) > 1:
+    stream = len(blocks) == 1 and (format == "stream" or (format == "auto" and len(blocks[0]) >= _UNSEGMENTED_MIN_LINES))
+    segments, tail = _segment_at_period(blocks) if stream else ([], [])
+    if segments and (len(segments) > 1 or format == "stream"):
         info.segmented_at_period = True
         blocks, dropped_tail = segments, len(tail)
         if split is not None:
