@@ -66,8 +66,9 @@ def test_demo_job_through_ray_job_submit(tmp_path):
                       "--submission-id", "demo-ci", "--no-wait", "--", "python", "-m", "jobs.demo",
                       "--out", str(out), f"mlflow.tracking_uri=sqlite:///{store}",
                       # fewer meta-steps than the demo's default: the plumbing is what is tested
-                      "train.num_meta_steps=8", "train.eval_every=4", "train.checkpoint_every=4", env=env)
-        assert "demo-ci" in submit.stdout + submit.stderr
+                      "train.num_meta_steps=8", "train.eval_every=4", "train.checkpoint_every=4", env=env,
+                      check=False)
+        assert submit.returncode == 0 and "demo-ci" in submit.stdout + submit.stderr, submit.stdout + submit.stderr
         deadline, status = time.time() + 900, ""
         while time.time() < deadline:
             done = _ray("job", "status", "--address", f"http://127.0.0.1:{dash}", "demo-ci", env=env)
