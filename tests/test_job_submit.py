@@ -62,12 +62,16 @@ def test_demo_job_through_ray_job_submit(tmp_path):
          f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats", env=env)
     try:
         out, store = tmp_path / "out", tmp_path / "mlflow.db"
-        submit = _ray("job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
-                      "--submission-id", "demo-ci", "--no-wait", "--", "python", "-m", "jobs.demo",
-                      "--out", str(out), f"mlflow.tracking_uri=sqlite:///{store}",
-                      # fewer meta-steps than the demo's default: the plumbing is what is tested
-                      "train.num_meta_steps=8", "train.eval_every=4", "train.checkpoint_every=4", env=env,
-                      check=False)
+        for _ in range(24):  # the head's job agent comes up a little after `ray start` returns
+            submit = _ray("job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+                          "--submission-id", "demo-ci", "--no-wait", "--", "python", "-m", "jobs.demo",
+                          "--out", str(out), f"mlflow.tracking_uri=sqlite:///{store}",
+                          # fewer meta-steps than the demo's default: the plumbing is what is tested
+                          "train.num_meta_steps=8", "train.eval_every=4", "train.checkpoint_every=4", env=env,
+                          check=False)
+            if "No available agent" not in submit.stdout + submit.stderr:
+                break
+            time.sleep(5)
         assert submit.returncode == 0 and "demo-ci" in submit.stdout + submit.stderr, submit.stdout + submit.stderr
         deadline, status = time.time() + 900, ""
         while time.time() < deadline:
