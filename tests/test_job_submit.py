@@ -58,8 +58,13 @@ def test_demo_job_through_ray_job_submit(tmp_path):
     env.pop("RAY_ADDRESS", None)
     port, dash = _free_port(), _free_port()
     temp = Path("/tmp") / f"ray-{port}"  # Ray's socket paths must stay short
+    # Every port of its own: the session's test cluster already holds Ray's default agent ports.
+    ports = {name: _free_port() for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                             "runtime-env-agent-port", "metrics-export-port",
+                                             "ray-client-server-port")}
     _ray("start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats", env=env)
+         f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats",
+         *(f"--{name}={value}" for name, value in ports.items()), env=env)
     try:
         out, store = tmp_path / "out", tmp_path / "mlflow.db"
         for _ in range(24):  # the head's job agent comes up a little after `ray start` returns
