@@ -44,7 +44,7 @@ def tiny_model(folder: Path, cfg) -> str:
 
 
 def run(argv=None) -> int:
-    from trainer.config import with_overrides
+    from trainer.config import DataConfig, with_overrides
 
     def arguments(p):
         p.add_argument("--data", default=None, help="a real data root (e.g. ../shared/data) instead of synthetic corpora")
@@ -52,15 +52,15 @@ def run(argv=None) -> int:
     cfg, args = parse(argv, "demo", arguments)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    if args.data:
-        cfg = with_overrides(cfg, [f"data.root={Path(args.data).resolve()}", "data.target_files={}",
-                                   "data.target_sample=60", "data.dev_sample=40"])
-        cfg.data.target_files = type(cfg.data)().target_files
-        cfg.data.misc_to_o = ["fr", "zh"]
+    if args.data:  # the real corpora at their usual places under that root, a sample of each test set
+        real = DataConfig()
+        cfg = with_overrides(cfg, [f"data.root={Path(args.data).resolve()}", f"data.source_train={real.source_train}",
+                                   f"data.source_dev={real.source_dev}", "data.target_sample=60"]
+                             + [f"data.target_files.{lang}={path}" for lang, path in real.target_files.items()])
     else:
         files = synthetic_data(out / "data")
-        cfg = with_overrides(cfg, [f"data.root={out / 'data'}"])
-        cfg.data.target_files = files
+        cfg = with_overrides(cfg, [f"data.root={out / 'data'}"]
+                             + [f"data.target_files.{lang}={path}" for lang, path in files.items()])
     cfg = with_overrides(cfg, [f"model.name_or_path={tiny_model(out / 'model', cfg)}",
                                f"retrieval.cache_dir={out / 'cache'}"])
     run_variants(cfg, ["base", "ours"], out)

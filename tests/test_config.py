@@ -68,3 +68,8 @@ def test_data_root_from_environment(monkeypatch):
     monkeypatch.setenv("METANER_DATA", "/corpora")
     assert cfg.data.resolve("meta-cross/en/train.txt") == "/corpora/meta-cross/en/train.txt"
     assert cfg.data.resolve("raw/europeana/enp_FR.bnf.bio#test") == "/corpora/raw/europeana/enp_FR.bnf.bio#test"
+
+
+def test_mapping_override_changes_one_key():
+    cfg = load_config(overrides=["data.target_files.fr=my/fr.txt"])
+    assert cfg.data.target_files["fr"] == "my/fr.txt" and cfg.data.target_files["es"] == "meta-cross/es/test.txt"

@@ -234,6 +234,10 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str) -> None:
             if not isinstance(value, dict):
                 raise ValueError(f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(current))}")
             _apply(current, value, key + ".")
+        elif isinstance(current, dict) and isinstance(value, dict):
+            # A mapping setting (e.g. data.target_files) is updated key by key, so that
+            # `data.target_files.fr=PATH` changes one language and keeps the others.
+            setattr(obj, name, {**current, **_coerce(key, value, hints[name])})
         else:
             setattr(obj, name, _coerce(key, value, hints[name]))
 

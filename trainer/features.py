@@ -47,8 +47,9 @@ class Featurizer:
 
     def word_pieces(self, sentences: Sequence[Sentence]) -> list[list[list[int]]]:
         """Subword ids of every word; a word that tokenises to nothing becomes the unknown token."""
+        # Whole sentences are tokenised before windowing: the tokenizer's length warning is moot.
         enc = self.tokenizer([list(s.words) for s in sentences], is_split_into_words=True,
-                             add_special_tokens=False)
+                             add_special_tokens=False, verbose=False)
         out = []
         for i, sentence in enumerate(sentences):
             pieces: list[list[int]] = [[] for _ in sentence.words]
