@@ -17,6 +17,13 @@ def evaluate_one(cfg, checkpoint: str, data: Data, supports: Supports, run, out:
     from cluster.adapt_pool import adapt_targets
     from cluster.report import log_evaluation, score_language
 
+    if cfg.retrieval.encoder == "finetuned":
+        # Target neighbours by the trained encoder instead of the pretrained one.
+        from trainer.checkpoint import load_model
+
+        model, tokenizer, _ = load_model(checkpoint)
+        supports = build_supports(cfg, data.source, data.targets, encoder=model.encoder, tokenizer=tokenizer,
+                                  source_tasks=False)
     support_sentences = {lang: supports.sentences(lang, data.source) for lang in data.targets}
     predictions = adapt_targets(checkpoint, cfg, data.targets, support_sentences, out / "units")
     results = {lang: score_language(lang, data.targets[lang], predictions[lang], out)
