@@ -53,14 +53,7 @@ def pad_to(featurizer: Featurizer, windows: Sequence[Window], length: int) -> di
     """A batch of windows each padded to `length` (the official fixed-width features)."""
     if any(len(w) > length for w in windows):
         raise ValueError(f"a window is longer than {length}; build the featurizer with max_length <= {length}")
-    ids = torch.full((len(windows), length), featurizer.pad_id, dtype=torch.long)
-    labels = torch.full((len(windows), length), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(windows), length), dtype=torch.long)
-    for row, w in enumerate(windows):
-        ids[row, : len(w)] = torch.tensor(w.input_ids)
-        labels[row, : len(w)] = torch.tensor(w.labels)
-        mask[row, : len(w)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return featurizer.collate(windows, width=length)
 
 
 def tensor_bytes(tensors) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -145,18 +144,6 @@ def _save(folder: str, model, tokenizer, cfg, learner, step: int, best_f1: float
                     trainer_state=state)
 
 
-def _replace_dir(src: str, dst: Path) -> None:
-    """Swap a finished folder into place so that `dst` is never half-written."""
-    tmp = dst.with_name(dst.name + ".new")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    old = dst.with_name(dst.name + ".old")
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_pid(out: Path, rank: int) -> None:
     """Which process is which rank, for an operator who needs to inspect or stop one."""
     folder = out / "workers"
@@ -217,9 +204,8 @@ def meta_train_worker(loop_config: dict) -> None:
             metrics["dev_f1"] = f1
             if rank == 0 and f1 > best_f1:
                 best_f1 = f1
-                with tempfile.TemporaryDirectory() as tmp:
-                    _save(tmp, model, tokenizer, cfg, learner, step, best_f1, cfg.cluster.zero_stage)
-                    _replace_dir(tmp, out / "best")
+                # save_checkpoint swaps a finished folder into place: `best` is never half-written.
+                _save(str(out / "best"), model, tokenizer, cfg, learner, step, best_f1, cfg.cluster.zero_stage)
         log.log_metrics(metrics, step=step)
         if rank == 0 and (step % 10 == 0 or step == train.num_meta_steps):
             logger.info("meta-step %d/%d  meta_loss %.4f  %.1f tasks/s", step, train.num_meta_steps,
@@ -230,7 +216,7 @@ def meta_train_worker(loop_config: dict) -> None:
                 if rank == 0:
                     _save(tmp, model, tokenizer, cfg, learner, step, best_f1, cfg.cluster.zero_stage)
                     if step == train.num_meta_steps:
-                        _replace_dir(tmp, out / "final")
+                        _save(str(out / "final"), model, tokenizer, cfg, learner, step, best_f1, cfg.cluster.zero_stage)
                 ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 

@@ -101,9 +101,9 @@ class Featurizer:
             w -= 1
         return words
 
-    def collate(self, windows: Sequence[Window]) -> dict[str, torch.Tensor]:
-        """Pad to the longest window of the batch (not to max_length)."""
-        width = max(len(w) for w in windows)
+    def collate(self, windows: Sequence[Window], width: int | None = None) -> dict[str, torch.Tensor]:
+        """Pad to the longest window of the batch (not to max_length), or to a fixed `width`."""
+        width = max(len(w) for w in windows) if width is None else width
         ids = torch.full((len(windows), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(windows), width), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(windows), width), dtype=torch.long)
