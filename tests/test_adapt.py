@@ -70,7 +70,8 @@ def test_closed_form_first_step_equals_bertadam(model):
     torch.manual_seed(0)
     named = trainable_parameters(model)
     grads = {n: torch.randn(2, *p.shape) * (5.0 if i % 2 else 0.01) for i, (n, p) in enumerate(named)}
-    adapted = _first_step({n: p.detach() for n, p in named}, grads, SETTINGS)
+    consumed = {n: g.clone() for n, g in grads.items()}  # the step is written into its gradients
+    adapted = _first_step({n: p.detach() for n, p in named}, consumed, SETTINGS)
     for b in range(2):
         copies = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in named]
         opt = BertAdam(param_groups(copies, SETTINGS.weight_decay), lr=SETTINGS.adapt_lr)
@@ -135,3 +136,27 @@ def test_adapter_from_a_checkpoint_and_baseline_mode(model, featurizer, tiny_tok
     assert list(baseline.values()) == predict(model, featurizer, sentences)
     with pytest.raises(ValueError, match="featurizer"):
         Adapter(model, None, cfg)
+
+
+@pytest.mark.parametrize("num_frozen", [0, 2])
+def test_frozen_prefix_then_top_equals_full_forward(tiny_bert, featurizer, items, num_frozen):
+    model = NerModel.from_pretrained(tiny_bert, LABELS, dropout=0.0, seed=0).eval()
+    freeze(model, num_frozen)
+    assert model.num_frozen_prefix() == num_frozen
+    batch = featurizer.collate(featurizer.encode(items[0]))
+    mask4d = model.attention_mask_4d(batch["attention_mask"])
+    with torch.no_grad():
+        full = model(batch["input_ids"], batch["attention_mask"])
+        split = model(None, mask4d, hidden_states=model.prefix(batch["input_ids"], mask4d, num_frozen),
+                      start_layer=num_frozen)
+    torch.testing.assert_close(split, full, rtol=1e-5, atol=1e-5)
+    freeze(model, 2, freeze_embeddings=False)
+    assert model.num_frozen_prefix() == 0  # trainable embeddings: nothing below the top is shared
+
+
+def test_batched_equals_sequential_without_a_frozen_prefix(tiny_bert, featurizer, items):
+    model = NerModel.from_pretrained(tiny_bert, LABELS, dropout=0.0, seed=0).eval()
+    freeze(model, 0, freeze_embeddings=False)
+    sentences, supports = items
+    sequential = [_adapted_sequential(model, featurizer, s, sup, SETTINGS)[0] for s, sup in zip(sentences, supports)]
+    assert [t for t, _ in _adapted_batched(model, featurizer, sentences, supports, SETTINGS)] == sequential

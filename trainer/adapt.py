@@ -15,6 +15,7 @@ the batched path run. Prediction is always in eval mode.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -155,25 +156,64 @@ def _stack_windows(model: NerModel, featurizer: Featurizer, groups: Sequence[Seq
 
 
 def _first_step(params: dict, grads: dict, s: AdaptSettings) -> dict:
-    """BertAdam's first step from fresh state, per sentence (leading dimension of `grads`)."""
+    """BertAdam's first step from fresh state, per sentence (leading dimension of `grads`).
+
+    m / (sqrt(v) + eps) with m = (1 - b1) g and v = (1 - b2) g^2, written in place on the
+    per-sentence gradients (which it consumes): these tensors are B copies of every trainable weight, and each extra
+    temporary is a full pass over them.
+    """
     adapted = {}
     for name, p in params.items():
         g = grads[name]
         if s.max_grad_norm > 0:
             norm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), 2, dim=1)
             coef = torch.clamp(s.max_grad_norm / (norm + 1e-6), max=1.0)
-            g = g * coef.view(-1, *([1] * p.dim()))
-        m = g * (1 - _B1)
-        v = (1 - _B2) * g * g
-        update = m / (v.sqrt() + _EPS)
+            g.mul_(coef.view(-1, *([1] * p.dim())))
+        denom = g.abs().mul_(math.sqrt(1 - _B2)).add_(_EPS)
+        g.mul_(1 - _B1).div_(denom)
+        del denom
         if not no_decay(name) and s.weight_decay > 0:
-            update = update + s.weight_decay * p
-        adapted[name] = p - s.adapt_lr * update
+            g.add_(p, alpha=s.weight_decay)
+        adapted[name] = g.mul_(-s.adapt_lr).add_(p)
     return adapted
 
 
+PrefixCache = dict  # window input ids (tuple) -> frozen-bottom hidden states [len, hidden]
+
+
+def _prefix(model: NerModel, featurizer: Featurizer, groups: Sequence[Sequence[Window]], width: int,
+            num_layers: int, cache: Optional[PrefixCache]) -> Optional[torch.Tensor]:
+    """Frozen-bottom hidden states [B, W, T, H] of stacked windows (zeros where padded).
+
+    The bottom is identical for every sentence's adapted weights (and for every checkpoint that
+    shares the pretrained frozen layers), so it runs once per distinct window, outside vmap, in
+    batches of similar length; `cache` keeps it for later chunks, units and checkpoints. Padded
+    positions are masked as keys and carry no label, so their values never reach an output.
+    """
+    if num_layers == 0:
+        return None
+    cache = {} if cache is None else cache
+    missing = sorted({w.input_ids for g in groups for w in g if w.input_ids not in cache}, key=len)
+    device = _device(model)
+    with torch.no_grad():
+        for start in range(0, len(missing), 32):
+            part = [Window(0, ids, (IGNORE,) * len(ids), ()) for ids in missing[start:start + 32]]
+            batch = featurizer.collate(part)
+            mask4d = model.attention_mask_4d(batch["attention_mask"].to(device))
+            hidden = model.prefix(batch["input_ids"].to(device), mask4d, num_layers)
+            for row, w in enumerate(part):
+                cache[w.input_ids] = hidden[row, : len(w)].cpu()
+    count = max(len(g) for g in groups)
+    out = torch.zeros(len(groups), count, width, model.encoder.config.hidden_size, device=device)
+    for b, group in enumerate(groups):
+        for i, w in enumerate(group):
+            out[b, i, : len(w)] = cache[w.input_ids]
+    return out
+
+
 def _adapted_batched(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentence],
-                     supports: Sequence[Sequence[Sentence]], s: AdaptSettings):
+                     supports: Sequence[Sequence[Sentence]], s: AdaptSettings,
+                     prefix_cache: Optional[PrefixCache] = None):
     """Tags and per-window logits of each sentence after one step from the meta weights."""
     if s.num_adapt_steps != 1:
         raise ValueError("the batched path takes exactly one adaptation step; use the sequential path")
@@ -184,25 +224,30 @@ def _adapted_batched(model: NerModel, featurizer: Featurizer, sentences: Sequenc
         if not windows or all(all(l == IGNORE for l in w.labels) for w in windows):
             raise ValueError(f"sentence {i} of the batch has no labelled support sentence to adapt on")
     params = {n: p.detach() for n, p in trainable_parameters(model)}
+    start = model.num_frozen_prefix()
 
-    def support_loss(p, ids, mask4d, labels):
-        logits = functional_call(model, p, (ids, mask4d))
-        return token_loss(logits, labels, s.lambda_max, check=False)
+    def forward(p, ids, mask4d, hidden):
+        if hidden is None:
+            return functional_call(model, p, (ids, mask4d))
+        return functional_call(model, p, (None, mask4d), {"hidden_states": hidden, "start_layer": start})
 
-    def forward(p, ids, mask4d):
-        return functional_call(model, p, (ids, mask4d))
+    def support_loss(p, ids, mask4d, hidden, labels):
+        return token_loss(forward(p, ids, mask4d, hidden), labels, s.lambda_max, check=False)
 
     with warnings.catch_warnings():
         # torch has no batching rule for the CPU fused attention kernel and loops over it instead.
         warnings.filterwarnings("ignore", message=".*performance drop.*")
         ids, mask4d, labels = _stack_windows(model, featurizer, support_windows)
-        grads = vmap(grad(support_loss), in_dims=(None, 0, 0, 0))(params, ids, mask4d, labels)
+        hidden = _prefix(model, featurizer, support_windows, ids.shape[-1], start, prefix_cache)
+        dims = (None, 0, 0, None if hidden is None else 0, 0)
+        grads = vmap(grad(support_loss), in_dims=dims)(params, ids, mask4d, hidden, labels)
         adapted = _first_step(params, grads, s)
-        del grads
+        del grads, hidden
         target_windows = [featurizer.encode([sentence]) for sentence in sentences]
         ids, mask4d, labels = _stack_windows(model, featurizer, target_windows)
+        hidden = _prefix(model, featurizer, target_windows, ids.shape[-1], start, prefix_cache)
         with torch.no_grad():
-            logits = vmap(forward, in_dims=(0, 0, 0))(adapted, ids, mask4d)
+            logits = vmap(forward, in_dims=(0, 0, 0, None if hidden is None else 0))(adapted, ids, mask4d, hidden)
     out = []
     for b, (sentence, windows) in enumerate(zip(sentences, target_windows)):
         n = len(windows)
@@ -217,11 +262,13 @@ def can_batch(model: NerModel, settings: AdaptSettings) -> bool:
 
 
 def adapt_many(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentence],
-               supports: Sequence[Sequence[Sentence]], cfg, batched: Optional[bool] = None) -> list[list[str]]:
+               supports: Sequence[Sequence[Sentence]], cfg, batched: Optional[bool] = None,
+               prefix_cache: Optional[PrefixCache] = None) -> list[list[str]]:
     """Tags of each sentence, each adapted from the meta weights on its own support set.
 
     Runs the batched path in chunks of `adapt.batch_size` where it applies (one step, eval mode,
-    a non-empty support), the sequential path otherwise; `batched` forces a choice.
+    a non-empty support), the sequential path otherwise; `batched` forces a choice. The batched
+    path fills and reads `prefix_cache` (see `_prefix`).
     """
     if len(sentences) != len(supports):
         raise ValueError(f"{len(sentences)} sentences but {len(supports)} support sets")
@@ -229,13 +276,16 @@ def adapt_many(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sent
     use_batched = can_batch(model, settings) if batched is None else batched
     out: list[Optional[list[str]]] = [None] * len(sentences)
     pending = [i for i in range(len(sentences)) if supports[i]] if use_batched else []
+    # Chunks of similar length: every window of a chunk is padded to the chunk's longest, and
+    # compute here is dominated by those padded positions when lengths mix.
+    pending.sort(key=lambda i: (max(len(s.words) for s in supports[i]), len(sentences[i].words)))
     for i in sorted(set(range(len(sentences))) - set(pending)):
         out[i] = _adapted_sequential(model, featurizer, sentences[i], supports[i], settings)[0]
     size = cfg.adapt.batch_size
     for start in range(0, len(pending), size):
         chunk = pending[start:start + size]
         results = _adapted_batched(model, featurizer, [sentences[i] for i in chunk],
-                                   [supports[i] for i in chunk], settings)
+                                   [supports[i] for i in chunk], settings, prefix_cache)
         for i, (tags, _) in zip(chunk, results):
             out[i] = tags
     return out  # type: ignore[return-value]

@@ -88,10 +88,44 @@ class NerModel(nn.Module):
         """Load the encoder from a hub id or a local folder and add a fresh classifier."""
         return cls(load_encoder(name_or_path), labels, dropout, seed)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, length, labels]; `attention_mask` may be 2-D or a prepared 4-D mask."""
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: Optional[torch.Tensor], attention_mask: torch.Tensor,
+                hidden_states: Optional[torch.Tensor] = None, start_layer: int = 0) -> torch.Tensor:
+        """Logits [batch, length, labels]; `attention_mask` may be 2-D or a prepared 4-D mask.
+
+        With `hidden_states` (the output of `prefix(..., start_layer)`) and a 4-D mask, only the
+        layers from `start_layer` on run: the frozen bottom is computed once and shared.
+        """
+        if hidden_states is None:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            hidden = hidden_states
+            for layer in encoder_layers(self.encoder)[start_layer:]:
+                hidden = layer(hidden, attention_mask)
         return self.classifier(self.dropout(hidden))
+
+    def can_split(self) -> bool:
+        """Whether `prefix` applies: a BERT-style encoder (embeddings, then encoder.layer)."""
+        inner = getattr(self.encoder, "encoder", None)
+        return (getattr(self.encoder, "embeddings", None) is not None
+                and isinstance(getattr(inner, "layer", None), nn.ModuleList))
+
+    def prefix(self, input_ids: torch.Tensor, mask4d: torch.Tensor, num_layers: int) -> torch.Tensor:
+        """Hidden states after the embeddings and the first `num_layers` layers (4-D mask)."""
+        hidden = self.encoder.embeddings(input_ids=input_ids)
+        for layer in encoder_layers(self.encoder)[:num_layers]:
+            hidden = layer(hidden, mask4d)
+        return hidden
+
+    def num_frozen_prefix(self) -> int:
+        """Layers at the bottom whose parameters, and the embeddings', are all frozen."""
+        if not self.can_split() or any(p.requires_grad for p in self.encoder.embeddings.parameters()):
+            return 0
+        count = 0
+        for layer in encoder_layers(self.encoder):
+            if any(p.requires_grad for p in layer.parameters()):
+                break
+            count += 1
+        return count
 
     def attention_mask_4d(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """The 4-D mask the encoder would build from a 2-D one, always materialised.
