@@ -116,7 +116,7 @@ def _meta_gradient(learner, source, support, ids, epoch):
     return buffer, losses
 
 
-def _dev_f1(cfg, model, featurizer, inputs: MetaTrainInputs) -> float:
+def _dev_f1(cfg, model, featurizer, inputs: MetaTrainInputs, prefix_cache: dict | None = None) -> float:
     from trainer.adapt import adapt_many, evaluate
     from trainer.scoring import score
 
@@ -127,7 +127,7 @@ def _dev_f1(cfg, model, featurizer, inputs: MetaTrainInputs) -> float:
     was_training = model.training
     model.eval()
     try:
-        tags = adapt_many(model, featurizer, inputs.dev, inputs.dev_support, cfg)
+        tags = adapt_many(model, featurizer, inputs.dev, inputs.dev_support, cfg, prefix_cache=prefix_cache)
     finally:
         model.train(was_training)
     return score([list(s.tags) for s in inputs.dev], tags)["f1"]
@@ -181,6 +181,7 @@ def meta_train_worker(loop_config: dict) -> None:
     num_tasks = len(inputs.source)
     out = Path(inputs.output_dir)
     started, done_tasks = time.perf_counter(), 0
+    dev_prefix: dict = {}  # the frozen bottom of the dev windows, the same at every evaluation
     while step < train.num_meta_steps:
         batch = sample_task_batch(num_tasks, train.meta_batch_size, inputs.seed, step)
         mine = shard_tasks(batch, rank, world)
@@ -200,7 +201,7 @@ def meta_train_worker(loop_config: dict) -> None:
         metrics = {"support_loss": float(losses[0] / losses[2]), "meta_loss": float(losses[1] / losses[2]),
                    "tasks_per_s": done_tasks / (time.perf_counter() - started), **lrs}
         if step % train.eval_every == 0 or step == train.num_meta_steps:
-            f1 = _dev_f1(cfg, model, featurizer, inputs) if rank == 0 else float("nan")
+            f1 = _dev_f1(cfg, model, featurizer, inputs, dev_prefix) if rank == 0 else float("nan")
             metrics["dev_f1"] = f1
             if rank == 0 and f1 > best_f1:
                 best_f1 = f1

@@ -160,3 +160,28 @@ def test_batched_equals_sequential_without_a_frozen_prefix(tiny_bert, featurizer
     sentences, supports = items
     sequential = [_adapted_sequential(model, featurizer, s, sup, SETTINGS)[0] for s, sup in zip(sentences, supports)]
     assert [t for t, _ in _adapted_batched(model, featurizer, sentences, supports, SETTINGS)] == sequential
+
+
+def test_prefix_store_is_shared_by_checkpoints_with_the_same_frozen_bottom(model, featurizer, items, tiny_bert,
+                                                                           tmp_path):
+    sentences, supports = items
+    unit = [AdaptItem(i, s, tuple(sup)) for i, (s, sup) in enumerate(zip(sentences, supports))]
+    cfg = load_config(None, CFG)
+    plain = Adapter(model, featurizer, cfg).run(unit)
+    first = Adapter(model, featurizer, cfg, prefix_dir=tmp_path)
+    assert first.run(unit) == plain
+    files = list(tmp_path.rglob("*.pt"))
+    assert len(files) == 1
+    # Another checkpoint: same frozen bottom, different top. It reads the stored bottom and still
+    # gives exactly what it computes on its own.
+    other = NerModel.from_pretrained(tiny_bert, LABELS, dropout=0.0, seed=1)
+    freeze(other, 1)
+    other.eval()
+    second = Adapter(other, featurizer, cfg, prefix_dir=tmp_path)
+    assert second.prefix.folder == first.prefix.folder
+    assert second.prefix.load(unit)
+    assert second.run(unit) == Adapter(other, featurizer, cfg).run(unit)
+    # A different bottom is stored apart.
+    with torch.no_grad():
+        other.encoder.embeddings.word_embeddings.weight.add_(0.1)
+    assert Adapter(other, featurizer, cfg, prefix_dir=tmp_path).prefix.folder != first.prefix.folder

@@ -304,11 +304,13 @@ class AdaptItem:
 class Adapter:
     """Tags batches of target sentences, adapting to each one's support set (or not, as a baseline).
 
-    A plain class: the cluster layer turns it into an actor. `source` is a checkpoint folder or a model.
+    A plain class: the cluster layer turns it into an actor. `source` is a checkpoint folder or a
+    model. With `prefix_dir`, each unit's frozen-bottom hidden states are kept there (see
+    `PrefixStore`), so another checkpoint with the same frozen layers skips that part of the work.
     """
 
     def __init__(self, source: Union[str, os.PathLike, NerModel], featurizer: Optional[Featurizer] = None,
-                 cfg=None, device: str = "cpu"):
+                 cfg=None, device: str = "cpu", prefix_dir: Union[str, os.PathLike, None] = None):
         from .config import Config
 
         self.cfg = cfg if cfg is not None else Config()
@@ -327,6 +329,7 @@ class Adapter:
             raise ValueError("Adapter needs a featurizer when given a model")
         self.model, self.featurizer = model.to(device), featurizer
         self.model.eval()
+        self.prefix = PrefixStore(prefix_dir, self.model, featurizer) if prefix_dir else None
 
     def run(self, unit: Sequence[Union[AdaptItem, tuple]]) -> dict[Any, list[str]]:
         """Predicted tags per item id for one unit (a list of items)."""
@@ -335,5 +338,58 @@ class Adapter:
         if not self.cfg.adapt.enabled or self.cfg.adapt.num_adapt_steps == 0:
             tags = predict(self.model, self.featurizer, sentences, self.cfg.adapt.batch_size)
         else:
-            tags = adapt_many(self.model, self.featurizer, sentences, [list(i.support) for i in items], self.cfg)
+            supports = [list(i.support) for i in items]
+            cache = self.prefix.load(items) if self.prefix else None
+            known = len(cache) if cache is not None else 0
+            tags = adapt_many(self.model, self.featurizer, sentences, supports, self.cfg, prefix_cache=cache)
+            if self.prefix and cache and len(cache) > known:
+                self.prefix.save(items, cache)
         return {item.id: t for item, t in zip(items, tags)}
+
+
+class PrefixStore:
+    """Frozen-bottom hidden states of whole units on disk, one file per unit, written atomically.
+
+    Files sit under a key of everything they depend on: the frozen parameters themselves (so a
+    checkpoint whose bottom differs never reads them), how many layers are frozen, and how
+    sentences are cut into windows. Why by hand: nothing in torch or transformers caches
+    intermediate activations across processes and runs.
+    """
+
+    def __init__(self, folder: Union[str, os.PathLike], model: NerModel, featurizer: Featurizer):
+        import hashlib
+        from pathlib import Path
+
+        self.num_layers = model.num_frozen_prefix()
+        h = hashlib.sha256(repr((self.num_layers, featurizer.max_length, featurizer.context,
+                                 type(model.encoder).__name__)).encode())
+        if self.num_layers:
+            frozen = [model.encoder.embeddings, *list(model.encoder.encoder.layer[:self.num_layers])]
+            for module in frozen:
+                for name, t in sorted(module.state_dict().items()):
+                    h.update(name.encode())
+                    h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        self.folder = Path(folder) / h.hexdigest()[:16]
+
+    def _path(self, items: Sequence[AdaptItem]):
+        import hashlib
+
+        content = repr([(i.sentence.words, [s.words for s in i.support]) for i in items])
+        return self.folder / f"{hashlib.sha256(content.encode()).hexdigest()[:24]}.pt"
+
+    def load(self, items: Sequence[AdaptItem]) -> PrefixCache:
+        path = self._path(items)
+        if not self.num_layers or not path.is_file():
+            return {}
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as err:  # a damaged file only costs recomputing it
+            logger.warning("ignoring unreadable prefix cache %s (%s)", path, err)
+            return {}
+
+    def save(self, items: Sequence[AdaptItem], cache: PrefixCache) -> None:
+        path = self._path(items)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(cache, tmp)
+        os.replace(tmp, path)

@@ -122,6 +122,9 @@ class AdaptConfig:
     # Sentences adapted together by the batched path (each from the same meta weights).
     batch_size: int = 8
     lambda_max: float = 0.0
+    # Frozen-bottom hidden states of each evaluation unit's windows, kept on disk and shared by
+    # every checkpoint with the same frozen layers (e.g. all variants of one job); "" keeps none.
+    prefix_cache_dir: str = ".metaner/prefix"
 
 
 @dataclass
