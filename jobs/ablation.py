@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from .common import main_guard, parse
 from .pipeline import run_variants
-from .variants import VARIANTS
+from .variants import TABLE4
 
 
 def run(argv=None) -> int:
     cfg, args = parse(argv, "ablation")
     args.out.mkdir(parents=True, exist_ok=True)
-    run_variants(cfg, list(VARIANTS), args.out)
+    run_variants(cfg, TABLE4, args.out)
     return 0
 
 

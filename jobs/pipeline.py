@@ -21,43 +21,66 @@ from .variants import VARIANTS, markdown_table, summarize, variant_config
 logger = logging.getLogger(__name__)
 
 
+def _done(folder: Path) -> dict | None:
+    """A finished seed of an interrupted job: {"f1": {lang: F1}, "wall_s": seconds}."""
+    path = folder / "scores.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def run_variants(cfg, variants: list[str], out: Path) -> dict:
-    """Train and evaluate every variant for every seed; returns {variant: {lang: (mean, std)}}."""
+    """Train and evaluate every variant for every seed; returns {variant: {lang: (mean, std)}}.
+
+    Resumable: a finished seed is read back, a training run continues from its last checkpoint,
+    an evaluation from its finished units. The table is rewritten after each variant.
+    """
     from cluster.report import PAPER_TABLE3
     from cluster.runtime import init_ray
 
     init_ray(cfg.cluster.address)
     data_seed = cfg.train.seeds[0]  # one sample of dev and targets for every run, so rows compare
     data = load_data(cfg, data_seed)
-    supports = build_supports(cfg, data.source, {"dev": data.dev, **data.targets})
-    table = {}
+    by_retrieval: dict[str, object] = {}  # variants that retrieve alike share their support sets
+    table, wall = {}, {}
+    paper = {"ours": PAPER_TABLE3["ours"], "base": PAPER_TABLE3["base"]}
     for name in variants:
         vcfg = variant_config(cfg, name)
-        per_seed = {}
+        key = json.dumps(vcfg.to_dict()["retrieval"], sort_keys=True)
+        if key not in by_retrieval:
+            by_retrieval[key] = build_supports(vcfg, data.source, {"dev": data.dev, **data.targets})
+        supports = by_retrieval[key]
+        per_seed, seconds = {}, []
         with tracked_run(vcfg, name, {"variant": name}) as parent:
             for seed in vcfg.train.seeds:
                 folder = out / name / f"seed{seed}"
-                done = folder / "scores.json"
-                if done.is_file():  # a finished seed of an interrupted job
-                    per_seed[seed] = json.loads(done.read_text())
-                    continue
-                started = time.perf_counter()
-                with parent.child(f"{name}-seed{seed}") as run:
-                    run.log_params({**vcfg.flat(), "seed": seed, "variant": name})
-                    checkpoint = train_one(vcfg, seed, data, supports, run, folder)
-                    run.set_tags({"checkpoint": checkpoint})
-                    results = evaluate_one(vcfg, checkpoint, data, supports, run, folder / "eval")
-                    run.log_metrics({"wall_s": time.perf_counter() - started})
-                per_seed[seed] = {lang: r["f1"] for lang, r in results.items()}
-                done.write_text(json.dumps(per_seed[seed]))
-            table[name] = summarize(per_seed)
+                done = _done(folder)
+                if done is None:
+                    done = _train_and_evaluate(vcfg, name, seed, data, supports, parent, folder)
+                per_seed[seed] = done["f1"]
+                seconds.append(done["wall_s"])
+            table[name], wall[name] = summarize(per_seed), sum(seconds)
             parent.log_metrics({f"f1_{k}_{stat}": v[i] for k, v in table[name].items()
                                 for i, stat in enumerate(("mean", "std"))})
-    paper = {"ours": PAPER_TABLE3["ours"], "base": PAPER_TABLE3["base"]}
-    text = markdown_table(table, paper)
-    (out / "results.md").write_text(text, encoding="utf-8")
+            parent.log_metrics({"wall_s": wall[name]})
+        text = markdown_table(table, paper, wall)
+        (out / "results.md").write_text(text, encoding="utf-8")
+        (out / "results.json").write_text(json.dumps({"f1": table, "wall_s": wall}, indent=1), encoding="utf-8")
     print(text)
     return table
+
+
+def _train_and_evaluate(cfg, name: str, seed: int, data, supports, parent, folder: Path) -> dict:
+    started = time.perf_counter()
+    with parent.child(f"{name}-seed{seed}") as run:
+        run.log_params({**cfg.flat(), "seed": seed, "variant": name})
+        checkpoint = train_one(cfg, seed, data, supports, run, folder)
+        run.set_tags({"checkpoint": checkpoint})
+        results = evaluate_one(cfg, checkpoint, data, supports, run, folder / "eval")
+        # Wall time of this process's work on the seed; a resumed seed counts only its last part.
+        elapsed = time.perf_counter() - started
+        run.log_metrics({"wall_s": elapsed})
+    done = {"f1": {lang: r["f1"] for lang, r in results.items()}, "wall_s": elapsed}
+    (folder / "scores.json").write_text(json.dumps(done))
+    return done
 
 
 def run(argv=None) -> int:

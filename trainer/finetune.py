@@ -75,6 +75,8 @@ def finetune(model: NerModel, featurizer: Featurizer, sentences: Sequence[Senten
             raise FloatingPointError(f"fine-tuning step {step}: loss is {loss_value}; lower train.meta_lr")
         if metrics_logger is not None:
             metrics_logger.log_metrics({"train_loss": loss_value}, step)
+        if (step + 1) % 10 == 0 or step + 1 == num_steps:
+            logger.info("fine-tuning step %d/%d  loss %.4f", step + 1, num_steps, loss_value)
         if dev and (step % train.eval_every == 0 or step == num_steps - 1):
             f1 = evaluate(model, featurizer, dev, eval_batch_size)["f1"]
             if metrics_logger is not None:
