@@ -49,6 +49,8 @@ def parse_args(argv):
     parser.add_argument("--sentences", type=int, default=DEFAULT_TARGETS,
                         help=f"target sentences without --quick (0: the whole test set; default {DEFAULT_TARGETS})")
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="pool sizes to time")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sentences adapted together by the batched path (default: adapt.batch_size)")
     return parser.parse_args(argv)
 
 
@@ -141,6 +143,12 @@ def run(args) -> dict[str, float]:
     ratios: dict[str, float] = {}
     with common.workdir() as workdir:
         bundles = common.models(args, [s.words for s in pool + targets], workdir)
+        for b in bundles:
+            # Throughput of one checkpoint: the store that shares the frozen bottom across
+            # checkpoints would let later variants reuse earlier ones' work.
+            b.cfg.adapt.prefix_cache_dir = ""
+            if args.batch_size:
+                b.cfg.adapt.batch_size = args.batch_size
         supports = supports_by_cls(bundles[0], targets, pool, bundles[0].cfg.retrieval.k, args.device)
         words = sum(len(s.words) for s in targets)
         print(f"data targets=es:{len(targets)} sentences ({words} words) supports=K{len(supports[0])} "
