@@ -185,3 +185,24 @@ def test_prefix_store_is_shared_by_checkpoints_with_the_same_frozen_bottom(model
     with torch.no_grad():
         other.encoder.embeddings.word_embeddings.weight.add_(0.1)
     assert Adapter(other, featurizer, cfg, prefix_dir=tmp_path).prefix.folder != first.prefix.folder
+
+
+def test_classifier_lr_scale_reaches_the_batched_step_and_the_optimiser(model, featurizer, items):
+    import dataclasses
+
+    sentences, supports = items
+    scaled = dataclasses.replace(SETTINGS, adapt_lr=1e-4, classifier_lr_scale=50.0)
+    sequential = [_adapted_sequential(model, featurizer, s, sup, scaled) for s, sup in zip(sentences, supports)]
+    batched = _adapted_batched(model, featurizer, sentences, supports, scaled)
+    for (tags_s, logits_s), (tags_b, logits_b) in zip(sequential, batched):
+        assert tags_s == tags_b
+        for a, b in zip(logits_s, logits_b):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # Only the classifier moves faster: one fresh BertAdam step is ~3.16 * lr * sign(g) per weight.
+    named = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in trainable_parameters(model)]
+    before = {n: p.detach().clone() for n, p in named}
+    opt = BertAdam(param_groups(named, 0.0, classifier_lr_scale=50.0), lr=1e-4, max_grad_norm=0)
+    opt.step_with([torch.ones_like(p) for p in opt.ordered_params()])
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in named}
+    assert moved["classifier.weight"] == pytest.approx(50 * 3.162e-4, rel=1e-3)
+    assert max(v for n, v in moved.items() if not n.startswith("classifier.")) == pytest.approx(3.162e-4, rel=1e-3)

@@ -28,7 +28,7 @@ from .corpus import Sentence
 from .features import IGNORE, Featurizer, Window, labelled_predictions
 from .losses import token_loss
 from .model import NerModel, trainable_parameters
-from .optim import BertAdam, no_decay, param_groups
+from .optim import BertAdam, is_classifier, no_decay, param_groups
 from .scoring import score
 
 logger = logging.getLogger(__name__)
@@ -44,11 +44,12 @@ class AdaptSettings:
     weight_decay: float
     max_grad_norm: float
     lambda_max: float = 0.0
+    classifier_lr_scale: float = 1.0
 
     @classmethod
     def from_config(cls, cfg) -> "AdaptSettings":
         return cls(cfg.adapt.adapt_lr, cfg.adapt.num_adapt_steps, cfg.train.weight_decay,
-                   cfg.train.max_grad_norm, cfg.adapt.lambda_max)
+                   cfg.train.max_grad_norm, cfg.adapt.lambda_max, cfg.train.classifier_lr_scale)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -100,7 +101,7 @@ def _adapted_sequential(model: NerModel, featurizer: Featurizer, sentence: Sente
                         support: Sequence[Sentence], s: AdaptSettings) -> tuple[list[str], list[torch.Tensor]]:
     """Tags and per-window logits of `sentence` after adapting in place; weights restored."""
     named = trainable_parameters(model)
-    groups = param_groups(named, s.weight_decay)
+    groups = param_groups(named, s.weight_decay, s.classifier_lr_scale)
     params = [p for g in groups for p in g["params"]]
     saved = [p.detach().clone() for p in params]
     was_training = model.training
@@ -174,7 +175,8 @@ def _first_step(params: dict, grads: dict, s: AdaptSettings) -> dict:
         del denom
         if not no_decay(name) and s.weight_decay > 0:
             g.add_(p, alpha=s.weight_decay)
-        adapted[name] = g.mul_(-s.adapt_lr).add_(p)
+        lr = s.adapt_lr * (s.classifier_lr_scale if is_classifier(name) else 1.0)
+        adapted[name] = g.mul_(-lr).add_(p)
     return adapted
 
 

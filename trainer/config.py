@@ -100,6 +100,10 @@ class TrainConfig:
     schedule_inner_lr: bool = True
     warmup_proportion: float = 0.1
     weight_decay: float = 0.01
+    # Multiplies every learning rate (meta, inner, base, adaptation) for the fresh classifier only;
+    # 1 is the paper's single rate. For an encoder whose hidden states are small, a new linear head
+    # moves too slowly at a BERT-style rate when training is short.
+    classifier_lr_scale: float = 1.0
     # BertAdam clips each parameter tensor's gradient norm to this value.
     max_grad_norm: float = 1.0
     optimizer: Literal["bertadam", "adamw"] = "bertadam"
@@ -318,7 +322,7 @@ def validate(cfg: Config) -> None:
            "each fraction must be in (0, 1]")
     _check(r.k >= 1, "retrieval.k", "must be at least 1")
     _check(r.batch_size >= 1, "retrieval.batch_size", "must be at least 1")
-    for key in ("inner_lr", "meta_lr"):
+    for key in ("inner_lr", "meta_lr", "classifier_lr_scale"):
         _check(getattr(t, key) > 0, f"train.{key}", "must be positive")
     _check(a.adapt_lr > 0, "adapt.adapt_lr", "must be positive")
     _check(a.num_adapt_steps >= 0, "adapt.num_adapt_steps", "must be 0 or more")

@@ -59,7 +59,8 @@ def finetune(model: NerModel, featurizer: Featurizer, sentences: Sequence[Senten
         raise ValueError("finetune got no sentences to train on")
     named = trainable_parameters(model)
     # The official no-meta scheme trains with the meta learning rate and schedule.
-    optimizer, scheduler = make_optimizer(param_groups(named, train.weight_decay), cfg, train.meta_lr, num_steps)
+    optimizer, scheduler = make_optimizer(param_groups(named, train.weight_decay, train.classifier_lr_scale), cfg,
+                                          train.meta_lr, num_steps)
     device = next(model.parameters()).device
     best = {"best_f1": -1.0, "best_step": -1}
     best_state = None

@@ -57,7 +57,7 @@ class MetaLearner:
         self.model, self.featurizer, self.cfg, self.seed = model, featurizer, cfg, seed
         train = cfg.train
         named = trainable_parameters(model)
-        groups = param_groups(named, train.weight_decay)
+        groups = param_groups(named, train.weight_decay, train.classifier_lr_scale)
         by_id = {id(p): n for n, p in named}
         # One order for everything: the inner optimiser's, so explicit gradients line up with it.
         self.params = [p for g in groups for p in g["params"]]
@@ -108,7 +108,8 @@ class MetaLearner:
         self.model.train()
         try:
             # A fresh optimiser per task, constant rate, as the official inner update.
-            inner = BertAdam(param_groups(zip(self.names, self.params), self.cfg.train.weight_decay),
+            inner = BertAdam(param_groups(zip(self.names, self.params), self.cfg.train.weight_decay,
+                                          self.cfg.train.classifier_lr_scale),
                              lr=self.inner_lr(), max_grad_norm=self.cfg.train.max_grad_norm)
             for _ in range(self.cfg.train.num_inner_steps):
                 support_loss = self._loss(support, task, "support")

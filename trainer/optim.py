@@ -132,7 +132,8 @@ class BertAdam(Optimizer):
         update = next_m / (next_v.sqrt() + group["e"])
         if group["weight_decay"] > 0.0:
             update += group["weight_decay"] * p
-        lr = group["lr"] * schedule_factor(state["step"], group["t_total"], group["warmup"], group["schedule"])
+        lr = group["lr"] * group.get("lr_scale", 1.0) * schedule_factor(state["step"], group["t_total"],
+                                                                        group["warmup"], group["schedule"])
         p.add_(update, alpha=-lr)
         state["step"] += 1
 
@@ -142,18 +143,32 @@ def no_decay(name: str) -> bool:
     return name.endswith("bias") or "LayerNorm" in name or "layer_norm" in name or "layernorm" in name
 
 
+def is_classifier(name: str) -> bool:
+    return name.startswith("classifier.")
+
+
 def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]] | torch.nn.Module,
-                 weight_decay: float) -> list[dict]:
-    """Two groups of trainable parameters: with `weight_decay`, and without (biases, LayerNorm)."""
+                 weight_decay: float, classifier_lr_scale: float = 1.0) -> list[dict]:
+    """Groups of trainable parameters: with `weight_decay`, and without (biases, LayerNorm).
+
+    With `classifier_lr_scale` other than 1, the classifier's parameters form groups of their own
+    whose `lr_scale` multiplies every learning rate they are stepped with.
+    """
     if isinstance(named_params, torch.nn.Module):
         named_params = named_params.named_parameters()
     named = [(n, p) for n, p in named_params if p.requires_grad]
     if not named:
         raise ValueError("no trainable parameters: check model.num_frozen_layers and the freeze settings")
-    return [
-        {"params": [p for n, p in named if not no_decay(n)], "weight_decay": weight_decay},
-        {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0},
-    ]
+    split = classifier_lr_scale != 1.0
+    parts = [(1.0, [x for x in named if not (split and is_classifier(x[0]))])]
+    if split:
+        parts.append((classifier_lr_scale, [x for x in named if is_classifier(x[0])]))
+    groups = []
+    for scale, members in parts:
+        groups += [{"params": [p for n, p in members if not no_decay(n)], "weight_decay": weight_decay,
+                    "lr_scale": scale},
+                   {"params": [p for n, p in members if no_decay(n)], "weight_decay": 0.0, "lr_scale": scale}]
+    return groups
 
 
 def make_optimizer(params, cfg, lr: float, t_total: int):
@@ -165,6 +180,8 @@ def make_optimizer(params, cfg, lr: float, t_total: int):
                         weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm), None
     if train.optimizer == "adamw":
         # Weight decay comes from the groups; eps as BertAdam's e.
+        if params and isinstance(params[0], dict):  # torch's AdamW knows no lr_scale: fold it in
+            params = [{**g, "lr": lr * g.get("lr_scale", 1.0)} for g in params]
         optimizer = torch.optim.AdamW(params, lr=lr, eps=1e-6, weight_decay=train.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: schedule_factor(step, t_total, train.warmup_proportion))
