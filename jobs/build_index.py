@@ -15,10 +15,11 @@ from .common import build_supports, load_data, main_guard, parse
 
 
 def run(argv=None) -> int:
-    from cluster.runtime import init_ray
+    from cluster.runtime import check_resources, init_ray
 
     cfg, args = parse(argv, "build_index")
     init_ray(cfg.cluster.address)
+    check_resources(cfg, ("retrieval",))
     data = load_data(cfg, cfg.train.seeds[0])
     started = time.perf_counter()
     supports = build_supports(cfg, data.source, {"dev": data.dev, **data.targets})

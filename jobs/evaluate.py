@@ -46,7 +46,7 @@ def _checkpoint_of(args) -> str:
 
 
 def run(argv=None) -> int:
-    from cluster.runtime import init_ray
+    from cluster.runtime import check_resources, init_ray
 
     def arguments(p):
         group = p.add_mutually_exclusive_group(required=True)
@@ -58,6 +58,7 @@ def run(argv=None) -> int:
     checkpoint = _checkpoint_of(args)
     seed = args.seed if args.seed is not None else cfg.train.seeds[0]
     init_ray(cfg.cluster.address)
+    check_resources(cfg, ("retrieval", "adapt"))
     data = load_data(cfg, seed)
     supports = build_supports(cfg, data.source, data.targets)
     with tracked_run(cfg, "evaluate", {"checkpoint": checkpoint}) as tracked:

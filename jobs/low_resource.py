@@ -36,13 +36,14 @@ def _one(vcfg, name: str, checkpoint: str, lang: str, train_sample: list, test: 
 
 
 def run(argv=None) -> int:
-    from cluster.runtime import init_ray
+    from cluster.runtime import check_resources, init_ray
     from trainer.corpus import read_corpus
 
     from .meta_train import train_one
 
     cfg, args = parse(argv, "low_resource")
     init_ray(cfg.cluster.address)
+    check_resources(cfg)
     d = cfg.data
     data = load_data(cfg, cfg.train.seeds[0])
     langs = [lang for lang in data.targets if lang in d.target_train_files]

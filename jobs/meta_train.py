@@ -33,10 +33,11 @@ def train_one(cfg, seed: int, data: Data, supports: Supports, run, out: Path) ->
 
 
 def run(argv=None) -> int:
-    from cluster.runtime import init_ray
+    from cluster.runtime import check_resources, init_ray
 
     cfg, args = parse(argv, "meta_train")
     init_ray(cfg.cluster.address)
+    check_resources(cfg, ("retrieval", "train"))
     for seed in cfg.train.seeds:
         data = load_data(cfg, seed, targets=[])
         supports = build_supports(cfg, data.source, {"dev": data.dev})

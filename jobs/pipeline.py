@@ -34,9 +34,11 @@ def run_variants(cfg, variants: list[str], out: Path) -> dict:
     an evaluation from its finished units. The table is rewritten after each variant.
     """
     from cluster.report import PAPER_TABLE3
-    from cluster.runtime import init_ray
+    from cluster.runtime import check_resources, init_ray
 
     init_ray(cfg.cluster.address)
+
+    check_resources(cfg)
     data_seed = cfg.train.seeds[0]  # one sample of dev and targets for every run, so rows compare
     data = load_data(cfg, data_seed)
     by_retrieval: dict[str, object] = {}  # variants that retrieve alike share their support sets

@@ -20,7 +20,7 @@ def tokenize(text: str) -> list[str]:
 
 
 def run(argv=None) -> int:
-    from cluster.runtime import init_ray
+    from cluster.runtime import check_resources, init_ray
     from trainer.adapt import AdaptItem, Adapter
     from trainer.corpus import Sentence, entity_spans, read_corpus
 
@@ -38,6 +38,7 @@ def run(argv=None) -> int:
     if not sentences:
         raise ValueError("nothing to label: give --text SENTENCE or --file FILE with one sentence per line")
     init_ray(cfg.cluster.address)
+    check_resources(cfg, ("retrieval",))
     source = read_corpus(cfg.data.resolve(cfg.data.source_train)).sentences
     supports = build_supports(cfg, source, {"input": sentences})
     items = [AdaptItem(i, s, tuple(sup)) for i, (s, sup) in

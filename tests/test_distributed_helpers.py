@@ -19,3 +19,4 @@ def test_local_ray_binds_loopback(ray_local):
     address = init_ray()  # joins the session's cluster
     assert address.startswith("127.0.0.1:")
     assert all(node["NodeManagerAddress"] == "127.0.0.1" for node in ray_local.nodes())
+
