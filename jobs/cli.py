@@ -16,6 +16,7 @@ JOBS = {
     "evaluate": "jobs.evaluate",
     "build-index": "jobs.build_index",
     "ablation": "jobs.ablation",
+    "replicate": "jobs.replicate",
     "low-resource": "jobs.low_resource",
     "predict": "jobs.predict",
 }

@@ -85,17 +85,21 @@ def _train_and_evaluate(cfg, name: str, seed: int, data, supports, parent, folde
     return done
 
 
-def run(argv=None) -> int:
-    def arguments(p):
-        p.add_argument("--variants", nargs="+", default=["ours"], choices=list(VARIANTS),
-                       help="rows to run (default: ours)")
+def variants_job(job: str, default: list[str]):
+    """The `run(argv)` of a job that trains and evaluates rows chosen with --variants."""
+    def run(argv=None) -> int:
+        def arguments(p):
+            p.add_argument("--variants", nargs="+", default=default, choices=list(VARIANTS),
+                           help=f"rows to run, in order (default: {' '.join(default)})")
 
-    cfg, args = parse(argv, "pipeline", arguments)
-    args.out.mkdir(parents=True, exist_ok=True)
-    run_variants(cfg, args.variants, args.out)
-    return 0
+        cfg, args = parse(argv, job, arguments)
+        args.out.mkdir(parents=True, exist_ok=True)
+        run_variants(cfg, args.variants, args.out)
+        return 0
+    return run
 
 
+run = variants_job("pipeline", ["ours"])
 main = main_guard(run)
 
 if __name__ == "__main__":
