@@ -50,8 +50,10 @@ def check_resources(cfg, phases: tuple[str, ...] = PHASES) -> None:
     together = {
         "retrieval": {"cluster.num_embed_actors + cluster.num_index_shards, times cluster.cpus_per_actor":
                       ("CPU", (c.num_embed_actors + c.num_index_shards) * c.cpus_per_actor)},
-        "adapt": {"cluster.num_adapter_actors times cluster.cpus_per_actor": ("CPU", c.num_adapter_actors * c.cpus_per_actor),
-                  "cluster.num_adapter_actors times cluster.gpus_per_actor": ("GPU", c.num_adapter_actors * c.gpus_per_actor)},
+        "adapt": {"cluster.num_adapter_actors times cluster.cpus_per_actor":
+                  ("CPU", c.num_adapter_actors * c.cpus_per_actor),
+                  "cluster.num_adapter_actors times cluster.gpus_per_actor":
+                  ("GPU", c.num_adapter_actors * c.gpus_per_actor)},
         "train": {"cluster.num_workers times cluster.cpus_per_worker": ("CPU", c.num_workers * c.cpus_per_worker),
                   "cluster.num_workers with cluster.use_gpu": ("GPU", c.num_workers if c.use_gpu else 0)},
     }

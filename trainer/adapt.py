@@ -4,7 +4,9 @@ Each target sentence is adapted from the same meta weights. The sequential path 
 place with a fresh optimiser and restores the trainable parameters exactly afterwards. The batched
 path adapts B sentences at once without touching the model: per-sentence gradients with
 torch.func (vmap over grad of a functional call), then BertAdam's first step in closed form, then a
-vmapped forward of each sentence under its own adapted weights. From fresh state BertAdam's first
+vmapped forward of each sentence under its own adapted weights. The frozen bottom (embeddings and
+frozen layers) does not depend on those weights: it runs once per distinct window, outside vmap,
+and only the trainable top runs per sentence. From fresh state BertAdam's first
 step is exact in closed form (m = 0.1 g, v = 0.001 g^2 after per-tensor clipping of g, plus weight
 decay), which is why the batched path serves num_adapt_steps == 1 and more steps go sequentially.
 
@@ -160,8 +162,8 @@ def _first_step(params: dict, grads: dict, s: AdaptSettings) -> dict:
     """BertAdam's first step from fresh state, per sentence (leading dimension of `grads`).
 
     m / (sqrt(v) + eps) with m = (1 - b1) g and v = (1 - b2) g^2, written in place on the
-    per-sentence gradients (which it consumes): these tensors are B copies of every trainable weight, and each extra
-    temporary is a full pass over them.
+    per-sentence gradients (which it consumes): these are B copies of every trainable weight, and
+    each extra temporary would be a full pass over them.
     """
     adapted = {}
     for name, p in params.items():
