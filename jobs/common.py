@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import sys
 from contextlib import contextmanager
@@ -28,6 +29,9 @@ def parse(argv: Optional[Sequence[str]], job: str, add_arguments: Callable | Non
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.meta_batch_size=16")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    if not os.path.isabs(cfg.model.name_or_path) and os.path.isdir(cfg.model.name_or_path):
+        # Ray Train workers run in a directory of their own: a relative folder would not be found.
+        cfg.model.name_or_path = os.path.abspath(cfg.model.name_or_path)
     args.out = Path(args.out or Path(cfg.train.output_dir) / job)
     from cluster.tracking import check_reachable, tracking_uri
     from trainer.paths import make_output_dir

@@ -52,3 +52,15 @@ def test_inspect_format_option(tmp_path):
     path.write_text("Le O\nmaire O\n. O\nParis I-LOC\nvote O\n. O\n")
     out = json.loads(_metaner("inspect", str(path), "--format", "stream", "--json").stdout)
     assert out["sentences"] == 2 and out["segmented_at_period"] and out["entities"] == 1
+
+
+def test_a_relative_model_folder_reaches_workers_as_an_absolute_path(tmp_path, monkeypatch):
+    # Ray Train workers run in a directory of their own, where a relative folder is not found.
+    from jobs.common import parse
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "enc").mkdir(parents=True)
+    cfg, _ = parse(["--out", "o", "model.name_or_path=models/enc"], "meta_train")
+    assert cfg.model.name_or_path == str(tmp_path / "models" / "enc")
+    hub, _ = parse(["--out", "o", "model.name_or_path=bert-base-multilingual-cased"], "meta_train")
+    assert hub.model.name_or_path == "bert-base-multilingual-cased"
