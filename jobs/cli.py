@@ -17,6 +17,7 @@ JOBS = {
     "build-index": "jobs.build_index",
     "ablation": "jobs.ablation",
     "replicate": "jobs.replicate",
+    "compare": "jobs.compare",
     "low-resource": "jobs.low_resource",
     "predict": "jobs.predict",
 }
