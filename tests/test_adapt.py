@@ -54,15 +54,19 @@ def test_adaptation_restores_weights_bit_exactly_and_changes_predictions(model, 
     assert not model.training
 
 
-def test_batched_adaptation_equals_sequential(model, featurizer, items):
-    sentences, supports = items
-    before = _weights(model)
-    sequential = [_adapted_sequential(model, featurizer, s, sup, SETTINGS) for s, sup in zip(sentences, supports)]
-    batched = _adapted_batched(model, featurizer, sentences, supports, SETTINGS)
+def _assert_batched_equals_sequential(model, featurizer, sentences, supports, settings):
+    sequential = [_adapted_sequential(model, featurizer, s, sup, settings) for s, sup in zip(sentences, supports)]
+    batched = _adapted_batched(model, featurizer, sentences, supports, settings)
     for (tags_s, logits_s), (tags_b, logits_b) in zip(sequential, batched):
         assert tags_s == tags_b
         for a, b in zip(logits_s, logits_b):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_adaptation_equals_sequential(model, featurizer, items):
+    sentences, supports = items
+    before = _weights(model)
+    _assert_batched_equals_sequential(model, featurizer, sentences, supports, SETTINGS)
     assert all(torch.equal(a, b) for a, b in zip(_weights(model), before))
 
 
@@ -192,12 +196,7 @@ def test_classifier_lr_scale_reaches_the_batched_step_and_the_optimiser(model, f
 
     sentences, supports = items
     scaled = dataclasses.replace(SETTINGS, adapt_lr=1e-4, classifier_lr_scale=50.0)
-    sequential = [_adapted_sequential(model, featurizer, s, sup, scaled) for s, sup in zip(sentences, supports)]
-    batched = _adapted_batched(model, featurizer, sentences, supports, scaled)
-    for (tags_s, logits_s), (tags_b, logits_b) in zip(sequential, batched):
-        assert tags_s == tags_b
-        for a, b in zip(logits_s, logits_b):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    _assert_batched_equals_sequential(model, featurizer, sentences, supports, scaled)
     # Only the classifier moves faster: one fresh BertAdam step is ~3.16 * lr * sign(g) per weight.
     named = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in trainable_parameters(model)]
     before = {n: p.detach().clone() for n, p in named}
