@@ -87,3 +87,46 @@ def test_real_tokenizer_of_record(tiny_tokenizer):
     sentence = Sentence(("EU", "rejects", "German", "call"), ("B-ORG", "O", "B-MISC", "O"))
     (window,) = feat.encode([sentence])
     assert window.input_ids[0] == 101 and window.input_ids[-1] == 102
+
+
+def _sentencepiece_tokenizer():
+    """A Metaspace unigram tokenizer, as XLM-R and e5 have, built here: "江" has no "▁江" piece."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    pieces = ["▁", "江", "苏", "▁Anna", "▁visit", "ed", "▁Madrid", "▁."]
+    vocab = [(p, 0.0) for p in specials] + [(p, -1.0 - i) for i, p in enumerate(pieces)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=3))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", cls_token="<s>", pad_token="<pad>",
+                                   eos_token="</s>", sep_token="</s>", unk_token="<unk>", mask_token="<mask>")
+
+
+def test_bare_word_marker_never_carries_the_label():
+    tok = _sentencepiece_tokenizer()
+    feat = Featurizer(tok, max_length=32, context=0)
+    sentence = Sentence(("Anna", "visited", "江", "苏", "."), ("B-PER", "O", "B-LOC", "I-LOC", "O"))
+    raw = tok([list(sentence.words)], is_split_into_words=True, add_special_tokens=False)["input_ids"][0]
+    assert tok.convert_ids_to_tokens(raw).count("▁") == 2  # the tokenizer does split "▁ 江"
+    pieces = feat.word_pieces([sentence])[0]
+    assert [tok.convert_ids_to_tokens(p) for p in pieces] == [["▁Anna"], ["▁visit", "ed"], ["江"], ["苏"], ["▁."]]
+    (window,) = feat.encode([sentence])
+    labelled = [tok.convert_ids_to_tokens(i) for i, label in zip(window.input_ids, window.labels) if label != IGNORE]
+    assert labelled == ["▁Anna", "▁visit", "江", "苏", "▁."]
+    # "a" is "▁" + unknown: the unknown piece, not the marker, stands for it.
+    assert feat.word_pieces([Sentence(("a",), ("O",))])[0] == [[tok.unk_token_id]]
+
+
+def test_e5_tokenizer_labels_chinese_characters():
+    from conftest import MODELS
+    from transformers import AutoTokenizer
+
+    if not (MODELS / "me5-small-ner").is_dir():
+        pytest.skip(f"pretrained encoder not found at {MODELS / 'me5-small-ner'}")
+    tok = AutoTokenizer.from_pretrained(MODELS / "me5-small-ner")
+    feat = Featurizer(tok)
+    sentence = Sentence(tuple("江苏省") + ("Madrid",), ("B-LOC", "I-LOC", "I-LOC", "B-LOC"))
+    pieces = feat.word_pieces([sentence])[0]
+    assert [tok.convert_ids_to_tokens(p) for p in pieces] == [["江"], ["苏"], ["省"], ["▁Madrid"]]

@@ -44,6 +44,7 @@ class Featurizer:
         self.pad_id = tokenizer.pad_token_id
         self.mask_id = tokenizer.mask_token_id
         self._cls, self._sep, self._unk = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.unk_token_id
+        self._bare_marker: dict[int, bool] = {}
 
     def word_pieces(self, sentences: Sequence[Sentence]) -> list[list[list[int]]]:
         """Subword ids of every word; a word that tokenises to nothing becomes the unknown token."""
@@ -56,8 +57,28 @@ class Featurizer:
             for token_id, word in zip(enc["input_ids"][i], enc.word_ids(i)):
                 if word is not None:
                     pieces[word].append(token_id)
-            out.append([p or [self._unk] for p in pieces])
+            out.append([self._drop_bare_marker(p) or [self._unk] for p in pieces])
         return out
+
+    def _drop_bare_marker(self, pieces: list[int]) -> list[int]:
+        # Sentencepiece vocabularies (XLM-R, e5) split a word with no "▁word" piece into a bare
+        # "▁" and the rest: every Chinese character of a character-per-word corpus becomes
+        # "▁ 江". The bare marker carries nothing of the word, yet it would carry the label, and
+        # such a run of markers is unlike the contiguous characters seen in pretraining (and like
+        # nothing mBERT produces, which gives each CJK character one piece). Dropping it lets the
+        # word's own first piece carry the label.
+        if len(pieces) > 1 and self._is_bare_marker(pieces[0]):
+            return pieces[1:]
+        return pieces
+
+    def _is_bare_marker(self, token_id: int) -> bool:
+        if token_id not in self._bare_marker:
+            # A piece that decodes to nothing visible: sentencepiece's "▁", byte-level BPE's "Ġ".
+            # WordPiece pieces all decode to themselves, so BERT vocabularies never match.
+            self._bare_marker[token_id] = (
+                token_id not in self.tokenizer.all_special_ids
+                and self.tokenizer.decode([token_id]).strip() == "")
+        return self._bare_marker[token_id]
 
     def encode(self, sentences: Sequence[Sentence]) -> list[Window]:
         windows: list[Window] = []
