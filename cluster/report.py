@@ -15,10 +15,18 @@ PAPER_TABLE3 = {
 }
 
 
-def score_language(lang: str, sentences: Sequence, predictions: Sequence[Sequence[str]], out_dir: str | os.PathLike) -> dict:
-    """seqeval scores of one language and its conlleval-format predictions file."""
+def score_language(lang: str, sentences: Sequence, predictions: Sequence[Sequence[str]], out_dir: str | os.PathLike,
+                   misc_to_o: bool = False) -> dict:
+    """seqeval scores of one language and its conlleval-format predictions file.
+
+    `misc_to_o`: the target's annotation has no MISC type (its gold MISC was mapped to O when
+    read), so predicted MISC is mapped to O too: a type the test set cannot contain is not scored.
+    """
+    from trainer.corpus import drop_misc
     from trainer.scoring import score, write_conll
 
+    if misc_to_o:
+        predictions = [drop_misc(p) for p in predictions]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"predictions.{lang}.txt"
@@ -38,18 +46,20 @@ def language_metrics(result: dict) -> dict[str, float]:
 
 
 def f1_chart(scores: dict[str, float], path: str | os.PathLike, title: str, paper: dict[str, float] | None = None) -> str:
-    """Bar chart (PNG) of F1 per language, with the paper's figure beside each bar."""
+    """Bar chart (PNG) of F1 per language, with the paper's figure of the same row beside each bar
+    (none when `paper` is None: a row the paper does not report)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     langs = list(scores)
-    paper = paper if paper is not None else PAPER_TABLE3["ours"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = range(len(langs))
-    ax.bar([i - 0.2 for i in x], [scores[lang] for lang in langs], width=0.4, label="this run")
-    ax.bar([i + 0.2 for i in x], [paper.get(lang, 0.0) for lang in langs], width=0.4, label="paper (mBERT)")
+    shift = 0.2 if paper is not None else 0.0
+    ax.bar([i - shift for i in x], [scores[lang] for lang in langs], width=0.4, label="this run")
+    if paper is not None:
+        ax.bar([i + shift for i in x], [paper.get(lang, 0.0) for lang in langs], width=0.4, label="paper (mBERT)")
     ax.set_xticks(list(x), langs)
     ax.set_ylabel("F1")
     ax.set_ylim(0, 100)

@@ -12,8 +12,10 @@ from .common import Data, Supports, build_supports, load_data, main_guard, parse
 logger = logging.getLogger(__name__)
 
 
-def evaluate_one(cfg, checkpoint: str, data: Data, supports: Supports, run, out: Path) -> dict:
-    """Predictions through the adapter pool, scores per language, a child run per language."""
+def evaluate_one(cfg, checkpoint: str, data: Data, supports: Supports, run, out: Path,
+                 paper: dict[str, float] | None = None) -> dict:
+    """Predictions through the adapter pool, scores per language, a child run per language;
+    `paper`: the paper's F1 of the same row, drawn beside this run's in the chart."""
     from cluster.adapt_pool import adapt_targets
     from cluster.report import log_evaluation, score_language
 
@@ -26,9 +28,10 @@ def evaluate_one(cfg, checkpoint: str, data: Data, supports: Supports, run, out:
                                   source_tasks=False)
     support_sentences = {lang: supports.sentences(lang, data.source) for lang in data.targets}
     predictions = adapt_targets(checkpoint, cfg, data.targets, support_sentences, out / "units")
-    results = {lang: score_language(lang, data.targets[lang], predictions[lang], out)
+    results = {lang: score_language(lang, data.targets[lang], predictions[lang], out,
+                                    misc_to_o=lang in cfg.data.misc_to_o)
                for lang in data.targets}
-    log_evaluation(run, results, checkpoint, data.test_files, out)
+    log_evaluation(run, results, checkpoint, data.test_files, out, paper)
     return results
 
 
@@ -46,6 +49,7 @@ def _checkpoint_of(args) -> str:
 
 
 def run(argv=None) -> int:
+    from cluster.report import PAPER_TABLE3
     from cluster.runtime import check_resources, init_ray
 
     def arguments(p):
@@ -62,7 +66,7 @@ def run(argv=None) -> int:
     data = load_data(cfg, seed)
     supports = build_supports(cfg, data.source, data.targets)
     with tracked_run(cfg, "evaluate", {"checkpoint": checkpoint}) as tracked:
-        results = evaluate_one(cfg, checkpoint, data, supports, tracked, args.out)
+        results = evaluate_one(cfg, checkpoint, data, supports, tracked, args.out, PAPER_TABLE3["ours"])
     for lang, r in results.items():
         print(f"{lang}  F1 {r['f1']:6.2f}  P {r['precision']:6.2f}  R {r['recall']:6.2f}")
     return 0

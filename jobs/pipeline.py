@@ -56,7 +56,8 @@ def run_variants(cfg, variants: list[str], out: Path) -> dict:
                 folder = out / name / f"seed{seed}"
                 done = _done(folder)
                 if done is None:
-                    done = _train_and_evaluate(vcfg, name, seed, data, supports, parent, folder)
+                    done = _train_and_evaluate(vcfg, name, seed, data, supports, parent, folder,
+                                               PAPER_TABLE3.get(name))
                 per_seed[seed] = done["f1"]
                 seconds.append(done["wall_s"])
             table[name], wall[name] = summarize(per_seed), sum(seconds)
@@ -70,13 +71,14 @@ def run_variants(cfg, variants: list[str], out: Path) -> dict:
     return table
 
 
-def _train_and_evaluate(cfg, name: str, seed: int, data, supports, parent, folder: Path) -> dict:
+def _train_and_evaluate(cfg, name: str, seed: int, data, supports, parent, folder: Path,
+                        paper: dict[str, float] | None) -> dict:
     started = time.perf_counter()
     with parent.child(f"{name}-seed{seed}") as run:
         run.log_params({**cfg.flat(), "seed": seed, "variant": name})
         checkpoint = train_one(cfg, seed, data, supports, run, folder)
         run.set_tags({"checkpoint": checkpoint})
-        results = evaluate_one(cfg, checkpoint, data, supports, run, folder / "eval")
+        results = evaluate_one(cfg, checkpoint, data, supports, run, folder / "eval", paper)
         # Wall time of this process's work on the seed; a resumed seed counts only its last part.
         elapsed = time.perf_counter() - started
         run.log_metrics({"wall_s": elapsed})

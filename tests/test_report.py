@@ -32,3 +32,15 @@ def test_evaluation_run_has_one_child_per_language_and_a_chart(tmp_path, toy_cor
     assert "f1_per_language.png" in [a.path for a in client.list_artifacts(parent.run_id)]
     assert (tmp_path / "f1_per_language.png").read_bytes()[:4] == b"\x89PNG"
     assert set(PAPER_TABLE3["ours"]) == {"es", "nl", "de", "fr", "zh"}
+
+
+def test_predicted_misc_is_not_scored_where_the_target_has_no_misc(tmp_path):
+    from trainer.corpus import Sentence
+
+    gold = [Sentence(("Paris", "et", "Lyon"), ("B-LOC", "O", "B-LOC"))]
+    preds = [["B-LOC", "B-MISC", "B-MISC"]]  # one right, one MISC where O, one MISC where LOC
+    kept = score_language("fr", gold, preds, tmp_path / "kept")
+    mapped = score_language("fr", gold, preds, tmp_path / "mapped", misc_to_o=True)
+    assert abs(kept["precision"] - 100 / 3) < 1e-9 and mapped["precision"] == 100.0
+    assert kept["recall"] == mapped["recall"] == 50.0
+    assert read_conll(mapped["predictions_file"])[2] == [["B-LOC", "O", "O"]]

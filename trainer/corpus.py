@@ -12,6 +12,7 @@ import os
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +236,8 @@ def _to_bio(tags: list[str]) -> tuple[list[str], int]:
     return out, changed
 
 
-def _misc_to_o(tags: list[str]) -> list[str]:
+def drop_misc(tags: Sequence[str]) -> list[str]:
+    """MISC entities to O: for targets whose annotation has no MISC type (French, Chinese)."""
     return ["O" if t.endswith("-MISC") else t for t in tags]
 
 
@@ -291,7 +293,7 @@ def read_corpus(path: str | os.PathLike, misc_to_o: bool = False, split: str | N
             if info.scheme == "IOB2":
                 info.repaired_tags += changed
         if misc_to_o:
-            tags = _misc_to_o(tags)
+            tags = drop_misc(tags)
         sentences.append(Sentence(tuple(w for _, w, _ in block), tuple(tags)))
     _warn(info, dropped_tail)
     return Corpus(sentences, info, dropped_tail)
