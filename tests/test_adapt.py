@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.adapt import (AdaptItem, Adapter, AdaptSettings, _adapted_batched, _adapted_sequential, _first_step,
-                           adapt_and_predict, adapt_many, predict)
+from trainer.adapt import (AdaptItem, Adapter, AdaptSettings, _adapted_batched, _adapted_sequential, _encode_groups,
+                           _first_step, adapt_and_predict, adapt_many, predict)
 from trainer.checkpoint import save_checkpoint
 from trainer.config import load_config
 from trainer.corpus import LABELS, Sentence
@@ -205,3 +205,8 @@ def test_classifier_lr_scale_reaches_the_batched_step_and_the_optimiser(model, f
     moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in named}
     assert moved["classifier.weight"] == pytest.approx(50 * 3.162e-4, rel=1e-3)
     assert max(v for n, v in moved.items() if not n.startswith("classifier.")) == pytest.approx(3.162e-4, rel=1e-3)
+
+
+def test_one_tokenizer_call_gives_each_group_its_own_windows(featurizer, toy_corpus):
+    groups = [toy_corpus["en"][0:2], toy_corpus["es"][3:4], [], toy_corpus["de"][5:8]]
+    assert _encode_groups(featurizer, groups) == [featurizer.encode(g) if g else [] for g in groups]

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -215,6 +215,17 @@ def _prefix(model: NerModel, featurizer: Featurizer, groups: Sequence[Sequence[W
     return out
 
 
+def _encode_groups(featurizer: Featurizer, groups: Sequence[Sequence[Sentence]]) -> list[list[Window]]:
+    """Windows of each group of sentences, from one tokenizer call for all of them (a call per
+    sentence costs more than the tokenisation itself at these sizes)."""
+    owner = [(g, i) for g, group in enumerate(groups) for i in range(len(group))]
+    out: list[list[Window]] = [[] for _ in groups]
+    for w in featurizer.encode([s for group in groups for s in group]):
+        g, i = owner[w.sentence]
+        out[g].append(replace(w, sentence=i))  # numbered within its group, as encode(group) numbers it
+    return out
+
+
 def _adapted_batched(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentence],
                      supports: Sequence[Sequence[Sentence]], s: AdaptSettings,
                      prefix_cache: Optional[PrefixCache] = None):
@@ -223,7 +234,7 @@ def _adapted_batched(model: NerModel, featurizer: Featurizer, sentences: Sequenc
         raise ValueError("the batched path takes exactly one adaptation step; use the sequential path")
     if model.training:
         raise ValueError("the batched path needs the model in eval mode (no dropout)")
-    support_windows = [featurizer.encode(sup) for sup in supports]
+    support_windows = _encode_groups(featurizer, supports)
     for i, windows in enumerate(support_windows):
         if not windows or all(all(l == IGNORE for l in w.labels) for w in windows):
             raise ValueError(f"sentence {i} of the batch has no labelled support sentence to adapt on")
@@ -247,7 +258,7 @@ def _adapted_batched(model: NerModel, featurizer: Featurizer, sentences: Sequenc
         grads = vmap(grad(support_loss), in_dims=dims)(params, ids, mask4d, hidden, labels)
         adapted = _first_step(params, grads, s)
         del grads, hidden
-        target_windows = [featurizer.encode([sentence]) for sentence in sentences]
+        target_windows = _encode_groups(featurizer, [[sentence] for sentence in sentences])
         ids, mask4d, labels = _stack_windows(model, featurizer, target_windows)
         hidden = _prefix(model, featurizer, target_windows, ids.shape[-1], start, prefix_cache)
         with torch.no_grad():
