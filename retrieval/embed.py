@@ -132,7 +132,12 @@ class Embedder:
 
     def key(self) -> str:
         """Everything that decides the vectors: encoder, weights, vocabulary, window and pooling."""
-        return f"{self.encoder_id}|{self.weights_fingerprint()}|max_length={self.max_length}|pooling={self.pooling}"
+        from trainer.features import FEATURES_VERSION
+
+        # A local folder is named by its weights alone, so that two spellings of one path share entries.
+        name = "local" if self._folder is not None else self.encoder_id
+        return (f"{name}|{self.weights_fingerprint()}|max_length={self.max_length}|pooling={self.pooling}"
+                f"|features=v{FEATURES_VERSION}")
 
     def first_windows(self, sentences: Sequence[Sentence]):
         """The first window of each sentence, in order."""

@@ -94,6 +94,9 @@ def test_fingerprint_follows_the_weights(tiny_bert, embedder, tmp_path):
     changed = Embedder(str(tmp_path), tiny_bert, max_length=32, progress=False)
     assert changed.weights_fingerprint() != embedder.weights_fingerprint()
     assert Embedder(tiny_bert, max_length=32, progress=False).key() == embedder.key()
+    # The same folder spelled another way (relative, with a trailing "/.") names the same vectors.
+    other_spelling = os.path.join(os.path.relpath(tiny_bert), ".")
+    assert Embedder(other_spelling, max_length=32, progress=False).key() == embedder.key()
 
 
 # ---------------------------------------------------------------- tasks

@@ -27,7 +27,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from .corpus import Sentence
-from .features import IGNORE, Featurizer, Window, labelled_predictions
+from .features import FEATURES_VERSION, IGNORE, Featurizer, Window, labelled_predictions
 from .losses import token_loss
 from .model import NerModel, trainable_parameters
 from .optim import BertAdam, is_classifier, no_decay, param_groups
@@ -377,7 +377,7 @@ class PrefixStore:
 
         self.num_layers = model.num_frozen_prefix()
         h = hashlib.sha256(repr((self.num_layers, featurizer.max_length, featurizer.context,
-                                 type(model.encoder).__name__)).encode())
+                                 type(model.encoder).__name__, FEATURES_VERSION)).encode())
         if self.num_layers:
             frozen = [model.encoder.embeddings, *list(model.encoder.encoder.layer[:self.num_layers])]
             for module in frozen:

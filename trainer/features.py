@@ -15,6 +15,10 @@ import torch
 from .corpus import LABELS, Sentence
 
 IGNORE = -100
+# Bumped whenever the same words and tokenizer give other pieces or windows: caches of anything
+# computed from windows (retrieval vectors, frozen-bottom states) carry it in their keys.
+# 2: a bare sentencepiece word marker is dropped (see Featurizer._drop_bare_marker).
+FEATURES_VERSION = 2
 
 
 @dataclass(frozen=True)
