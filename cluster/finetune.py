@@ -8,13 +8,16 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Sequence
 
 logger = logging.getLogger(__name__)
 
 
 def _finetune(config: dict, source, dev, seed: int, out_dir: str, run_id: str | None, uri: str | None,
-              init_checkpoint: str | None = None, num_steps: int | None = None) -> str:
+              init_checkpoint: str | None = None, num_steps: int | None = None, threads: int = 1) -> str:
     import torch
+
+    torch.set_num_threads(threads)
 
     from trainer.checkpoint import save_checkpoint
     from trainer.config import config_from_dict
@@ -45,6 +48,16 @@ def _finetune(config: dict, source, dev, seed: int, out_dir: str, run_id: str | 
     return str(folder)
 
 
+def finetune_cpus(cluster, node_cpus: Sequence[float]) -> float:
+    """CPUs of the fine-tuning task. On CPUs it takes what the training phase gives its workers
+    (it replaces them in that phase; one worker's share would leave the others idle), capped at
+    the largest node, since one process runs on one node. On GPUs the work is the GPU's."""
+    if cluster.use_gpu:
+        return cluster.cpus_per_worker
+    want = cluster.num_workers * cluster.cpus_per_worker
+    return max(cluster.cpus_per_worker, min(want, max(node_cpus, default=want)))
+
+
 def run_finetune(cfg, source, dev, seed: int, out_dir: str, run_id: str | None = None,
                  tracking_uri: str | None = None, init_checkpoint: str | None = None,
                  num_steps: int | None = None) -> str:
@@ -52,7 +65,8 @@ def run_finetune(cfg, source, dev, seed: int, out_dir: str, run_id: str | None =
     import ray
 
     c = cfg.cluster
-    task = ray.remote(_finetune).options(num_cpus=c.cpus_per_worker, num_gpus=1 if c.use_gpu else 0,
+    cpus = finetune_cpus(c, [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]])
+    task = ray.remote(_finetune).options(num_cpus=cpus, num_gpus=1 if c.use_gpu else 0,
                                          runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     return ray.get(task.remote(cfg.to_dict(), source, dev, seed, os.path.abspath(out_dir), run_id, tracking_uri,
-                               init_checkpoint, num_steps))
+                               init_checkpoint, num_steps, max(1, int(cpus))))
