@@ -61,7 +61,8 @@ def parse_args(argv):
                         help=f"English train sentences that make the task pool without --quick "
                              f"(0: all; default {DEFAULT_SOURCE})")
     parser.add_argument("--no-distributed", action="store_true", help="skip the Ray Train + DeepSpeed runs")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DeepSpeed worker counts to time")
+    parser.add_argument("--workers", type=int, nargs="+", default=None,
+                        help="DeepSpeed worker counts to time (default: 1 2, none with --quick)")
     return parser.parse_args(argv)
 
 
@@ -220,9 +221,10 @@ def run(args) -> dict[str, float]:
               flush=True)
         # Starting Ray Train and the DeepSpeed engines alone takes minutes here: --quick (under 2
         # minutes) times the in-process loops; the full run adds the 1- and 2-worker runs.
-        distributed = not (args.no_distributed or args.quick)
-        if not distributed:
-            print("note: distributed runs skipped (--quick or --no-distributed)", flush=True)
+        workers = args.workers if args.workers is not None else ([] if args.quick else [1, 2])
+        with_workers = bool(workers) and not args.no_distributed
+        if not with_workers:
+            print("note: distributed runs skipped (--quick without --workers, or --no-distributed)", flush=True)
         else:
             from cluster.runtime import init_ray
 
@@ -231,8 +233,8 @@ def run(args) -> dict[str, float]:
             cfg = copy.deepcopy(b.cfg)
             cfg.train.num_meta_steps = steps
             runs = in_process(b, cfg, group_windows(b.featurizer.encode(source)), batches, args.device)
-            if distributed:
-                for n in args.workers:
+            if with_workers:
+                for n in workers:
                     runs[f"ds{n}"] = distributed(b, cfg, source, support, steps, n, args.device, workdir)
             one_copy = trainable_bytes(b.fresh_model("cpu"))
             print(f"model {b.name} trainable_params={b.trainable_count()} one_gradient_copy={common.mib(one_copy)}")
