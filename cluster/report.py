@@ -62,9 +62,9 @@ def f1_chart(scores: dict[str, float], path: str | os.PathLike, title: str, pape
         ax.bar([i + shift for i in x], [paper.get(lang, 0.0) for lang in langs], width=0.4, label="paper (mBERT)")
     ax.set_xticks(list(x), langs)
     ax.set_ylabel("F1")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 110)  # room above the bars for the legend
     ax.set_title(title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
