@@ -1,6 +1,6 @@
 """How much of a difference between two rows is more than the luck of the test sample.
 
-    python -m jobs.compare OUT [--against base] [--resamples 1000]
+    python -m jobs.compare OUT [--against base] [--resamples 1000] [--seed S]
 
 Reads the conlleval-format predictions that evaluation wrote for each row of a pipeline,
 ablation or replicate output folder (OUT/<row>/seed<S>/eval/predictions.<lang>.txt) and prints,
@@ -16,24 +16,34 @@ from pathlib import Path
 import numpy as np
 
 
-def predictions(out: Path) -> dict[str, dict[str, Path]]:
-    """{row: {lang: predictions file}} of the first seed of each row."""
+def predictions(out: Path, seed: int | None = None) -> dict[str, dict[str, Path]]:
+    """{row: {lang: predictions file}} of `seed` (default: the lowest seed) of each row."""
     rows = {}
     for folder in sorted(p for p in out.iterdir() if p.is_dir()):
-        seeds = sorted(folder.glob("seed*/eval"))
-        if seeds:
+        if seed is None:  # the lowest seed: seed95 before seed495, whatever the string order
+            seeds = sorted(folder.glob("seed*/eval"), key=lambda p: _seed_number(p.parent.name))
+        else:
+            seeds = [folder / f"seed{seed}" / "eval"]
+        if seeds and seeds[0].is_dir():
             files = {p.name.split(".")[1]: p for p in sorted(seeds[0].glob("predictions.*.txt"))}
             if files:
                 rows[folder.name] = files
     return rows
 
 
-def compare(out: Path, against: str, resamples: int, seed: int = 0) -> str:
+def _seed_number(name: str) -> float:
+    digits = name[len("seed"):]
+    return int(digits) if digits.isdigit() else float("inf")
+
+
+def compare(out: Path, against: str, resamples: int, seed: int = 0, run_seed: int | None = None) -> str:
+    """`seed` draws the resamples; `run_seed` picks the training seed whose predictions compare."""
     from trainer.scoring import bootstrap_f1, read_conll
 
-    rows = predictions(out)
+    rows = predictions(out, run_seed)
     if against not in rows:
-        raise ValueError(f"{out} has no evaluated row {against!r}; rows found: {', '.join(rows) or 'none'}")
+        which = "" if run_seed is None else f" for seed {run_seed}"
+        raise ValueError(f"{out} has no evaluated row {against!r}{which}; rows found: {', '.join(rows) or 'none'}")
     lines = [f"| row | lang | F1 | std over resamples | minus {against} | 95 % interval |", "|---|---|---|---|---|---|"]
     for lang in rows[against]:
         _, gold, reference = read_conll(rows[against][lang])
@@ -67,9 +77,11 @@ def main(argv=None) -> int:
     parser.add_argument("out", type=Path, help="output folder of a pipeline, ablation or replicate job")
     parser.add_argument("--against", default="base", help="reference row (default: base)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="training seed whose predictions compare (default: each row's lowest)")
     args = parser.parse_args(argv)
     try:
-        print(compare(args.out, args.against, args.resamples), end="")
+        print(compare(args.out, args.against, args.resamples, run_seed=args.seed), end="")
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

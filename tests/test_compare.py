@@ -30,3 +30,14 @@ def test_compare_prints_each_row_against_the_reference(tmp_path):
     assert f"| {100.0:.2f} |" in ours and f"{gain:+.2f}" in ours
     with pytest.raises(ValueError, match="no evaluated row 'nope'"):
         compare(tmp_path, "nope", 10)
+    # A second training seed where ours is the worse row: --seed picks its predictions.
+    for name, pred in {"base": GOLD, "ours": rows["base"]}.items():
+        folder = tmp_path / name / "seed495" / "eval"
+        folder.mkdir(parents=True)
+        write_conll(folder / "predictions.es.txt", words, GOLD, pred)
+    ours_495 = next(line for line in compare(tmp_path, "base", 200, run_seed=495).splitlines()
+                    if line.startswith("| ours | es |"))
+    assert f"{-gain:+.2f}" in ours_495
+    assert compare(tmp_path, "base", 200) == compare(tmp_path, "base", 200, run_seed=95)  # lowest, not "seed495"
+    with pytest.raises(ValueError, match="for seed 7"):
+        compare(tmp_path, "base", 10, run_seed=7)
