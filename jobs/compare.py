@@ -21,11 +21,12 @@ def predictions(out: Path, seed: int | None = None) -> dict[str, dict[str, Path]
     rows = {}
     for folder in sorted(p for p in out.iterdir() if p.is_dir()):
         if seed is None:  # the lowest seed: seed95 before seed495, whatever the string order
-            seeds = sorted(folder.glob("seed*/eval"), key=lambda p: _seed_number(p.parent.name))
+            found = sorted(folder.glob("seed*/eval"), key=lambda p: _seed_number(p.parent.name))
+            evaluated = found[0] if found else None
         else:
-            seeds = [folder / f"seed{seed}" / "eval"]
-        if seeds and seeds[0].is_dir():
-            files = {p.name.split(".")[1]: p for p in sorted(seeds[0].glob("predictions.*.txt"))}
+            evaluated = folder / f"seed{seed}" / "eval"
+        if evaluated is not None and evaluated.is_dir():
+            files = {p.name.split(".")[1]: p for p in sorted(evaluated.glob("predictions.*.txt"))}
             if files:
                 rows[folder.name] = files
     return rows

@@ -48,6 +48,7 @@ class Featurizer:
         self.pad_id = tokenizer.pad_token_id
         self.mask_id = tokenizer.mask_token_id
         self._cls, self._sep, self._unk = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.unk_token_id
+        self._special = frozenset(tokenizer.all_special_ids)
         self._bare_marker: dict[int, bool] = {}
 
     def word_pieces(self, sentences: Sequence[Sentence]) -> list[list[list[int]]]:
@@ -80,7 +81,7 @@ class Featurizer:
             # A piece that decodes to nothing visible: sentencepiece's "▁", byte-level BPE's "Ġ".
             # WordPiece pieces all decode to themselves, so BERT vocabularies never match.
             self._bare_marker[token_id] = (
-                token_id not in self.tokenizer.all_special_ids
+                token_id not in self._special
                 and self.tokenizer.decode([token_id]).strip() == "")
         return self._bare_marker[token_id]
 
