@@ -146,7 +146,7 @@ def run(args) -> dict[str, float]:
         for b in bundles:
             # Throughput of one checkpoint: the store that shares the frozen bottom across
             # checkpoints would let later variants reuse earlier ones' work.
-            b.cfg.adapt.prefix_cache_dir = ""
+            b.cfg.model.prefix_cache_dir = ""
             if args.batch_size:
                 b.cfg.adapt.batch_size = args.batch_size
         supports = supports_by_cls(bundles[0], targets, pool, bundles[0].cfg.retrieval.k, args.device)

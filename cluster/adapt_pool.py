@@ -103,7 +103,7 @@ class AdapterPool:
             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}})
         device = "cuda" if c.gpus_per_actor > 0 else "cpu"
         # Absolute here: actors may run in another working directory (a Ray job's, a node's).
-        prefix_dir = os.path.abspath(cfg.adapt.prefix_cache_dir) if cfg.adapt.prefix_cache_dir else None
+        prefix_dir = os.path.abspath(cfg.model.prefix_cache_dir) if cfg.model.prefix_cache_dir else None
         self.actors = [remote.remote(str(checkpoint), None, cfg, device, prefix_dir)
                        for _ in range(c.num_adapter_actors)]
 

@@ -62,7 +62,7 @@ def run(argv=None) -> int:
         cfg = with_overrides(cfg, [f"data.root={out / 'data'}"]
                              + [f"data.target_files.{lang}={path}" for lang, path in files.items()])
     cfg = with_overrides(cfg, [f"model.name_or_path={tiny_model(out / 'model', cfg)}",
-                               f"retrieval.cache_dir={out / 'cache'}", f"adapt.prefix_cache_dir={out / 'prefix'}"])
+                               f"retrieval.cache_dir={out / 'cache'}", f"model.prefix_cache_dir={out / 'prefix'}"])
     run_variants(cfg, ["base", "ours"], out)
     return 0
 

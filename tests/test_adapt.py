@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from trainer.adapt import (AdaptItem, Adapter, AdaptSettings, _adapted_batched, _adapted_sequential, _encode_groups,
-                           _first_step, adapt_and_predict, adapt_many, predict)
+                           adapt_and_predict, adapt_many, predict)
 from trainer.checkpoint import save_checkpoint
 from trainer.config import load_config
 from trainer.corpus import LABELS, Sentence
 from trainer.features import Featurizer
 from trainer.model import NerModel, freeze, trainable_parameters
-from trainer.optim import BertAdam, param_groups
+from trainer.optim import BertAdam, batched_bertadam_step, param_groups
 
 # A large step so that adaptation visibly changes predictions of the random tiny model.
 SETTINGS = AdaptSettings(adapt_lr=1e-2, num_adapt_steps=1, weight_decay=0.01, max_grad_norm=1.0)
@@ -75,7 +75,10 @@ def test_closed_form_first_step_equals_bertadam(model):
     named = trainable_parameters(model)
     grads = {n: torch.randn(2, *p.shape) * (5.0 if i % 2 else 0.01) for i, (n, p) in enumerate(named)}
     consumed = {n: g.clone() for n, g in grads.items()}  # the step is written into its gradients
-    adapted = _first_step({n: p.detach() for n, p in named}, consumed, SETTINGS)
+    adapted, state = batched_bertadam_step(
+        {n: p.detach() for n, p in named}, consumed, None, lr=SETTINGS.adapt_lr, weight_decay=SETTINGS.weight_decay,
+        max_grad_norm=SETTINGS.max_grad_norm, keep_state=False)
+    assert state is None
     for b in range(2):
         copies = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in named]
         opt = BertAdam(param_groups(copies, SETTINGS.weight_decay), lr=SETTINGS.adapt_lr)
@@ -182,13 +185,13 @@ def test_prefix_store_is_shared_by_checkpoints_with_the_same_frozen_bottom(model
     freeze(other, 1)
     other.eval()
     second = Adapter(other, featurizer, cfg, prefix_dir=tmp_path)
-    assert second.prefix.folder == first.prefix.folder
-    assert second.prefix.load(unit)
+    assert second.store.folder == first.store.folder
+    assert second.store.load(Adapter.content(unit))
     assert second.run(unit) == Adapter(other, featurizer, cfg).run(unit)
     # A different bottom is stored apart.
     with torch.no_grad():
         other.encoder.embeddings.word_embeddings.weight.add_(0.1)
-    assert Adapter(other, featurizer, cfg, prefix_dir=tmp_path).prefix.folder != first.prefix.folder
+    assert Adapter(other, featurizer, cfg, prefix_dir=tmp_path).store.folder != first.store.folder
 
 
 def test_classifier_lr_scale_reaches_the_batched_step_and_the_optimiser(model, featurizer, items):

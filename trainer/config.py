@@ -29,6 +29,10 @@ class ModelConfig:
     freeze_embeddings: bool = True
     freeze_pooler: bool = True
     dropout: float = 0.1
+    # Hidden states of the frozen bottom (embeddings and frozen layers), kept on disk and shared by
+    # every checkpoint with the same frozen weights: English train for meta-training, each
+    # evaluation unit for adaptation; "" keeps them in memory only.
+    prefix_cache_dir: str = ".metaner/prefix"
 
 
 @dataclass
@@ -93,6 +97,13 @@ class TrainConfig:
     num_meta_steps: int = 3001
     eval_every: int = 300
     checkpoint_every: int = 300
+    log_every: int = 10
+    # Tasks whose inner loops run together (torch.func over per-task copies of the trainable
+    # top); 0 sizes the chunks to the free memory.
+    task_chunk_size: int = 0
+    # Which positions the loss covers: a word's first subword (this project), or every position
+    # of a window with continuation subwords as X and [CLS]/[SEP] as classes (the official code).
+    loss_positions: Literal["first_subword", "all"] = "first_subword"
     inner_lr: float = 3e-5
     meta_lr: float = 3e-5
     # The official code scales inner_lr by the meta learning rate's warmup-linear schedule over
@@ -126,14 +137,13 @@ class AdaptConfig:
     # Sentences adapted together by the batched path (each from the same meta weights).
     batch_size: int = 8
     lambda_max: float = 0.0
-    # Frozen-bottom hidden states of each evaluation unit's windows, kept on disk and shared by
-    # every checkpoint with the same frozen layers (e.g. all variants of one job); "" keeps none.
-    prefix_cache_dir: str = ".metaner/prefix"
 
 
 @dataclass
 class ClusterConfig:
     address: Optional[str] = None
+    # Ray Train workers, each with a DeepSpeed engine; 0 meta-trains in the job's own process
+    # (no Ray Train, no DeepSpeed), as a laptop or a debugger wants.
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -332,6 +342,8 @@ def validate(cfg: Config) -> None:
     _check(t.num_meta_steps >= 1, "train.num_meta_steps", "must be at least 1")
     _check(t.eval_every >= 1, "train.eval_every", "must be at least 1")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be at least 1")
+    _check(t.log_every >= 1, "train.log_every", "must be at least 1")
+    _check(t.task_chunk_size >= 0, "train.task_chunk_size", "must be 0 (sized to memory) or a positive count")
     _check(0.0 <= t.warmup_proportion < 1.0, "train.warmup_proportion", "must be in [0, 1)")
     _check(t.weight_decay >= 0, "train.weight_decay", "must be 0 or more")
     _check(t.max_grad_norm >= 0, "train.max_grad_norm", "must be 0 (no clipping) or more")
@@ -339,7 +351,7 @@ def validate(cfg: Config) -> None:
     _check(t.lambda_max >= 0, "train.lambda_max", "must be 0 or more")
     _check(t.base_batch_size >= 1, "train.base_batch_size", "must be at least 1")
     _check(len(t.seeds) > 0, "train.seeds", "give at least one seed")
-    _check(c.num_workers >= 1, "cluster.num_workers", "must be at least 1")
+    _check(c.num_workers >= 0, "cluster.num_workers", "must be 0 (in the job's process) or more")
     _check(c.zero_stage in (0, 1, 2), "cluster.zero_stage", "must be 0, 1 or 2")
     for key in ("num_embed_actors", "num_index_shards", "num_adapter_actors", "adapt_unit_size"):
         _check(getattr(c, key) >= 1, f"cluster.{key}", "must be at least 1")

@@ -19,6 +19,18 @@ IGNORE = -100
 # computed from windows (retrieval vectors, frozen-bottom states) carry it in their keys.
 # 2: a bare sentencepiece word marker is dropped (see Featurizer._drop_bare_marker).
 FEATURES_VERSION = 2
+# The official code's head has 13 classes: the 9 BIO tags, X (every subword after a word's first),
+# [CLS], [SEP] and [PAD] (a class it never trains on, but whose logit takes part in the softmax).
+# `train.loss_positions=all` adds them, and the loss covers every position of a window.
+OFFICIAL_EXTRA = ("X", "[CLS]", "[SEP]", "[PAD]")
+LOSS_POSITIONS = ("first_subword", "all")
+
+
+def labels_for(loss_positions: str) -> tuple[str, ...]:
+    """The classifier's label set for `train.loss_positions`."""
+    if loss_positions not in LOSS_POSITIONS:
+        raise ValueError(f"train.loss_positions={loss_positions!r}: choose one of {', '.join(LOSS_POSITIONS)}")
+    return LABELS + (OFFICIAL_EXTRA if loss_positions == "all" else ())
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,9 @@ class Featurizer:
         self.context = context
         self.labels = tuple(labels)
         self.label2id = {label: i for i, label in enumerate(self.labels)}
+        # A label set with the official extra classes means the official loss positions: the
+        # checkpoint's labels alone decide it, wherever the featurizer is built.
+        self.all_positions = "X" in self.label2id
         self.pad_id = tokenizer.pad_token_id
         self.mask_id = tokenizer.mask_token_id
         self._cls, self._sep, self._unk = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.unk_token_id
@@ -139,6 +154,35 @@ class Featurizer:
             mask[row, : len(w)] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
+    def loss_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Targets of the loss for a collated batch: its first-subword labels, or with the official
+        loss positions every position of each window (continuation subwords X, [CLS], [SEP]).
+
+        Left-context subwords of a later window stay unlabelled: their words belong to the window
+        before (the official code truncates instead, so it has no such positions). Rows without a
+        labelled word (fillers) stay unlabelled.
+        """
+        labels = batch["labels"]
+        if not self.all_positions:
+            return labels
+        mask = batch["attention_mask"].bool()
+        labelled = labels != IGNORE
+        pos = torch.arange(labels.shape[-1], device=labels.device).expand_as(labels)
+        big = labels.shape[-1]
+        first = torch.where(labelled, pos, torch.full_like(pos, big)).min(dim=-1, keepdim=True).values
+        last = mask.sum(dim=-1, keepdim=True) - 1
+        has_word = labelled.any(dim=-1, keepdim=True)
+        out = labels.clone()
+        out[mask & ~labelled & (pos > first) & (pos < last)] = self.label2id["X"]
+        out[has_word & (pos == 0)] = self.label2id["[CLS]"]
+        out[has_word & (pos == last)] = self.label2id["[SEP]"]
+        return out
+
+    def tag(self, label_id: int) -> str:
+        """The tag of a predicted label id; the official extra classes are no entity (O)."""
+        label = self.labels[int(label_id)]
+        return "O" if label in OFFICIAL_EXTRA else label
+
     def merge(self, sentences: Sequence[Sentence], windows: Sequence[Window],
               predictions: Sequence[Sequence[int]]) -> list[list[str]]:
         """Tags per word from per-window predictions (one label id per labelled position)."""
@@ -150,7 +194,7 @@ class Featurizer:
             for word, label in zip(window.words, predicted):
                 if out[window.sentence][word] is not None:
                     raise ValueError(f"word {word} of sentence {window.sentence} predicted twice")
-                out[window.sentence][word] = self.labels[int(label)]
+                out[window.sentence][word] = self.tag(label)
         for i, tags in enumerate(out):
             if any(t is None for t in tags):
                 raise ValueError(f"sentence {i}: some words were not predicted; were all its windows given?")

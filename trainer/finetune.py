@@ -34,10 +34,10 @@ def _batches(num_windows: int, batch_size: int, seed: int):
         epoch += 1
 
 
-def _train_step(model: NerModel, optimizer, scheduler, batch: dict, train) -> float:
+def _train_step(model: NerModel, optimizer, scheduler, batch: dict, targets, train) -> float:
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss = token_loss(model(batch["input_ids"], batch["attention_mask"]), batch["labels"], train.lambda_max)
+    loss = token_loss(model(batch["input_ids"], batch["attention_mask"]), targets, train.lambda_max)
     if math.isfinite(loss.item()):
         loss.backward()
         optimizer_step(optimizer, scheduler, train.max_grad_norm)
@@ -71,7 +71,8 @@ def finetune(model: NerModel, featurizer: Featurizer, sentences: Sequence[Senten
         batch = featurizer.collate([windows[i] for i in idx])
         batch = mask_batch(batch, featurizer.mask_id, train.mask_ratio, mask_generator(seed, epoch, salt=step + 2),
                            featurizer.label2id.get("O", 0))
-        loss_value = _train_step(model, optimizer, scheduler, {k: v.to(device) for k, v in batch.items()}, train)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss_value = _train_step(model, optimizer, scheduler, batch, featurizer.loss_labels(batch), train)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"fine-tuning step {step}: loss is {loss_value}; lower train.meta_lr")
         if metrics_logger is not None:

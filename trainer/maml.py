@@ -90,7 +90,7 @@ class MetaLearner:
 
     def _loss(self, batch, task: Task, side: str) -> torch.Tensor:
         logits = self.model(batch["input_ids"], batch["attention_mask"])
-        loss = token_loss(logits, batch["labels"], self.cfg.train.lambda_max)
+        loss = token_loss(logits, self.featurizer.loss_labels(batch), self.cfg.train.lambda_max)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"task with query sentence {task.query} (support {list(task.support)}): "
                                      f"the {side} loss is {loss.item()}; lower train.inner_lr/meta_lr or check "

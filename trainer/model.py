@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -142,6 +143,17 @@ class NerModel(nn.Module):
                                          attention_mask=attention_mask, allow_is_bidirectional_skip=False)
 
 
+@contextmanager
+def evaluating(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` in eval mode for the block; its mode before is restored after, also on errors."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 def set_dropout(model: nn.Module, p: float) -> None:
     """Set every dropout of the model, encoder included (`NerModel`'s own `dropout` is the head's only)."""
     for module in model.modules():
@@ -188,8 +200,12 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def build_model(cfg, labels: Sequence[str] = LABELS, seed: Optional[int] = None) -> NerModel:
-    """The model as `cfg.model` describes it: pretrained encoder, fresh head, frozen bottom."""
+def build_model(cfg, labels: Optional[Sequence[str]] = None, seed: Optional[int] = None) -> NerModel:
+    """The model as `cfg.model` describes it: pretrained encoder, fresh head (the labels of
+    `train.loss_positions` unless given), frozen bottom."""
+    from .features import labels_for
+
+    labels = labels_for(cfg.train.loss_positions) if labels is None else labels
     model = NerModel.from_pretrained(cfg.model.name_or_path, labels, cfg.model.dropout, seed)
     freeze(model, cfg.model.num_frozen_layers, cfg.model.freeze_embeddings, cfg.model.freeze_pooler)
     return model

@@ -197,3 +197,45 @@ def optimizer_step(optimizer, scheduler, max_grad_norm: float) -> None:
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
+
+
+# BertAdam's defaults (pytorch_pretrained_bert), the only values the official code uses.
+B1, B2, EPS = 0.9, 0.999, 1e-6
+
+
+def batched_bertadam_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
+                          state: Optional[dict] = None, *, lr: float, weight_decay: float, max_grad_norm: float,
+                          classifier_lr_scale: float = 1.0, keep_state: bool = True) -> tuple[dict, Optional[dict]]:
+    """One BertAdam step (constant rate) for many independent copies of the weights at once.
+
+    `grads` carry a leading dimension, one slice per copy (a task, a sentence); `params` have it
+    too, or not when every copy starts from the same weights. Exactly `BertAdam._update` per slice:
+    per-tensor clipping of each slice, m and v without bias correction, decoupled weight decay
+    (none for biases and LayerNorm), the classifier's rate scaled. `state` is None for a fresh
+    optimiser (then the first step is closed-form: m = (1 - b1) g, v = (1 - b2) g^2). The gradients
+    are consumed (written in place); without `keep_state` the moments are too, which saves a
+    full copy of the weights per slice where a single step is all there is (adaptation).
+    Returns (new weights, state or None).
+    """
+    new, moments = {}, {"m": {}, "v": {}}
+    for name, g in grads.items():
+        p = params[name]
+        if max_grad_norm > 0:
+            norm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), 2, dim=1)
+            g.mul_(torch.clamp(max_grad_norm / (norm + _CLIP_EPS), max=1.0).view(-1, *([1] * (g.dim() - 1))))
+        if state is None:
+            v = g.square().mul_(1 - B2)
+            m = g.mul_(1 - B1)
+        else:
+            m = state["m"][name].mul_(B1).add_(g, alpha=1 - B1)
+            v = state["v"][name].mul_(B2).addcmul_(g, g, value=1 - B2)
+        denom = v.sqrt().add_(EPS)
+        update = m.div(denom) if keep_state else m.div_(denom)
+        del denom
+        if weight_decay > 0 and not no_decay(name):
+            update.add_(p, alpha=weight_decay)
+        rate = lr * (classifier_lr_scale if is_classifier(name) else 1.0)
+        new[name] = update.mul_(-rate).add_(p)
+        if keep_state:
+            moments["m"][name], moments["v"][name] = m, v
+    return new, (moments if keep_state else None)

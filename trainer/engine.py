@@ -1,0 +1,227 @@
+"""Vectorised first-order MAML: the inner loops of many tasks at once, over the trainable top only.
+
+For a chunk of tasks, every support and query set is stacked into [tasks, windows, length]
+tensors (filler windows attend to their first position and carry no label). The frozen bottom
+comes from `FrozenBottom` (a masked window, whose input changed, has its own bottom computed
+afresh). Then, with torch.func, each task gets its own copy of the trainable weights:
+`num_inner_steps` vmapped gradients on the supports, each followed by a BertAdam step for every
+task at once (`batched_bertadam_step`: fresh state, constant rate, per-tensor clipping per task),
+then the vmapped query gradient at the adapted weights, summed over the chunk. The result equals
+`MetaLearner.task_gradients` summed over the tasks (tests/test_engine.py), without the bottom's
+forward per inner step and without a Python loop over tasks.
+
+Differences from the per-task path, both deliberate: the frozen bottom runs in eval mode (no
+dropout in layers that never change); dropout in the trainable top draws independently per task
+(vmap randomness="different") rather than from one sequential stream.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch.func import functional_call, grad_and_value, vmap
+
+from .bottom import FrozenBottom, available_bytes
+from .features import IGNORE, Featurizer, Window
+from .losses import token_loss
+from .masking import mask_batch, mask_generator, masked_sides
+from .model import NerModel
+from .optim import batched_bertadam_step
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Stacked:
+    """Groups of windows as [B, W, T] tensors on the model's device."""
+
+    ids: torch.Tensor
+    mask4d: torch.Tensor  # [B, W, 1, T, T]
+    labels: torch.Tensor  # first-subword labels (what predictions are read at)
+    targets: torch.Tensor  # what the loss is taken against (featurizer.loss_labels)
+    hidden: Optional[torch.Tensor]  # [B, W, T, H] frozen-bottom states, None without a frozen bottom
+
+    @property
+    def hidden_dim(self) -> Optional[int]:
+        return None if self.hidden is None else 0
+
+
+def stack(model: NerModel, featurizer: Featurizer, bottom: FrozenBottom, groups: Sequence[Sequence[Window]],
+          batches: Optional[Sequence[dict]] = None) -> Stacked:
+    """Stack groups of windows; `batches` are the groups' collated (possibly masked) batches.
+
+    A window whose ids the batch changed (entity masking) gets its bottom computed here and not
+    kept; every other window's bottom comes from (and is added to) `bottom`.
+    """
+    batches = [featurizer.collate(g) for g in groups] if batches is None else batches
+    count, width = max(len(g) for g in groups), max(b["input_ids"].shape[1] for b in batches)
+    ids = torch.full((len(groups), count, width), featurizer.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE)
+    targets = torch.full_like(ids, IGNORE)
+    mask[:, :, 0] = 1
+    changed: list[tuple[int, int, tuple[int, ...]]] = []
+    for b, (group, batch) in enumerate(zip(groups, batches)):
+        n, t = batch["input_ids"].shape
+        ids[b, :n, :t], mask[b, :n, :t] = batch["input_ids"], batch["attention_mask"]
+        labels[b, :n, :t], targets[b, :n, :t] = batch["labels"], featurizer.loss_labels(batch)
+        for i, w in enumerate(group):
+            row = tuple(batch["input_ids"][i, : len(w)].tolist())
+            if row != w.input_ids:
+                changed.append((b, i, row))
+    device = bottom.device
+    mask4d = model.attention_mask_4d(mask.view(-1, width).to(device))
+    mask4d = mask4d.view(len(groups), count, *mask4d.shape[1:])
+    hidden = None
+    if bottom.num_layers:
+        fresh = {(b, i) for b, i, _ in changed}
+        bottom.fill([w for b, g in enumerate(groups) for i, w in enumerate(g) if (b, i) not in fresh])
+        hidden = torch.zeros(len(groups), count, width, bottom.hidden_size, device=device,
+                             dtype=next(model.parameters()).dtype)
+        for b, group in enumerate(groups):
+            for i, w in enumerate(group):
+                if (b, i) not in fresh:
+                    hidden[b, i, : len(w)] = bottom.states[w.input_ids]
+        if changed:
+            part = featurizer.collate([Window(0, row, (IGNORE,) * len(row), ()) for _, _, row in changed])
+            states = bottom.compute(part["input_ids"], part["attention_mask"])
+            for r, (b, i, row) in enumerate(changed):
+                hidden[b, i, : len(row)] = states[r, : len(row)]
+    return Stacked(ids.to(device), mask4d, labels.to(device), targets.to(device), hidden)
+
+
+class Top:
+    """The trainable top as a function of its weights, for torch.func (vmap over weight copies)."""
+
+    def __init__(self, model: NerModel, start_layer: int):
+        self.model, self.start = model, start_layer
+
+    def logits(self, params: dict, ids, mask4d, hidden):
+        if hidden is None:
+            return functional_call(self.model, params, (ids, mask4d))
+        return functional_call(self.model, params, (None, mask4d), {"hidden_states": hidden, "start_layer": self.start})
+
+    def loss_fn(self, lambda_max: float):
+        def loss(params, ids, mask4d, hidden, targets):
+            return token_loss(self.logits(params, ids, mask4d, hidden), targets, lambda_max, check=False)
+        return loss
+
+
+@contextmanager
+def quiet_vmap() -> Iterator[None]:
+    """torch has no batching rule for the CPU fused attention kernel and loops over it instead,
+    and warns so at every call: known, and not actionable here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*performance drop.*")
+        yield
+
+
+class TaskEngine:
+    """Summed query gradients of batches of pseudo tasks, vectorised (see module doc)."""
+
+    def __init__(self, model: NerModel, featurizer: Featurizer, cfg, bottom: FrozenBottom, seed: int,
+                 names: Sequence[str]):
+        self.model, self.featurizer, self.cfg, self.bottom, self.seed = model, featurizer, cfg, bottom, seed
+        params = dict(model.named_parameters())
+        # The order of the meta optimiser; the pooler never reaches the loss (NerModel reads the
+        # last hidden states), so it gets a zero gradient without being copied per task.
+        self.names = list(names)
+        self.used = [n for n in self.names if not n.startswith("encoder.pooler.")]
+        self._used = set(self.used)
+        self.params = [params[n] for n in self.names]
+        self.top = Top(model, bottom.num_layers)
+        self.mask_support, self.mask_query = masked_sides(cfg.train.mask_on)
+
+    # ------------------------------------------------------------------ chunks
+
+    def chunk_size(self, num_tasks: int) -> int:
+        """Tasks per vectorised chunk: `train.task_chunk_size`, or what a quarter of the free memory
+        holds at about eight copies of the trainable weights per task (weights, two moments,
+        gradients, temporaries)."""
+        if self.cfg.train.task_chunk_size:
+            return min(self.cfg.train.task_chunk_size, num_tasks)
+        per_task = 8 * sum(self.params_dict()[n].numel() * 4 for n in self.used)
+        free = available_bytes(self.bottom.device)
+        size = num_tasks if free is None else int(0.25 * free // max(per_task, 1))
+        return max(1, min(size, num_tasks))
+
+    def params_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in zip(self.names, self.params) if n in self._used}
+
+    def _side(self, tasks, source, ids_of, generators, masked: bool) -> Stacked:
+        groups, batches = [], []
+        for task, generator in zip(tasks, generators):
+            windows = [w for i in ids_of(task) for w in source[i]]
+            batch = self.featurizer.collate(windows)
+            if masked:
+                batch = mask_batch(batch, self.featurizer.mask_id, self.cfg.train.mask_ratio, generator,
+                                   self.featurizer.label2id.get("O", 0))
+            groups.append(windows)
+            batches.append(batch)
+        return stack(self.model, self.featurizer, self.bottom, groups, batches)
+
+    def _check(self, losses: torch.Tensor, tasks, side: str) -> None:
+        bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+        if bad:
+            task = tasks[bad[0]]
+            raise FloatingPointError(f"task with query sentence {task.query} (support {list(task.support)}): the "
+                                     f"{side} loss is {losses[bad[0]].item()}; lower train.inner_lr/meta_lr or "
+                                     "check the sentences")
+
+    def chunk_gradient(self, tasks, source, epoch: int, inner_lr: float) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """(summed query gradients by name, support losses [C], query losses [C]) of one chunk."""
+        train = self.cfg.train
+        # The masks of a task come from one generator, support first, as in MetaLearner.
+        generators = [mask_generator(self.seed, epoch, t.query) for t in tasks]
+        support = self._side(tasks, source, lambda t: t.support, generators, self.mask_support)
+        query = self._side(tasks, source, lambda t: (t.query,), generators, self.mask_query)
+        loss = self.top.loss_fn(train.lambda_max)
+        randomness = "different" if self.model.training else "error"
+        params, state = self.params_dict(), None
+        with quiet_vmap():
+            for step in range(train.num_inner_steps):
+                dims = (None if step == 0 else 0, 0, 0, support.hidden_dim, 0)
+                grads, support_loss = vmap(grad_and_value(loss), in_dims=dims, randomness=randomness)(
+                    params, support.ids, support.mask4d, support.hidden, support.targets)
+                self._check(support_loss, tasks, "support")
+                params, state = batched_bertadam_step(
+                    params, grads, state, lr=inner_lr, weight_decay=train.weight_decay,
+                    max_grad_norm=train.max_grad_norm, classifier_lr_scale=train.classifier_lr_scale,
+                    keep_state=step + 1 < train.num_inner_steps)
+                del grads
+            dims = (0, 0, 0, query.hidden_dim, 0)
+            grads, query_loss = vmap(grad_and_value(loss), in_dims=dims, randomness=randomness)(
+                params, query.ids, query.mask4d, query.hidden, query.targets)
+        self._check(query_loss, tasks, "query")
+        return {n: g.sum(0) for n, g in grads.items()}, support_loss.detach(), query_loss.detach()
+
+    def meta_gradient(self, tasks, source, epoch: int, inner_lr: float) -> tuple[list[torch.Tensor], dict]:
+        """Sum over `tasks` of the query gradients at the support-adapted weights, one tensor per
+        name in `names` order, and the summed losses {"support_loss", "query_loss", "tasks"}."""
+        buffer = {n: torch.zeros_like(p) for n, p in zip(self.names, self.params)}
+        totals = {"support_loss": 0.0, "query_loss": 0.0, "tasks": float(len(tasks))}
+        if not tasks:
+            return [buffer[n] for n in self.names], totals
+        # Chunks of similar support length: each is padded to its longest window.
+        order = sorted(tasks, key=lambda t: max(len(w) for i in t.support for w in source[i]))
+        size = self.chunk_size(len(order))
+        was_training = self.model.training
+        self.model.train()
+        try:
+            for start in range(0, len(order), size):
+                chunk = order[start:start + size]
+                grads, support_loss, query_loss = self.chunk_gradient(chunk, source, epoch, inner_lr)
+                for n, g in grads.items():
+                    buffer[n].add_(g)
+                totals["support_loss"] += float(support_loss.sum())
+                totals["query_loss"] += float(query_loss.sum())
+        finally:
+            self.model.train(was_training)
+        if not all(math.isfinite(v) for v in totals.values()):
+            raise FloatingPointError("a loss of the meta-batch is not finite")
+        return [buffer[n] for n in self.names], totals
