@@ -165,6 +165,13 @@ class TaskEngine:
             batches.append(batch)
         return stack(self.model, self.featurizer, self.bottom, groups, batches)
 
+    def _keep(self, step: int) -> bool | str:
+        """What the inner step `step` keeps of BertAdam's state for the next (see batched_bertadam_step)."""
+        left = self.cfg.train.num_inner_steps - step - 1
+        if left == 0:
+            return False
+        return "second_last" if left == 1 and step == 0 else True
+
     def _check(self, losses: torch.Tensor, tasks, side: str) -> None:
         bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
         if bad:
@@ -192,7 +199,7 @@ class TaskEngine:
                 params, state = batched_bertadam_step(
                     params, grads, state, lr=inner_lr, weight_decay=train.weight_decay,
                     max_grad_norm=train.max_grad_norm, classifier_lr_scale=train.classifier_lr_scale,
-                    keep_state=step + 1 < train.num_inner_steps)
+                    keep_state=self._keep(step))
                 del grads
             dims = (0, 0, 0, query.hidden_dim, 0)
             grads, query_loss = vmap(grad_and_value(loss), in_dims=dims, randomness=randomness)(

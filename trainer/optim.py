@@ -13,7 +13,8 @@ correction), so it is written here. Its behaviour, kept exactly:
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional, Sequence
+import math
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch.optim import Optimizer
@@ -203,39 +204,90 @@ def optimizer_step(optimizer, scheduler, max_grad_norm: float) -> None:
 B1, B2, EPS = 0.9, 0.999, 1e-6
 
 
+def _clip_coefficients(g: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Per-slice factor of per-tensor clipping, shaped to broadcast over a slice ([C, 1, ...])."""
+    shape = (-1, *([1] * (g.dim() - 1)))
+    if max_grad_norm <= 0:
+        return torch.ones(g.shape[0], device=g.device, dtype=g.dtype).view(shape)
+    norm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), 2, dim=1)
+    return torch.clamp(max_grad_norm / (norm + _CLIP_EPS), max=1.0).view(shape)
+
+
 def batched_bertadam_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
                           state: Optional[dict] = None, *, lr: float, weight_decay: float, max_grad_norm: float,
-                          classifier_lr_scale: float = 1.0, keep_state: bool = True) -> tuple[dict, Optional[dict]]:
+                          classifier_lr_scale: float = 1.0, keep_state: Union[bool, str] = True
+                          ) -> tuple[dict, Optional[dict]]:
     """One BertAdam step (constant rate) for many independent copies of the weights at once.
 
     `grads` carry a leading dimension, one slice per copy (a task, a sentence); `params` have it
     too, or not when every copy starts from the same weights. Exactly `BertAdam._update` per slice:
     per-tensor clipping of each slice, m and v without bias correction, decoupled weight decay
     (none for biases and LayerNorm), the classifier's rate scaled. `state` is None for a fresh
-    optimiser (then the first step is closed-form: m = (1 - b1) g, v = (1 - b2) g^2). The gradients
-    are consumed (written in place); without `keep_state` the moments are too, which saves a
-    full copy of the weights per slice where a single step is all there is (adaptation).
-    Returns (new weights, state or None).
+    optimiser. `keep_state`: True keeps m and v; False keeps nothing (a last step);
+    "second_last" keeps only the first step's gradient, for a last second step in closed form.
+    The gradients are consumed, and weights that already have the leading dimension are updated
+    in place (the copies are the caller's own). Returns (new weights, state or None).
+
+    Why closed forms: these steps are passes over one copy of the trainable weights per slice,
+    bound by memory traffic; from fresh state, m and v are functions of the gradients, so the
+    first two steps are written with the clipping folded into scalars and no moment stored.
     """
-    new, moments = {}, {"m": {}, "v": {}}
+    if keep_state not in (True, False, "second_last"):
+        raise ValueError(f"keep_state={keep_state!r}: True, False or 'second_last'")
+    if keep_state == "second_last" and state is not None:
+        raise ValueError("keep_state='second_last' is for the first step (state None)")
+    new, out = {}, ({"m": {}, "v": {}} if keep_state is True else {"g": {}, "c": {}})
     for name, g in grads.items():
         p = params[name]
-        if max_grad_norm > 0:
-            norm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), 2, dim=1)
-            g.mul_(torch.clamp(max_grad_norm / (norm + _CLIP_EPS), max=1.0).view(-1, *([1] * (g.dim() - 1))))
-        if state is None:
-            v = g.square().mul_(1 - B2)
-            m = g.mul_(1 - B1)
-        else:
-            m = state["m"][name].mul_(B1).add_(g, alpha=1 - B1)
-            v = state["v"][name].mul_(B2).addcmul_(g, g, value=1 - B2)
-        denom = v.sqrt().add_(EPS)
-        update = m.div(denom) if keep_state else m.div_(denom)
-        del denom
-        if weight_decay > 0 and not no_decay(name):
-            update.add_(p, alpha=weight_decay)
+        c = _clip_coefficients(g, max_grad_norm)
         rate = lr * (classifier_lr_scale if is_classifier(name) else 1.0)
-        new[name] = update.mul_(-rate).add_(p)
-        if keep_state:
-            moments["m"][name], moments["v"][name] = m, v
-    return new, (moments if keep_state else None)
+        decay = weight_decay if weight_decay > 0 and not no_decay(name) else 0.0
+        # p - rate * (m / (sqrt(v) + e) + decay * p) = p * (1 - rate * decay) - rate * m / (sqrt(v) + e); the
+        # decayed p is one tensor for all slices while they still share their weights, and slices of
+        # their own are updated in place.
+        own = p.shape == g.shape
+        start = (p.mul_(1 - rate * decay) if own else p * (1 - rate * decay)) if decay else p
+        if state is None:
+            new[name] = _first(start, g, c, rate)
+            if keep_state is True:
+                g.mul_(c)
+                out["m"][name], out["v"][name] = g * (1 - B1), g.square().mul_(1 - B2)
+            elif keep_state == "second_last":
+                out["g"][name], out["c"][name] = g, c
+        elif "g" in state:
+            new[name] = _second(start, state["g"][name], state["c"][name], g, c, rate)
+        else:
+            g.mul_(c)
+            m = state["m"][name].lerp_(g, 1 - B1)
+            v = state["v"][name].mul_(B2).addcmul_(g, g, value=1 - B2)
+            new[name] = _apply(start, m, v.sqrt().add_(EPS), -rate)
+            if keep_state is True:
+                out["m"][name], out["v"][name] = m, v
+    return new, (out if keep_state else None)
+
+
+def _apply(start: torch.Tensor, numer: torch.Tensor, denom: torch.Tensor, value: float) -> torch.Tensor:
+    if start.shape == numer.shape:
+        return start.addcdiv_(numer, denom, value=value)
+    return torch.addcdiv(start, numer, denom, value=value)
+
+
+# (1 - b1) / sqrt(1 - b2): m / sqrt(v) of a fresh step, per unit of g / |g|.
+_K1 = (1 - B1) / math.sqrt(1 - B2)
+
+
+def _first(start: torch.Tensor, g: torch.Tensor, c: torch.Tensor, rate: float) -> torch.Tensor:
+    """From fresh state, with g clipped to c g: m / (sqrt(v) + e) = K1 g / (|g| + e / (sqrt(1 - b2) c))."""
+    denom = g.abs().add_(EPS / (math.sqrt(1 - B2) * c))
+    return _apply(start, g, denom, -rate * _K1)
+
+
+def _second(start: torch.Tensor, g1: torch.Tensor, c1: torch.Tensor, g2: torch.Tensor, c2: torch.Tensor,
+            rate: float) -> torch.Tensor:
+    """The second step from fresh state: with r = c1 / c2,
+    m / (sqrt(v) + e) = K1 (b1 r g1 + g2) / (hypot(sqrt(b2) r g1, g2) + e / (sqrt(1 - b2) c2))."""
+    r = c1 / c2
+    # sqrt(a^2 + b^2) rather than torch.hypot, whose careful CPU kernel is several times slower.
+    denom = (g1 * (math.sqrt(B2) * r)).square_().addcmul_(g2, g2).sqrt_().add_(EPS / (math.sqrt(1 - B2) * c2))
+    numer = g2.addcmul_(g1, B1 * r)
+    return _apply(start, numer, denom, -rate * _K1)

@@ -1,0 +1,67 @@
+"""The vectorised task engine equals the per-task reference (MetaLearner) on every parameter."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.bottom import FrozenBottom
+from trainer.config import load_config
+from trainer.engine import TaskEngine
+from trainer.features import Featurizer, labels_for
+from trainer.maml import MetaLearner, Task, group_windows
+from trainer.model import NerModel, freeze, set_dropout
+
+BASE = ["train.schedule_inner_lr=false", "train.warmup_proportion=0.0", "train.num_inner_steps=2",
+        "train.inner_lr=0.001", "train.meta_lr=0.002", "train.lambda_max=2.0", "train.num_meta_steps=50",
+        "train.classifier_lr_scale=3.0"]
+TASKS = [Task([1, 2], 0), Task([3, 0], 4), Task([5, 6], 2), Task([7, 1], 3), Task([2, 4], 6)]
+
+
+def _setup(tiny_bert, tiny_tokenizer, toy_corpus, overrides, frozen=1):
+    cfg = load_config(None, BASE + overrides)
+    labels = labels_for(cfg.train.loss_positions)
+    model = NerModel.from_pretrained(tiny_bert, labels, dropout=0.0, seed=0)
+    freeze(model, frozen)
+    set_dropout(model, 0.0)
+    model = model.double()
+    # A short window so that long sentences span several windows (left context included).
+    featurizer = Featurizer(tiny_tokenizer, max_length=16, context=4, labels=labels)
+    source = group_windows(featurizer.encode(toy_corpus["en"][:8]))
+    return cfg, model, featurizer, source
+
+
+def _reference(model, featurizer, cfg, source, epoch):
+    learner = MetaLearner(model, featurizer, cfg, seed=7)
+    learner.meta_gradient(TASKS, source, epoch)
+    grads = {n: p.grad.detach().clone() for n, p in zip(learner.names, learner.params)}
+    learner.meta_optimizer.zero_grad(set_to_none=True)
+    return learner.names, grads
+
+
+@pytest.mark.parametrize("overrides,frozen", [
+    (["train.mask_ratio=0.5", "train.mask_on=query"], 1),
+    (["train.mask_ratio=0.5", "train.mask_on=both", "train.task_chunk_size=2"], 1),
+    (["train.mask_ratio=0.0", "train.loss_positions=all"], 1),
+    (["train.mask_ratio=0.5", "train.mask_on=query"], 0),
+])
+def test_vectorised_meta_gradient_equals_the_per_task_one(tiny_bert, tiny_tokenizer, toy_corpus, overrides, frozen):
+    cfg, model, featurizer, source = _setup(tiny_bert, tiny_tokenizer, toy_corpus, overrides, frozen)
+    assert any(len(g) > 1 for g in source), "no sentence spans two windows"
+    names, expected = _reference(model, featurizer, cfg, source, epoch=3)
+    engine = TaskEngine(model, featurizer, cfg, FrozenBottom(model, featurizer), seed=7, names=names)
+    grads, totals = engine.meta_gradient(TASKS, source, epoch=3, inner_lr=cfg.train.inner_lr)
+    assert totals["tasks"] == len(TASKS) and totals["query_loss"] > 0
+    for name, g in zip(names, grads):
+        torch.testing.assert_close(g, expected[name], rtol=1e-5, atol=1e-9, msg=name)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_masking_changes_the_gradient_and_is_redrawn_per_epoch(tiny_bert, tiny_tokenizer, toy_corpus):
+    cfg, model, featurizer, source = _setup(tiny_bert, tiny_tokenizer, toy_corpus, ["train.mask_ratio=0.5"])
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    engine = TaskEngine(model, featurizer, cfg, FrozenBottom(model, featurizer), seed=7, names=names)
+    one = engine.meta_gradient(TASKS, source, epoch=1, inner_lr=1e-3)[0]
+    again = engine.meta_gradient(TASKS, source, epoch=1, inner_lr=1e-3)[0]
+    other = engine.meta_gradient(TASKS, source, epoch=2, inner_lr=1e-3)[0]
+    assert all(torch.equal(a, b) for a, b in zip(one, again))
+    assert not all(torch.allclose(a, b) for a, b in zip(one, other))
