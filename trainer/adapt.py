@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch.func import functional_call, grad, vmap
 
-from .corpus import Sentence
+from .corpus import Sentence, content_key
 from .features import FEATURES_VERSION, IGNORE, Featurizer, Window, labelled_predictions
 from .losses import token_loss
 from .model import NerModel, trainable_parameters
@@ -389,7 +389,7 @@ class PrefixStore:
     def _path(self, items: Sequence[AdaptItem]):
         import hashlib
 
-        content = repr([(i.sentence.words, [s.words for s in i.support]) for i in items])
+        content = repr([(content_key(i.sentence), [content_key(s) for s in i.support]) for i in items])
         return self.folder / f"{hashlib.sha256(content.encode()).hexdigest()[:24]}.pt"
 
     def load(self, items: Sequence[AdaptItem]) -> PrefixCache:
