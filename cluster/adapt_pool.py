@@ -48,7 +48,10 @@ def make_units(targets: dict[str, Sequence], supports: dict[str, Sequence[Sequen
 
 
 def inputs_key(checkpoint: str, cfg, units: Sequence[Unit]) -> str:
-    """Hash of everything a unit's result depends on: weights, adaptation settings, sentences."""
+    """Hash of everything a unit's result depends on: weights, adaptation settings, sentences (and
+    which are read unspaced)."""
+    from trainer.corpus import content_key
+
     h = hashlib.sha256()
     weights = Path(checkpoint) / "model.safetensors"
     h.update(hashlib.sha256(weights.read_bytes()).digest() if weights.is_file() else str(checkpoint).encode())
@@ -57,7 +60,7 @@ def inputs_key(checkpoint: str, cfg, units: Sequence[Unit]) -> str:
     for unit in units:
         h.update(unit.id.encode())
         for item in unit.items:
-            h.update(repr((item.sentence.words, [s.words for s in item.support])).encode())
+            h.update(repr((content_key(item.sentence), [content_key(s) for s in item.support])).encode())
     return h.hexdigest()[:16]
 
 

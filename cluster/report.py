@@ -39,6 +39,8 @@ def score_language(lang: str, sentences: Sequence, predictions: Sequence[Sequenc
 
 def language_metrics(result: dict) -> dict[str, float]:
     metrics = {"f1": result["f1"], "precision": result["precision"], "recall": result["recall"]}
+    if "entities_split" in result:  # a target read unspaced (jobs.evaluate.boundary_loss)
+        metrics["entities_split"] = result["entities_split"]
     for kind, row in result["per_type"].items():
         for key in ("f1", "precision", "recall"):
             metrics[f"{kind}_{key}"] = row[key]

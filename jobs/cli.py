@@ -23,10 +23,37 @@ JOBS = {
 }
 
 
+def _unspaced(sentences, tokenizer_path: str) -> dict:
+    """The sentences read unspaced with a tokenizer, as for a language of data.unspaced_languages:
+    pieces, and the gold entities with a boundary inside a piece (trainer.features.split_entities)."""
+    from dataclasses import replace
+
+    from trainer.features import Featurizer, split_entities, vocabulary
+    from trainer.model import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    featurizer = Featurizer(tokenizer)
+    counts = split_entities(featurizer, [replace(s, unspaced=True) for s in sentences])
+    return {"tokenizer": tokenizer_path, "vocabulary": vocabulary(tokenizer), "joined": featurizer.joins_unspaced,
+            **counts}
+
+
+def _print_unspaced(u: dict) -> None:
+    how = "sentences joined without spaces" if u["joined"] else "word by word (WordPiece is never joined)"
+    print(f"tokenizer   {u['tokenizer']} ({u['vocabulary']}): {how}")
+    print(f"pieces      {u['pieces']:,} ({u['units']:,} labelled) for {u['words']:,} words")
+    share = 100 * u["entities_split"] / max(1, u["entities"])
+    print(f"split       {u['entities_split']:,} of {u['entities']:,} entities ({share:.2f} %) have a boundary "
+          f"inside a piece, in {u['sentences_with_split']:,} sentences")
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from trainer.corpus import read_corpus
 
-    stats = read_corpus(args.file, misc_to_o=args.misc_to_o, split=args.split, format=args.format).stats()
+    corpus = read_corpus(args.file, misc_to_o=args.misc_to_o, split=args.split, format=args.format)
+    stats = corpus.stats()
+    if args.tokenizer:
+        stats["unspaced"] = _unspaced(corpus.sentences, args.tokenizer)
     if args.json:
         print(json.dumps(stats, ensure_ascii=False))
         return 0
@@ -42,6 +69,8 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"sentences   {stats['sentences']:,}")
     print(f"tokens      {stats['tokens']:,}")
     print(f"entities    {stats['entities']:,}  " + ", ".join(f"{k} {v:,}" for k, v in stats["entities_by_type"].items()))
+    if args.tokenizer:
+        _print_unspaced(stats["unspaced"])
     return 0
 
 
@@ -70,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(auto: a stream when the file has no blank line and at least 1,000 tokens)")
     p.add_argument("--split", choices=["train", "test"], help="split of a file without sentence breaks")
     p.add_argument("--misc-to-o", action="store_true", help="map MISC entities to O")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="read each sentence unspaced with this tokenizer (a model folder or hub id), as for a "
+                        "language of data.unspaced_languages, and count the entities with a boundary inside a piece")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     p.set_defaults(func=_inspect)
     p = sub.add_parser("score", help="phrase-level P/R/F1 of a conlleval file (token ... gold pred)")

@@ -76,7 +76,10 @@ class Data:
 
 
 def load_data(cfg, seed: int, targets: Sequence[str] | None = None) -> Data:
-    """English train and (sampled) dev, and each target's test set, MISC->O where configured."""
+    """English train and (sampled) dev, and each target's test set, MISC->O and unspaced where
+    configured."""
+    from dataclasses import replace
+
     from trainer.corpus import read_corpus
 
     d = cfg.data
@@ -92,6 +95,8 @@ def load_data(cfg, seed: int, targets: Sequence[str] | None = None) -> Data:
         if not corpus.sentences:
             raise ValueError(f"{files[lang]}: the {lang} test set is empty")
         tests[lang] = sample(corpus.sentences, d.target_sample, seed)
+        if lang in d.unspaced_languages:
+            tests[lang] = [replace(s, unspaced=True) for s in tests[lang]]
     logger.info("source %d sentences, dev %d, targets %s", len(source), len(dev),
                 {k: len(v) for k, v in tests.items()})
     return Data(source, dev, tests, files)

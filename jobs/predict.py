@@ -2,6 +2,7 @@
 support sentences, adapt, and print the entities.
 
     python -m jobs.predict --checkpoint FOLDER --text "Angela Merkel besuchte Paris ." [--file sentences.txt]
+    python -m jobs.predict --checkpoint FOLDER --lang zh --text "江泽民访问美国。"
 """
 from __future__ import annotations
 
@@ -28,13 +29,16 @@ def run(argv=None) -> int:
         p.add_argument("--checkpoint", required=True, help="checkpoint folder of a trained run")
         p.add_argument("--text", action="append", default=[], help="a sentence (repeatable)")
         p.add_argument("--file", help="a file with one sentence per line")
+        p.add_argument("--lang", help="language of the text: one of data.unspaced_languages (zh) is read "
+                                      "unspaced, as its test set is")
 
     cfg, args = parse(argv, "predict", arguments)
     lines = list(args.text)
     if args.file:
         with open(args.file, encoding="utf-8") as fh:
             lines += [line.strip() for line in fh if line.strip()]
-    sentences = [Sentence(tuple(w), ("O",) * len(w)) for w in map(tokenize, lines) if w]
+    unspaced = args.lang in cfg.data.unspaced_languages
+    sentences = [Sentence(tuple(w), ("O",) * len(w), unspaced) for w in map(tokenize, lines) if w]
     if not sentences:
         raise ValueError("nothing to label: give --text SENTENCE or --file FILE with one sentence per line")
     init_ray(cfg.cluster.address)

@@ -2,8 +2,9 @@
 
 An entry's name is a hash of its key parts: for embeddings the encoder key (encoder id, weights
 and vocabulary fingerprint, max_length, pooling) and the corpus content (the words of every
-sentence, in order); for neighbours the keys of both embedding sets, k and the search options. So a
-changed corpus or model is a different entry and is never served stale. Entries are written to a
+sentence, in order, and whether it is read unspaced); for neighbours the keys of both embedding
+sets, k and the search options. So a changed corpus or model is a different entry and is never
+served stale. Entries are written to a
 temporary file and renamed into place, and an entry that does not load as the expected array is
 recomputed, so a write cut short is never read as valid.
 """
@@ -22,12 +23,15 @@ logger = logging.getLogger(__name__)
 
 
 def corpus_hash(sentences: Sequence[Any]) -> str:
-    """Hash of the words of all sentences in order (tags do not change embeddings)."""
+    """Hash of the words of all sentences in order, and of which are read unspaced (tags do not
+    change embeddings)."""
     digest = hashlib.sha256()
     for sentence in sentences:
         words = sentence.words if hasattr(sentence, "words") else sentence
-        # Unit and record separators cannot occur inside a corpus token.
-        digest.update("\x1f".join(words).encode("utf-8") + b"\x1e")
+        # Unit and record separators cannot occur inside a corpus token. The group separator marks
+        # an unspaced sentence only, so that the hashes of spaced corpora stay what they were.
+        unspaced = b"\x1d" if getattr(sentence, "unspaced", False) else b""
+        digest.update("\x1f".join(words).encode("utf-8") + unspaced + b"\x1e")
     digest.update(str(len(sentences)).encode())
     return digest.hexdigest()
 

@@ -2,13 +2,16 @@
 
 The paper compares sentences by the cosine of mBERT's [CLS] vectors. Vectors are float32 and unit
 length, so that FAISS's inner product is the cosine. A sentence longer than the model's window is
-represented by its first window (the same cut the trainer makes).
+represented by its first window (the same cut the trainer makes). An unspaced sentence (Chinese)
+is embedded as the featuriser reads it: its characters joined into one string, for encoders whose
+vocabulary is not WordPiece.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+from dataclasses import replace
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -141,8 +144,9 @@ class Embedder:
 
     def first_windows(self, sentences: Sequence[Sentence]):
         """The first window of each sentence, in order."""
-        # Tags play no part in the vectors; plain O tags accept any corpus's label set.
-        untagged = [Sentence(tuple(s.words), ("O",) * len(s.words)) for s in sentences]
+        # Tags play no part in the vectors; plain O tags accept any corpus's label set. An
+        # unspaced sentence stays unspaced: it is embedded as the text the encoder was trained on.
+        untagged = [replace(s, tags=("O",) * len(s.words)) for s in sentences]
         windows, seen = [], set()
         for window in self.featurizer.encode(untagged):
             if window.sentence not in seen:

@@ -66,6 +66,42 @@ def tiny_tokenizer(tiny_bert):
 
 
 @pytest.fixture(scope="session")
+def e5_tokenizer():
+    """multilingual-e5-small's tokenizer (XLM-R's sentencepiece vocabulary)."""
+    from transformers import AutoTokenizer
+
+    if not (MODELS / "me5-small-ner").is_dir():
+        pytest.skip(f"pretrained encoder not found at {MODELS / 'me5-small-ner'}")
+    return AutoTokenizer.from_pretrained(MODELS / "me5-small-ner")
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_e5_vocab(e5_tokenizer):
+    """A 2-layer, hidden-32 random BERT over e5's vocabulary, no dropout: real sentencepiece
+    pieces at the cost of a tiny model."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(e5_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, pad_token_id=e5_tokenizer.pad_token_id, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    return BertModel(config).eval()
+
+
+def zh_sentences(n: int, unspaced: bool = True):
+    """The first `n` sentences of WikiANN zh (MISC to O, as the jobs read it), marked unspaced."""
+    from dataclasses import replace
+
+    from trainer.corpus import read_corpus
+
+    path = DATA / "raw/panx/dev-zh.tsv"
+    if not path.is_file():
+        pytest.skip(f"WikiANN zh not found at {path} (set METANER_DATA)")
+    return [replace(s, unspaced=unspaced) for s in read_corpus(path, misc_to_o=True).sentences[:n]]
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """A 2-CPU Ray cluster bound to 127.0.0.1 for the whole session, shut down at its end.
 

@@ -213,3 +213,24 @@ def test_classifier_lr_scale_reaches_the_batched_step_and_the_optimiser(model, f
 def test_one_tokenizer_call_gives_each_group_its_own_windows(featurizer, toy_corpus):
     groups = [toy_corpus["en"][0:2], toy_corpus["es"][3:4], [], toy_corpus["de"][5:8]]
     assert _encode_groups(featurizer, groups) == [featurizer.encode(g) if g else [] for g in groups]
+
+
+def test_batched_adaptation_equals_sequential_on_unspaced_chinese(e5_tokenizer, tiny_encoder_e5_vocab, toy_corpus):
+    import copy
+
+    from conftest import zh_sentences
+
+    model = NerModel(copy.deepcopy(tiny_encoder_e5_vocab), LABELS, dropout=0.0, seed=0)
+    freeze(model, 1)
+    model.eval()
+    featurizer = Featurizer(e5_tokenizer, max_length=32, context=8)
+    zh = zh_sentences(200)
+    joined = [s for s in zh if max(featurizer.units([s])[0].widths) > 1]
+    sentences = [max(zh, key=lambda s: len(s.words))] + joined[:4]
+    windows = featurizer.encode(sentences)
+    assert len(windows) > len(sentences) and any(max(w.widths) > 1 for w in windows)
+    en = toy_corpus["en"]
+    supports = [[en[2 * i], en[2 * i + 1]] for i in range(len(sentences))]
+    _assert_batched_equals_sequential(model, featurizer, sentences, supports, SETTINGS)
+    tags = adapt_many(model, featurizer, sentences, supports, load_config(None, CFG))
+    assert [len(t) for t in tags] == [len(s.words) for s in sentences]

@@ -48,6 +48,16 @@ def test_units_interleave_languages_and_cover_each_sentence_once(toy_corpus):
         assert covered == list(range(len(sentences)))
 
 
+def test_inputs_key_tells_unspaced_sentences_apart(toy_corpus, tmp_path):
+    from dataclasses import replace
+
+    targets, supports = _targets(toy_corpus)
+    cfg = load_config()
+    spaced = make_units({"zh": targets["zh"]}, {"zh": supports["zh"]}, 6)
+    unspaced = make_units({"zh": [replace(s, unspaced=True) for s in targets["zh"]]}, {"zh": supports["zh"]}, 6)
+    assert inputs_key(str(tmp_path), cfg, spaced) != inputs_key(str(tmp_path), cfg, unspaced)
+
+
 def test_collect_refuses_lost_or_duplicated_sentences(toy_corpus, tmp_path):
     targets, supports = _targets(toy_corpus)
     units = make_units({"es": targets["es"]}, {"es": supports["es"]}, 6)

@@ -64,3 +64,59 @@ def test_a_relative_model_folder_reaches_workers_as_an_absolute_path(tmp_path, m
     assert cfg.model.name_or_path == str(tmp_path / "models" / "enc")
     hub, _ = parse(["--out", "o", "model.name_or_path=bert-base-multilingual-cased"], "meta_train")
     assert hub.model.name_or_path == "bert-base-multilingual-cased"
+
+
+def test_load_data_marks_the_unspaced_targets(tmp_path, toy_corpus):
+    from jobs.common import load_data
+    from trainer.config import load_config
+    from trainer.synthetic import write_corpus
+
+    for name in ("en/train.txt", "en/valid.txt"):
+        write_corpus(tmp_path / name, toy_corpus["en"])
+    for lang in ("es", "zh"):
+        write_corpus(tmp_path / f"{lang}.txt", toy_corpus[lang])
+    base = [f"data.root={tmp_path}", "data.source_train=en/train.txt", "data.source_dev=en/valid.txt",
+            "data.targets=[es, zh]", "data.target_files.es=es.txt", "data.target_files.zh=zh.txt",
+            "data.target_sample=7"]
+    data = load_data(load_config(overrides=base), seed=95)
+    assert all(s.unspaced for s in data.targets["zh"]) and not any(s.unspaced for s in data.targets["es"])
+    assert not any(s.unspaced for s in data.source + data.dev)
+    plain = load_data(load_config(overrides=base + ["data.unspaced_languages=[]"]), seed=95)
+    assert not any(s.unspaced for s in plain.targets["zh"])
+    # The same sample either way: only the reading differs.
+    assert [s.words for s in plain.targets["zh"]] == [s.words for s in data.targets["zh"]]
+
+
+def test_inspect_counts_entities_split_by_pieces(tmp_path):
+    from conftest import MODELS
+
+    if not (MODELS / "me5-small-ner").is_dir():
+        pytest.skip(f"pretrained encoder not found at {MODELS / 'me5-small-ner'}")
+    path = tmp_path / "zh.tsv"
+    # e5 has a piece "北京": an entity of "北" alone has its end inside it.
+    path.write_text("北\tB-LOC\n京\tO\n大\tO\n学\tO\n\n北\tB-ORG\n京\tI-ORG\n大\tI-ORG\n学\tI-ORG\n\n", encoding="utf-8")
+    out = json.loads(_metaner("inspect", str(path), "--tokenizer", str(MODELS / "me5-small-ner"), "--json").stdout)
+    u = out["unspaced"]
+    assert (u["vocabulary"], u["joined"], u["words"], u["entities"]) == ("Unigram", True, 8, 2)
+    assert (u["entities_split"], u["sentences_with_split"]) == (1, 1) and u["units"] < 8
+    text = _metaner("inspect", str(path), "--tokenizer", str(MODELS / "me5-small-ner")).stdout
+    assert "1 of 2 entities" in text and "inside a piece" in text
+    bad = _metaner("inspect", str(path), "--tokenizer", str(tmp_path / "none"), check=False)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_evaluation_counts_split_entities_of_unspaced_targets(tmp_path, e5_tokenizer, toy_corpus):
+    from dataclasses import replace
+
+    from cluster.report import language_metrics
+    from jobs.evaluate import boundary_loss
+    from trainer.config import load_config
+    from trainer.corpus import Sentence
+
+    e5_tokenizer.save_pretrained(tmp_path)  # a checkpoint folder holds its tokenizer
+    zh = [Sentence(tuple("北京大学"), ("B-LOC", "O", "O", "O"), unspaced=True), replace(toy_corpus["zh"][0], unspaced=True)]
+    found = boundary_loss(str(tmp_path), load_config(), {"es": toy_corpus["es"][:3], "zh": zh})
+    assert list(found) == ["zh"] and found["zh"]["entities_split"] == 1
+    assert boundary_loss(str(tmp_path), load_config(), {"zh": toy_corpus["zh"][:3]}) == {}
+    metrics = language_metrics({"f1": 1.0, "precision": 1.0, "recall": 1.0, "per_type": {}, "entities_split": 1})
+    assert metrics["entities_split"] == 1

@@ -35,6 +35,8 @@ def test_yaml_then_overrides(tmp_path):
     ("data.targets=[xx]", "data.targets"),
     ("model.dropout=true", "model.dropout"),
     ("cluster.zero_stage=3", "cluster.zero_stage"),
+    ("data.unspaced_languages=[xx]", "data.unspaced_languages"),
+    ("data.unspaced_languages=zh", "data.unspaced_languages"),
     ("nosection.key=1", "nosection"),
 ])
 def test_bad_value_names_the_key(override, key):
@@ -73,3 +75,11 @@ def test_data_root_from_environment(monkeypatch):
 def test_mapping_override_changes_one_key():
     cfg = load_config(overrides=["data.target_files.fr=my/fr.txt"])
     assert cfg.data.target_files["fr"] == "my/fr.txt" and cfg.data.target_files["es"] == "meta-cross/es/test.txt"
+
+
+def test_unspaced_languages_default_to_chinese_and_can_be_emptied():
+    assert load_config().data.unspaced_languages == ["zh"]
+    assert load_config(overrides=["data.unspaced_languages=[]"]).data.unspaced_languages == []
+    # Another unspaced script is a target like any other once it has a test file.
+    cfg = load_config(overrides=["data.target_files.ja=raw/ja.tsv", "data.unspaced_languages=[zh, ja]"])
+    assert cfg.data.unspaced_languages == ["zh", "ja"]

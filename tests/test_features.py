@@ -130,3 +130,143 @@ def test_e5_tokenizer_labels_chinese_characters():
     sentence = Sentence(tuple("江苏省") + ("Madrid",), ("B-LOC", "I-LOC", "I-LOC", "B-LOC"))
     pieces = feat.word_pieces([sentence])[0]
     assert [tok.convert_ids_to_tokens(p) for p in pieces] == [["江"], ["苏"], ["省"], ["▁Madrid"]]
+
+
+# ---------------------------------------------------------------- unspaced sentences (Chinese)
+
+
+def _joined_tokenizer():
+    """A Metaspace unigram tokenizer with multi-character Chinese pieces ("江苏", "▁北京")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    pieces = ["▁", "江苏", "江", "苏", "省", "在", "▁北京", "北", "京", "▁Anna", "。"]
+    vocab = [(p, 0.0) for p in specials] + [(p, -1.0 - i) for i, p in enumerate(pieces)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=3))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", cls_token="<s>", pad_token="<pad>",
+                                   eos_token="</s>", sep_token="</s>", unk_token="<unk>", mask_token="<mask>")
+
+
+def _labelled(tok, window):
+    return [(tok.convert_ids_to_tokens(i), LABELS[lab]) for i, lab in zip(window.input_ids, window.labels)
+            if lab != IGNORE]
+
+
+def test_unspaced_sentence_is_tokenised_as_one_string_and_labelled_through_offsets():
+    tok = _joined_tokenizer()
+    feat = Featurizer(tok, max_length=32, context=0)
+    words = tuple("北京在江苏省") + ("。",)
+    sentence = Sentence(words, ("B-LOC", "I-LOC", "O", "B-LOC", "I-LOC", "I-LOC", "O"), unspaced=True)
+    (window,) = feat.encode([sentence])
+    assert list(window.input_ids[1:-1]) == tok("".join(words), add_special_tokens=False)["input_ids"]
+    # A piece takes the label of its first character.
+    assert _labelled(tok, window) == [("▁北京", "B-LOC"), ("在", "O"), ("江苏", "B-LOC"), ("省", "I-LOC"), ("。", "O")]
+    assert window.words == (0, 2, 3, 5, 6) and window.widths == (2, 1, 2, 1, 1)
+    # A predicted piece label expands over its characters: B-X, then I-X; O stays O.
+    predicted = [LABELS.index(t) for t in ("B-ORG", "O", "B-PER", "O", "I-LOC")]
+    assert feat.merge([sentence], [window], [predicted]) == [["B-ORG", "I-ORG", "O", "B-PER", "I-PER", "O", "I-LOC"]]
+    # The same words spaced keep one piece per character.
+    spaced = feat.encode([Sentence(words, sentence.tags)])[0]
+    assert spaced.widths == (1,) * len(words)
+
+
+def test_bare_marker_of_unspaced_text_is_kept_but_never_labelled():
+    tok = _joined_tokenizer()
+    feat = Featurizer(tok, max_length=32, context=0)
+    sentence = Sentence(tuple("江苏省"), ("B-LOC", "I-LOC", "I-LOC"), unspaced=True)
+    (window,) = feat.encode([sentence])
+    assert tok.convert_ids_to_tokens(list(window.input_ids)) == ["<s>", "▁", "江苏", "省", "</s>"]
+    assert _labelled(tok, window) == [("江苏", "B-LOC"), ("省", "I-LOC")]
+
+
+def test_entity_boundary_inside_a_piece_is_counted():
+    from trainer.features import split_entities
+
+    tok = _joined_tokenizer()
+    feat = Featurizer(tok, max_length=32, context=0)
+    # "江" and "苏" are one piece but two entities: both have a boundary inside it.
+    cut = Sentence(tuple("在江苏"), ("O", "B-PER", "B-LOC"), unspaced=True)
+    whole = Sentence(tuple("在江苏"), ("O", "B-LOC", "I-LOC"), unspaced=True)
+    counts = split_entities(feat, [cut, whole])
+    assert (counts["entities"], counts["entities_split"], counts["sentences_with_split"]) == (3, 2, 1)
+    assert (counts["words"], counts["units"]) == (6, 4)
+    windows = feat.encode([cut, whole])
+    gold = [[lab for lab in w.labels if lab != IGNORE] for w in windows]
+    assert feat.merge([cut, whole], windows, gold) == [["O", "B-PER", "I-PER"], list(whole.tags)]
+    assert split_entities(feat, [Sentence(cut.words, cut.tags)])["entities_split"] == 0  # spaced: none
+
+
+def test_characters_no_piece_covers_belong_to_the_piece_before():
+    tok = _joined_tokenizer()
+    feat = Featurizer(tok, max_length=32, context=0)
+    # The space is no piece of its own: its marker opens "苏" unlabelled.
+    sentence = Sentence(("江", " ", "苏"), ("B-LOC", "I-LOC", "I-LOC"), unspaced=True)
+    (window,) = feat.encode([sentence])
+    assert _labelled(tok, window) == [("江", "B-LOC"), ("苏", "I-LOC")]
+    assert window.widths == (2, 1)
+    assert feat.merge([sentence], [window], [[LABELS.index("B-LOC"), LABELS.index("I-LOC")]]) == [list(sentence.tags)]
+    blank = Sentence(("\u3000",), ("O",), unspaced=True)
+    assert feat.merge([blank], feat.encode([blank]), [[0]]) == [["O"]]
+    assert feat.encode([Sentence((), (), unspaced=True)])[0].words == ()
+
+
+def test_long_unspaced_sentence_is_windowed_every_character_once(toy_corpus):
+    tok = _joined_tokenizer()
+    feat = Featurizer(tok, max_length=12, context=3)
+    base = Sentence(tuple("北京在江苏省") + ("。",), ("B-LOC", "I-LOC", "O", "B-LOC", "I-LOC", "I-LOC", "O"))
+    long = Sentence(base.words * 20, base.tags * 20, unspaced=True)
+    mixed = [toy_corpus["en"][0], long, toy_corpus["zh"][0]]
+    windows = feat.encode(mixed)
+    assert sum(w.sentence == 1 for w in windows) > 5 and all(len(w) <= 12 for w in windows)
+    assert [w.sentence for w in windows] == sorted(w.sentence for w in windows)
+    predictions = [[lab for lab in w.labels if lab != IGNORE] for w in windows]
+    assert feat.merge(mixed, windows, predictions) == [list(s.tags) for s in mixed]
+    # One call for all equals a call per sentence: spaced and unspaced sentences keep their order.
+    assert [w.input_ids for w in windows] == [w.input_ids for s in mixed for w in feat.encode([s])]
+
+
+def test_wordpiece_vocabulary_keeps_the_word_by_word_path(tiny_tokenizer, toy_corpus):
+    from conftest import MODELS
+    from transformers import AutoTokenizer
+
+    tokenizers = [tiny_tokenizer]
+    if (MODELS / "bert-tiny-6l").is_dir():
+        tokenizers.append(AutoTokenizer.from_pretrained(MODELS / "bert-tiny-6l"))
+    sentences = toy_corpus["zh"][:10] + [Sentence(tuple("2008年北京"), ("O",) * 5 + ("B-LOC", "I-LOC"))]
+    for tok in tokenizers:
+        feat = Featurizer(tok, max_length=16, context=4)
+        assert not feat.joins_unspaced
+        unspaced = [Sentence(s.words, s.tags, unspaced=True) for s in sentences]
+        assert feat.encode(unspaced) == feat.encode(sentences)
+
+
+def test_wikiann_zh_round_trip_through_e5_pieces(e5_tokenizer):
+    """Characters -> pieces -> characters on real sentences: exact wherever entity boundaries fall
+    between pieces; the sentences where they do not are exactly those counted."""
+    from conftest import zh_sentences
+
+    from trainer.corpus import entity_spans
+    from trainer.features import split_entities
+
+    sentences = zh_sentences(3000)
+    feat = Featurizer(e5_tokenizer, max_length=32, context=8)  # short windows: long sentences are cut
+    windows = feat.encode(sentences)
+    assert len(windows) > len(sentences)
+    gold = [[lab for lab in w.labels if lab != IGNORE] for w in windows]
+    merged = feat.merge(sentences, windows, gold)
+    counts = split_entities(feat, sentences)
+    assert counts["units"] < counts["words"]  # multi-character pieces do occur
+    assert 0 < counts["entities_split"] < 0.02 * counts["entities"]
+    lost = [len(set(entity_spans(s.tags)) - set(entity_spans(m))) for s, m in zip(sentences, merged)]
+    assert sum(lost) == counts["entities_split"]
+    assert sum(n > 0 for n in lost) == counts["sentences_with_split"]
+    assert all(m == list(s.tags) for s, m, n in zip(sentences, merged, lost) if n == 0)
+    # What the encoder reads is the joined text's own tokenisation.
+    short = [s for s in sentences if len(s.words) < 15][:50]
+    short_windows = feat.encode(short)
+    assert len(short_windows) == len(short)
+    for s, w in zip(short, short_windows):
+        assert list(w.input_ids[1:-1]) == e5_tokenizer("".join(s.words), add_special_tokens=False)["input_ids"]

@@ -99,6 +99,27 @@ def test_fingerprint_follows_the_weights(tiny_bert, embedder, tmp_path):
     assert Embedder(other_spelling, max_length=32, progress=False).key() == embedder.key()
 
 
+def test_unspaced_sentence_is_embedded_as_its_joined_text(e5_tokenizer, tiny_encoder_e5_vocab):
+    from dataclasses import replace
+
+    from retrieval.cache import corpus_hash
+
+    words = tuple("江泽民访问美国。")
+    spaced = Sentence(words, ("B-PER", "I-PER", "I-PER", "O", "O", "B-LOC", "I-LOC", "O"))
+    unspaced = replace(spaced, unspaced=True)
+    embedder = Embedder(tiny_encoder_e5_vocab, e5_tokenizer, max_length=32, progress=False)
+    (window,) = embedder.first_windows([unspaced])
+    joined = e5_tokenizer("".join(words))["input_ids"]  # with <s> and </s>, as the encoder read text
+    assert list(window.input_ids) == joined
+    assert list(embedder.first_windows([spaced])[0].input_ids) != joined
+    x = embedder.embed([unspaced, spaced])
+    assert np.abs(x[0] - x[1]).max() > 1e-4
+    np.testing.assert_allclose(x[:1], embedder.embed([Sentence(words, ("O",) * len(words), unspaced=True)]),
+                               atol=1e-6)
+    # The cache tells the two readings apart; a spaced corpus keeps the hash it always had.
+    assert corpus_hash([unspaced]) != corpus_hash([spaced]) == corpus_hash([list(words)])
+
+
 # ---------------------------------------------------------------- tasks
 
 

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch.func import grad, vmap
 
-from .corpus import Sentence
+from .corpus import Sentence, content_key
 from .features import IGNORE, Featurizer, Window, labelled_predictions
 from .losses import token_loss
 from .model import NerModel, trainable_parameters
@@ -280,4 +280,4 @@ class Adapter:
     @staticmethod
     def content(items: Sequence[AdaptItem]) -> str:
         """What a unit's stored frozen-bottom states depend on beyond the model: its sentences."""
-        return repr([(i.sentence.words, [s.words for s in i.support]) for i in items])
+        return repr([(content_key(i.sentence), [content_key(s) for s in i.support]) for i in items])

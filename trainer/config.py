@@ -61,6 +61,12 @@ class DataConfig:
     low_resource_fractions: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05])
     # The paper maps MISC to O where the target corpus has no MISC type.
     misc_to_o: list[str] = field(default_factory=lambda: ["fr", "zh"])
+    # Targets written without spaces, one character per word in their corpora. With a sentencepiece
+    # or byte-level vocabulary (XLM-R, e5) each sentence is tokenised as one unspaced string, as
+    # the encoder read such text in pretraining, and labels reach characters through the pieces'
+    # offsets; WordPiece vocabularies (mBERT) split every CJK character anyway and are unaffected.
+    # [] tokenises every character as a word of its own.
+    unspaced_languages: list[str] = field(default_factory=lambda: ["zh"])
     # Sample this many sentences of each target test set (0 = all), reproducibly from the seed.
     target_sample: int = 0
     # Sample of English dev used for model selection during meta-training (0 = all).
@@ -326,6 +332,9 @@ def validate(cfg: Config) -> None:
                f"{lang!r} has no entry in data.target_files; add data.target_files.{lang}=PATH")
     for lang in d.misc_to_o:
         _check(lang in LANGUAGES, "data.misc_to_o", f"{lang!r} is not one of {', '.join(LANGUAGES)}")
+    for lang in d.unspaced_languages:
+        _check(lang in d.target_files, "data.unspaced_languages",
+               f"{lang!r} is not a target language (no entry in data.target_files)")
     _check(d.target_sample >= 0, "data.target_sample", "must be 0 (all) or a positive count")
     _check(d.dev_sample >= 0, "data.dev_sample", "must be 0 (all) or a positive count")
     _check(all(0 < f <= 1 for f in d.low_resource_fractions), "data.low_resource_fractions",

@@ -52,10 +52,22 @@ class CorpusError(ValueError):
 class Sentence:
     words: tuple[str, ...]
     tags: tuple[str, ...]
+    # The words are the characters of text written without spaces (Chinese, one character per
+    # word): the featuriser may tokenise them joined, as the encoder read such text. Set where a
+    # language's test set is read (data.unspaced_languages), so that it travels with the sentence
+    # through retrieval, actors and caches.
+    unspaced: bool = False
 
     def __post_init__(self) -> None:
         if len(self.words) != len(self.tags):
             raise ValueError(f"sentence has {len(self.words)} words but {len(self.tags)} tags")
+
+
+def content_key(sentence: Sentence) -> tuple:
+    """What a cache of anything computed from a sentence must key on: its words, and whether they
+    are read unspaced. A spaced sentence keys on its words alone, as before the flag existed, so
+    that entries already on disk stay valid."""
+    return (sentence.words, "unspaced") if sentence.unspaced else sentence.words
 
 
 @dataclass

@@ -1,23 +1,37 @@
-"""Sentences to model inputs: subword windows with first-subword labels, and back.
+"""Sentences to model inputs: subword windows with one labelled subword per unit, and back.
 
-Only a word's first subword carries its label (-100 elsewhere, and on [CLS]/[SEP]). A sentence
-longer than the model's window is cut into windows; each window after the first starts with the
-last `context` subwords of the words before it, unlabelled, so that every word is predicted exactly
-once, with left context, when the windows are merged back.
+A unit is a word, whose first subword carries its label (-100 elsewhere, and on [CLS]/[SEP]). For
+an unspaced sentence (`Sentence.unspaced`: Chinese, one character per word) and a sentencepiece or
+byte-level vocabulary, a unit is a run of characters instead: the sentence is tokenised as one
+string, as the encoder read such text in pretraining, each piece is placed on its characters
+through the tokenizer's offsets, and a piece takes the label of its first character. Merging back
+expands a piece's label over its characters (B-X on the first, I-X on the rest, O stays O), so
+that scores stay per character. A gold entity with a boundary inside a piece cannot be labelled
+exactly; `split_entities` counts them. WordPiece vocabularies (mBERT) give every CJK character a
+piece of its own anyway: there unspaced sentences keep the word-by-word path.
+
+A sentence longer than the model's window is cut into windows; each window after the first starts
+with the last `context` subwords of the units before it, unlabelled, so that every word is
+predicted exactly once, with left context, when the windows are merged back.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
-from .corpus import LABELS, Sentence
+from .corpus import LABELS, Sentence, entity_spans
+
+logger = logging.getLogger(__name__)
 
 IGNORE = -100
 # Bumped whenever the same words and tokenizer give other pieces or windows: caches of anything
 # computed from windows (retrieval vectors, frozen-bottom states) carry it in their keys.
 # 2: a bare sentencepiece word marker is dropped (see Featurizer._drop_bare_marker).
+# The unspaced path changed no pieces of any input that existed before it: it applies only to
+# sentences flagged unspaced, and the flag is part of every cache key (see corpus.content_key).
 FEATURES_VERSION = 2
 # The official code's head has 13 classes: the 9 BIO tags, X (every subword after a word's first),
 # [CLS], [SEP] and [PAD] (a class it never trains on, but whose logit takes part in the softmax).
@@ -37,11 +51,34 @@ def labels_for(loss_positions: str) -> tuple[str, ...]:
 class Window:
     sentence: int  # index of the sentence in the encoded list
     input_ids: tuple[int, ...]
-    labels: tuple[int, ...]  # IGNORE except at the first subword of each word owned by the window
-    words: tuple[int, ...]  # for each labelled position, in order, the word index in the sentence
+    labels: tuple[int, ...]  # IGNORE except at the labelled subword of each unit owned by the window
+    words: tuple[int, ...]  # for each labelled position, in order, the index of its unit's first word
+    # For each labelled position, how many words its label stands for: 1 for a word, more for a
+    # piece of an unspaced sentence that spans several characters. Empty: 1 each.
+    widths: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+
+class Units(NamedTuple):
+    """A sentence's labelled units, as columns: unit i stands for words firsts[i] .. firsts[i] +
+    widths[i] - 1, is tokenised as pieces[i], and carries its label on pieces[i][label_at[i]]."""
+    firsts: Sequence[int]
+    widths: Sequence[int]
+    pieces: list[list[int]]
+    label_at: Sequence[int]
+
+    @classmethod
+    def of_words(cls, pieces: list[list[int]]) -> "Units":
+        """One unit per word, labelled on its first piece."""
+        n = len(pieces)
+        return cls(range(n), (1,) * n, pieces, (0,) * n)
+
+
+def vocabulary(tokenizer) -> str:
+    """The subword model of a fast tokenizer: "WordPiece", "Unigram" (sentencepiece), "BPE", ..."""
+    return type(tokenizer.backend_tokenizer.model).__name__
 
 
 class Featurizer:
@@ -65,6 +102,27 @@ class Featurizer:
         self._cls, self._sep, self._unk = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.unk_token_id
         self._special = frozenset(tokenizer.all_special_ids)
         self._bare_marker: dict[int, bool] = {}
+        # WordPiece's pre-tokenizer splits every CJK character off anyway: joining the characters
+        # would only change how digits and Latin letters inside Chinese text are cut, away from
+        # what mBERT (the paper's encoder) is given.
+        self.joins_unspaced = vocabulary(tokenizer) != "WordPiece"
+        self._told_wordpiece = False
+
+    def units(self, sentences: Sequence[Sentence]) -> list[Units]:
+        """The labelled units of every sentence, in order; together they cover every word once."""
+        out: list[Units | None] = [None] * len(sentences)
+        joined = [i for i, s in enumerate(sentences) if s.unspaced and self.joins_unspaced]
+        if joined:
+            for i, units in zip(joined, self._unspaced_units([sentences[i] for i in joined])):
+                out[i] = units
+        if not self.joins_unspaced and not self._told_wordpiece and any(s.unspaced for s in sentences):
+            logger.info("WordPiece vocabulary: unspaced sentences are tokenised word by word, as for mBERT")
+            self._told_wordpiece = True
+        spaced = [i for i, units in enumerate(out) if units is None]
+        if spaced:
+            for i, pieces in zip(spaced, self.word_pieces([sentences[i] for i in spaced])):
+                out[i] = Units.of_words(pieces)
+        return out  # type: ignore[return-value]
 
     def word_pieces(self, sentences: Sequence[Sentence]) -> list[list[list[int]]]:
         """Subword ids of every word; a word that tokenises to nothing becomes the unknown token."""
@@ -100,47 +158,92 @@ class Featurizer:
                 and self.tokenizer.decode([token_id]).strip() == "")
         return self._bare_marker[token_id]
 
+    def _unspaced_units(self, sentences: Sequence[Sentence]) -> list[Units]:
+        enc = self.tokenizer(["".join(s.words) for s in sentences], add_special_tokens=False,
+                             return_offsets_mapping=True, verbose=False)
+        return [self._align(s.words, ids, offsets)
+                for s, ids, offsets in zip(sentences, enc["input_ids"], enc["offset_mapping"])]
+
+    def _align(self, words: Sequence[str], ids: list[int], offsets: list[tuple[int, int]]) -> Units:
+        """Units of one unspaced sentence from the pieces of its joined text and their offsets.
+
+        A piece that starts on a word no earlier piece reached opens a unit; one that starts on a
+        word already reached (the rest of a multi-character word, a character normalised into
+        several pieces) joins the open unit. Pieces that stand for no character of their own (the
+        bare "▁" that opens sentencepiece text) are kept, since the encoder read text so, but join
+        the next unit without its label (see `_drop_bare_marker`). A character no piece covers (a
+        space the tokenizer dropped) belongs to the unit before it, or at the start to the first.
+        """
+        if not words:
+            return Units.of_words([])
+        owner = [w for w, word in enumerate(words) for _ in word]
+        firsts: list[int] = []
+        units: list[list[int]] = []
+        label_at: list[int] = []
+        pending: list[int] = []
+        reached = -1
+        for token_id, (a, b) in zip(ids, offsets):
+            if b <= a or self._is_bare_marker(token_id):
+                pending.append(token_id)
+                continue
+            if owner[a] > reached:
+                firsts.append(owner[a])
+                label_at.append(len(pending))
+                units.append(pending + [token_id])
+            else:
+                units[-1] += pending + [token_id]
+            pending = []
+            reached = max(reached, owner[b - 1])
+        if not units:  # only characters the tokenizer drops
+            return Units([0], [len(words)], [[self._unk]], [0])
+        units[-1] += pending
+        firsts[0] = 0
+        ends = firsts[1:] + [len(words)]
+        return Units(firsts, [e - f for f, e in zip(firsts, ends)], units, label_at)
+
     def encode(self, sentences: Sequence[Sentence]) -> list[Window]:
         windows: list[Window] = []
-        for index, (sentence, pieces) in enumerate(zip(sentences, self.word_pieces(sentences))):
+        for index, (sentence, units) in enumerate(zip(sentences, self.units(sentences))):
             tags = [self.label2id[t] for t in sentence.tags]
-            windows.extend(self._windows(index, pieces, tags))
+            windows.extend(self._windows(index, units, tags))
         return windows
 
-    def _windows(self, index: int, pieces: list[list[int]], tags: list[int]) -> list[Window]:
+    def _windows(self, index: int, units: Units, tags: list[int]) -> list[Window]:
         budget = self.max_length - 2
-        # A single word longer than a whole window keeps only its first pieces (it is labelled
-        # by its first one anyway).
-        pieces = [p[:budget - self.context] for p in pieces]
+        # A single unit longer than a whole window keeps only its first pieces (its label sits on
+        # one of the first anyway).
+        keep = budget - self.context
+        pieces = [p if len(p) <= keep else p[:keep] for p in units.pieces]
         out, start = [], 0
         while start < len(pieces) or not out:
-            context_words = self._context_words(pieces, start) if start else []
-            used = sum(len(pieces[w]) for w in context_words)
+            context = self._context_units(pieces, start) if start else []
+            used = sum(len(pieces[u]) for u in context)
             end = start
             while end < len(pieces) and used + len(pieces[end]) <= budget:
                 used += len(pieces[end])
                 end += 1
-            ids, labels, words = [self._cls], [IGNORE], []
-            for w in context_words:
-                ids += pieces[w]
-                labels += [IGNORE] * len(pieces[w])
-            for w in range(start, end):
-                ids += pieces[w]
-                labels += [tags[w]] + [IGNORE] * (len(pieces[w]) - 1)
-                words.append(w)
+            ids, labels = [self._cls], [IGNORE]
+            for u in context:
+                ids += pieces[u]
+                labels += [IGNORE] * len(pieces[u])
+            for u in range(start, end):
+                at = min(units.label_at[u], len(pieces[u]) - 1)
+                ids += pieces[u]
+                labels += [IGNORE] * at + [tags[units.firsts[u]]] + [IGNORE] * (len(pieces[u]) - at - 1)
             ids.append(self._sep)
             labels.append(IGNORE)
-            out.append(Window(index, tuple(ids), tuple(labels), tuple(words)))
+            out.append(Window(index, tuple(ids), tuple(labels), tuple(units.firsts[start:end]),
+                              tuple(units.widths[start:end])))
             start = end
         return out
 
-    def _context_words(self, pieces: list[list[int]], start: int) -> list[int]:
-        words, used, w = [], 0, start - 1
-        while w >= 0 and used + len(pieces[w]) <= self.context:
-            used += len(pieces[w])
-            words.insert(0, w)
-            w -= 1
-        return words
+    def _context_units(self, pieces: list[list[int]], start: int) -> list[int]:
+        out, used, u = [], 0, start - 1
+        while u >= 0 and used + len(pieces[u]) <= self.context:
+            used += len(pieces[u])
+            out.insert(0, u)
+            u -= 1
+        return out
 
     def collate(self, windows: Sequence[Window], width: int | None = None) -> dict[str, torch.Tensor]:
         """Pad to the longest window of the batch (not to max_length), or to a fixed `width`."""
@@ -185,20 +288,52 @@ class Featurizer:
 
     def merge(self, sentences: Sequence[Sentence], windows: Sequence[Window],
               predictions: Sequence[Sequence[int]]) -> list[list[str]]:
-        """Tags per word from per-window predictions (one label id per labelled position)."""
+        """Tags per word from per-window predictions (one label id per labelled position); a label
+        that stands for several words (a piece of an unspaced sentence) is expanded over them."""
         out: list[list[str | None]] = [[None] * len(s.words) for s in sentences]
         for window, predicted in zip(windows, predictions):
             if len(predicted) != len(window.words):
                 raise ValueError(f"window of sentence {window.sentence} has {len(window.words)} labelled "
                                  f"positions but {len(predicted)} predictions")
-            for word, label in zip(window.words, predicted):
-                if out[window.sentence][word] is not None:
-                    raise ValueError(f"word {word} of sentence {window.sentence} predicted twice")
-                out[window.sentence][word] = self.tag(label)
+            widths = window.widths or (1,) * len(window.words)
+            for first, width, label in zip(window.words, widths, predicted):
+                tag = self.tag(label)
+                for word in range(first, first + width):
+                    if out[window.sentence][word] is not None:
+                        raise ValueError(f"word {word} of sentence {window.sentence} predicted twice")
+                    out[window.sentence][word] = tag if word == first else _inside(tag)
         for i, tags in enumerate(out):
             if any(t is None for t in tags):
                 raise ValueError(f"sentence {i}: some words were not predicted; were all its windows given?")
         return out  # type: ignore[return-value]
+
+
+def _inside(tag: str) -> str:
+    """The tag of a later character of a piece labelled `tag`: inside the entity the piece opens."""
+    return "I-" + tag[2:] if tag.startswith("B-") else tag
+
+
+def split_entities(featurizer: Featurizer, sentences: Sequence[Sentence]) -> dict[str, int]:
+    """What the featuriser's units cost the gold entities of `sentences`.
+
+    An entity with a boundary inside a unit (a piece spanning characters on both sides of it)
+    cannot be labelled exactly: its characters come back cut at the piece's edges. Counted, with
+    the words, units and pieces, so that the loss is reported rather than silently taken.
+    """
+    counts = dict.fromkeys(("sentences", "words", "units", "pieces", "entities", "entities_split",
+                            "sentences_with_split"), 0)
+    for sentence, units in zip(sentences, featurizer.units(sentences)):
+        edges = set(units.firsts) | {len(sentence.words)}
+        spans = entity_spans(sentence.tags)
+        split = sum(a not in edges or b not in edges for _, a, b in spans)
+        counts["sentences"] += 1
+        counts["words"] += len(sentence.words)
+        counts["units"] += len(units.pieces)
+        counts["pieces"] += sum(len(p) for p in units.pieces)
+        counts["entities"] += len(spans)
+        counts["entities_split"] += split
+        counts["sentences_with_split"] += split > 0
+    return counts
 
 
 def labelled_predictions(logits: torch.Tensor, labels: torch.Tensor) -> list[list[int]]:
