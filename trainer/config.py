@@ -63,8 +63,10 @@ class DataConfig:
     dev_sample: int = 500
 
     def resolve(self, relative: str) -> str:
-        """Absolute path of a corpus path, keeping any '#split' suffix."""
-        path, _, split = relative.partition("#")
+        """Absolute path of a corpus path, keeping a trailing '#train'/'#test' split selector."""
+        from .corpus import split_selector
+
+        path, split = split_selector(relative)
         if not os.path.isabs(path):
             path = os.path.join(os.environ.get("METANER_DATA", self.root), path)
         return f"{path}#{split}" if split else path
