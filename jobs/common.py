@@ -34,11 +34,16 @@ def parse(argv: Optional[Sequence[str]], job: str, add_arguments: Callable | Non
         cfg.model.name_or_path = os.path.abspath(cfg.model.name_or_path)
     args.out = Path(args.out or Path(cfg.train.output_dir) / job)
     from cluster.tracking import check_reachable, tracking_uri
+    from trainer.config import ConfigError, tracking_uri_problems
     from trainer.paths import make_output_dir
 
-    make_output_dir(args.out, "--out")
-
+    if cfg.mlflow.tracking_uri is None and os.environ.get("MLFLOW_TRACKING_URI"):
+        # load_config checked mlflow.tracking_uri; the environment's URI is checked here.
+        problems = tracking_uri_problems(os.environ["MLFLOW_TRACKING_URI"])
+        if problems:
+            raise ConfigError([f"MLFLOW_TRACKING_URI: {p}" for p in problems])
     check_reachable(tracking_uri(cfg.mlflow.tracking_uri))  # before any work, naming the URI
+    make_output_dir(args.out, "--out")
     return cfg, args
 
 

@@ -181,10 +181,10 @@ def test_bad_setting_names_the_key_and_what_is_allowed(overrides, fragments):
 
 
 @pytest.mark.parametrize("text, fragments", [
-    ("trian:\n  meta_lr: 1e-4\n", ["bad.yaml: unknown key 'trian'"]),
+    ("trian:\n  meta_lr: 1e-4\n", ["bad.yaml:1: unknown key 'trian'"]),
     ("- train\n- adapt\n", ["bad.yaml: expected a mapping of sections at the top level"]),
     ("train: [unclosed\n", ["bad.yaml is not valid YAML"]),
-    ("train:\n  meta_lr: fast\n", ["bad.yaml: train.meta_lr: expected a number, got 'fast'"]),
+    ("train:\n  meta_lr: fast\n", ["bad.yaml:2: train.meta_lr: expected a number, got 'fast'"]),
 ])
 def test_bad_config_file_is_named(tmp_path, text, fragments):
     path = _write(tmp_path, text, "bad.yaml")
