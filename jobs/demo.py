@@ -46,6 +46,15 @@ def tiny_model(folder: Path, cfg) -> str:
                            max_length=cfg.model.max_length)
 
 
+def data_folder(out: Path, root: Path | None) -> Path:
+    """<out>/synthetic, or <out>/data-<hash of the data root>: one folder per data source, each with
+    its own model (whose vocabulary is trained on that data), so that `--data` after a synthetic
+    run builds and prints the real-data table instead of finding the synthetic rows finished."""
+    if root is None:
+        return out.resolve() / "synthetic"
+    return out.resolve() / f"data-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]}"
+
+
 def run(argv=None) -> int:
     from trainer.config import DataConfig, with_overrides
 
@@ -53,12 +62,10 @@ def run(argv=None) -> int:
         p.add_argument("--data", default=None, help="a real data root (e.g. ../shared/data) instead of synthetic corpora")
 
     cfg, args = parse(argv, "demo", arguments)
-    # One folder per data source under --out, each with its own model (its vocabulary is trained
-    # on that data): `--data` after a synthetic run builds and prints the real-data table.
     root = Path(args.data).resolve() if args.data else None
-    out = args.out.resolve() / (f"data-{hashlib.sha256(str(root).encode()).hexdigest()[:8]}" if root else "synthetic")
     if root and not root.is_dir():
         raise ValueError(f"--data {args.data}: no such folder; give the data root (e.g. ../shared/data)")
+    out = data_folder(args.out, root)
     out.mkdir(parents=True, exist_ok=True)
     logger.info("demo outputs in %s", out)
     if root:  # the real corpora at their usual places under that root, a sample of each test set
