@@ -47,14 +47,24 @@ def make_units(targets: dict[str, Sequence], supports: dict[str, Sequence[Sequen
     return out
 
 
+# Files of a checkpoint besides the weights that change its predictions.
+_CHECKPOINT_FILES = ("labels.json", "config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                     "special_tokens_map.json", "sentencepiece.bpe.model", "metaner.json")
+
+
 def inputs_key(checkpoint: str, cfg, units: Sequence[Unit]) -> str:
-    """Hash of everything a unit's result depends on: weights, adaptation settings, sentences (and
-    which are read unspaced)."""
+    """Hash of everything a unit's result depends on: weights, labels and tokenizer, adaptation
+    settings, sentences (and which are read unspaced). Units are stored under it, so other inputs
+    never reuse a unit."""
     from trainer.corpus import content_key
 
     h = hashlib.sha256()
     weights = Path(checkpoint) / "model.safetensors"
     h.update(hashlib.sha256(weights.read_bytes()).digest() if weights.is_file() else str(checkpoint).encode())
+    for name in _CHECKPOINT_FILES:
+        path = Path(checkpoint) / name
+        if path.is_file():
+            h.update(name.encode() + hashlib.sha256(path.read_bytes()).digest())
     h.update(json.dumps({"adapt": vars(cfg.adapt), "max_length": cfg.model.max_length,
                          "window_context": cfg.model.window_context}, sort_keys=True).encode())
     for unit in units:

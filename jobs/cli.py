@@ -58,7 +58,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(stats, ensure_ascii=False))
         return 0
     print(f"file        {stats['path']}" + (f"  (split: {stats['split']})" if stats["split"] else ""))
-    print(f"encoding    {stats['encoding']}" + ("  (BOM)" if stats["bom"] else "") + ("  (CRLF)" if stats["crlf"] else ""))
+    print(f"encoding    {stats['encoding']}" + ("  (BOM)" if stats["bom"] else "") + f", {stats['line_end']} line ends")
     print(f"columns     {stats['columns']} ({stats['delimiter']}-separated), tag column {stats['tag_column']}")
     converted = "converted to BIO" if stats["converted"] else "kept as BIO"
     print(f"scheme      {stats['scheme']} ({converted}; {stats['repaired_tags']} I- after O repaired)")
@@ -69,6 +69,7 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"sentences   {stats['sentences']:,}")
     print(f"tokens      {stats['tokens']:,}")
     print(f"entities    {stats['entities']:,}  " + ", ".join(f"{k} {v:,}" for k, v in stats["entities_by_type"].items()))
+    print(f"repairs     {len(stats['warnings'])}" + ("" if not stats["warnings"] else "  (warnings above)"))
     if args.tokenizer:
         _print_unspaced(stats["unspaced"])
     return 0
@@ -77,7 +78,11 @@ def _inspect(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from trainer.scoring import read_conll, score
 
-    _, gold, pred = read_conll(args.file)
+    types = [t.strip() for t in args.types.split(",") if t.strip()]
+    bad = [t for t in types if not t.replace("_", "").isalnum()]
+    if not types or bad:
+        raise ValueError(f"--types {args.types!r}: give entity type names separated by commas, e.g. PER,LOC,ORG,MISC")
+    _, gold, pred = read_conll(args.file, types=types, special_to_o=args.special_to_o)
     result = score(gold, pred)
     if args.json:
         print(json.dumps(result))
@@ -107,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="phrase-level P/R/F1 of a conlleval file (token ... gold pred)")
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.add_argument("--types", default="PER,LOC,ORG,MISC",
+                   help="entity types a tag may name, comma-separated (default: %(default)s); any other tag is an error")
+    p.add_argument("--special-to-o", action="store_true",
+                   help="read the official Meta-Cross code's X, [CLS] and [SEP] labels as O")
     p.set_defaults(func=_score)
     for name, module in JOBS.items():
         p = sub.add_parser(name, help=f"run {module} (see its --help)", add_help=False)
@@ -134,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ValueError as err:  # CorpusError and bad settings carry their own file/line message
         print(f"metaner {args.command}: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the readers name every OSError themselves; this is the last guard
+        print(f"metaner {args.command}: {err.filename or args.file}: {err.strerror or err}", file=sys.stderr)
         return 2
 
 

@@ -34,11 +34,16 @@ def parse(argv: Optional[Sequence[str]], job: str, add_arguments: Callable | Non
         cfg.model.name_or_path = os.path.abspath(cfg.model.name_or_path)
     args.out = Path(args.out or Path(cfg.train.output_dir) / job)
     from cluster.tracking import check_reachable, tracking_uri
+    from trainer.config import ConfigError, tracking_uri_problems
     from trainer.paths import make_output_dir
 
-    make_output_dir(args.out, "--out")
-
+    if cfg.mlflow.tracking_uri is None and os.environ.get("MLFLOW_TRACKING_URI"):
+        # load_config checked mlflow.tracking_uri; the environment's URI is checked here.
+        problems = tracking_uri_problems(os.environ["MLFLOW_TRACKING_URI"])
+        if problems:
+            raise ConfigError([f"MLFLOW_TRACKING_URI: {p}" for p in problems])
     check_reachable(tracking_uri(cfg.mlflow.tracking_uri))  # before any work, naming the URI
+    make_output_dir(args.out, "--out")
     return cfg, args
 
 
@@ -146,3 +151,116 @@ def tracked_run(cfg, run_name: str, tags: dict | None = None) -> Iterator:
         if tags:
             run.set_tags(tags)
         yield run
+
+
+# --------------------------------------------------------------------- reuse of finished work
+#
+# A seed's folder holds `inputs.json`: the configuration and a digest of every input that made
+# its work (training checkpoints, evaluation, scores.json). A later job reuses that work only when
+# its own record is the same; otherwise it stops before starting anything, naming the first
+# difference, instead of resuming or reprinting results that other inputs made.
+
+RECORD = "inputs.json"
+# Keys that do not change what a seed computes: where files and records go, how many actors share
+# retrieval (exact and tie-deterministic) and adaptation, and the corpus and model paths, which are
+# replaced by a digest of their content (moving the data reuses the work; editing it does not).
+_NOT_RESULTS = ("mlflow.", "cluster.address", "cluster.num_embed_actors", "cluster.num_index_shards",
+                "cluster.num_adapter_actors", "cluster.cpus_per_actor", "cluster.gpus_per_actor",
+                "retrieval.cache_dir", "adapt.prefix_cache_dir", "train.output_dir", "train.seeds",
+                "data.root", "data.source_train", "data.source_dev", "data.target_files", "data.target_train_files",
+                "model.name_or_path")
+_DIGESTS: dict = {}
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's content (16 hex digits), computed once per process per file version."""
+    import hashlib
+
+    from trainer.corpus import CorpusError, os_error
+
+    try:
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+        if key not in _DIGESTS:
+            if not os.path.isfile(path):
+                raise CorpusError(path, None, "is not a regular file", "Give a regular file")
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            _DIGESTS[key] = h.hexdigest()[:16]
+    except OSError as err:
+        raise os_error(path, err) from None
+    return _DIGESTS[key]
+
+
+def _model_digest(name_or_path: str) -> str:
+    """A hub id as it is; a local folder by the content of its files."""
+    if not os.path.isdir(name_or_path):
+        return name_or_path
+    import hashlib
+
+    names = sorted(n for n in os.listdir(name_or_path)
+                   if not n.startswith(".") and os.path.isfile(os.path.join(name_or_path, n)))
+    listing = [(n, file_digest(os.path.join(name_or_path, n))) for n in names]
+    return hashlib.sha256(repr(listing).encode()).hexdigest()[:16]
+
+
+def inputs_record(cfg, seed: int, targets: Sequence[str] | None = None) -> dict:
+    """{"hash", "values"}: what a seed's results depend on, as dotted keys (corpus files and the
+    model folder by content digest); `targets` default data.targets. Raises CorpusError naming a
+    corpus file that cannot be read."""
+    import hashlib
+    import json
+
+    from trainer.corpus import split_selector
+
+    d = cfg.data
+    values = {k: v for k, v in cfg.flat().items() if not k.startswith(_NOT_RESULTS)}
+    files = {"source_train": d.source_train, "source_dev": d.source_dev,
+             **{f"target.{lang}": d.target_files[lang] for lang in (d.targets if targets is None else targets)}}
+    for name, relative in files.items():
+        path, split = split_selector(d.resolve(relative))
+        values[f"input.{name}"] = file_digest(path) + (f"#{split}" if split else "")
+    values["input.model"] = _model_digest(cfg.model.name_or_path)
+    # The dev and target samples are drawn with the job's first seed, shared by every row.
+    values["seed"], values["data_seed"] = seed, cfg.train.seeds[0]
+    values = json.loads(json.dumps(values, sort_keys=True))
+    return {"hash": hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16], "values": values}
+
+
+def check_record(folder: Path, record: dict) -> None:
+    """Refuse, naming the first difference, a folder whose work other inputs made (read-only)."""
+    import json
+
+    path = folder / RECORD
+    redo = f"use another --out, or delete {folder} to run it again"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            values = dict(old["values"])
+        except (ValueError, KeyError, TypeError, OSError):
+            raise ValueError(f"{path} is damaged, so the work in {folder} cannot be matched to its inputs; {redo}") from None
+        if old.get("hash") == record["hash"]:
+            return
+        new = record["values"]
+        changed = [k for k in sorted(set(values) | set(new)) if values.get(k) != new.get(k)]
+        if changed:
+            key = changed[0]
+            more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+            raise ValueError(f"{folder} holds work made with other inputs: {key} was {values.get(key)!r}, now "
+                             f"{new.get(key)!r}{more}; {redo}")
+        return
+    if folder.is_dir() and any(folder.iterdir()):
+        raise ValueError(f"{folder} holds work without a record of the inputs that made it ({RECORD}, written "
+                         f"since this check exists); {redo}")
+
+
+def write_record(folder: Path, record: dict) -> None:
+    """Mark `folder` as holding the work of `record`'s inputs (atomically)."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, folder / RECORD)

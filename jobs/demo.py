@@ -2,10 +2,13 @@
 BERT built on the fly, a local Ray cluster, 2 DeepSpeed workers; prints a Table-3-style result.
 
     metaner demo [--data ../shared/data] [--out outputs/demo] [section.key=value ...]
+
+Results go to <out>/synthetic, or with --data to <out>/data-<hash of the data root>.
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.demo --out /abs/out mlflow.tracking_uri=sqlite:////abs/mlflow.db
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -43,6 +46,15 @@ def tiny_model(folder: Path, cfg) -> str:
                            max_length=cfg.model.max_length)
 
 
+def data_folder(out: Path, root: Path | None) -> Path:
+    """<out>/synthetic, or <out>/data-<hash of the data root>: one folder per data source, each with
+    its own model (whose vocabulary is trained on that data), so that `--data` after a synthetic
+    run builds and prints the real-data table instead of finding the synthetic rows finished."""
+    if root is None:
+        return out.resolve() / "synthetic"
+    return out.resolve() / f"data-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]}"
+
+
 def run(argv=None) -> int:
     from trainer.config import DataConfig, with_overrides
 
@@ -50,11 +62,15 @@ def run(argv=None) -> int:
         p.add_argument("--data", default=None, help="a real data root (e.g. ../shared/data) instead of synthetic corpora")
 
     cfg, args = parse(argv, "demo", arguments)
-    out = args.out.resolve()
+    root = Path(args.data).resolve() if args.data else None
+    if root and not root.is_dir():
+        raise ValueError(f"--data {args.data}: no such folder; give the data root (e.g. ../shared/data)")
+    out = data_folder(args.out, root)
     out.mkdir(parents=True, exist_ok=True)
-    if args.data:  # the real corpora at their usual places under that root, a sample of each test set
+    logger.info("demo outputs in %s", out)
+    if root:  # the real corpora at their usual places under that root, a sample of each test set
         real = DataConfig()
-        cfg = with_overrides(cfg, [f"data.root={Path(args.data).resolve()}", f"data.source_train={real.source_train}",
+        cfg = with_overrides(cfg, [f"data.root={root}", f"data.source_train={real.source_train}",
                                    f"data.source_dev={real.source_dev}", "data.target_sample=60"]
                              + [f"data.target_files.{lang}={path}" for lang, path in real.target_files.items()])
     else:

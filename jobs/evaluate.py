@@ -82,9 +82,9 @@ def run(argv=None) -> int:
     cfg, args = parse(argv, "evaluate", arguments)
     checkpoint = _checkpoint_of(args)
     seed = args.seed if args.seed is not None else cfg.train.seeds[0]
+    data = load_data(cfg, seed)  # a corpus that cannot be read stops the job before Ray starts
     init_ray(cfg.cluster.address)
     check_resources(cfg, ("retrieval", "adapt"))
-    data = load_data(cfg, seed)
     supports = build_supports(cfg, data.source, data.targets)
     with tracked_run(cfg, "evaluate", {"checkpoint": checkpoint}) as tracked:
         results = evaluate_one(cfg, checkpoint, data, supports, tracked, args.out, PAPER_TABLE3["ours"])

@@ -42,15 +42,15 @@ def run(argv=None) -> int:
     from .meta_train import train_one
 
     cfg, args = parse(argv, "low_resource")
-    init_ray(cfg.cluster.address)
-    check_resources(cfg)
     d = cfg.data
-    data = load_data(cfg, cfg.train.seeds[0])
+    data = load_data(cfg, cfg.train.seeds[0])  # a corpus that cannot be read stops the job before Ray starts
     langs = [lang for lang in data.targets if lang in d.target_train_files]
     for lang in set(data.targets) - set(langs):
         logger.warning("%s has no entry in data.target_train_files: skipped", lang)
     pools = {lang: read_corpus(d.resolve(d.target_train_files[lang]), misc_to_o=lang in d.misc_to_o).sentences
              for lang in langs}
+    init_ray(cfg.cluster.address)
+    check_resources(cfg)
     supports = build_supports(cfg, data.source, {"dev": data.dev})
     scores: dict = {}
     with tracked_run(cfg, "low_resource") as tracked:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
-from .common import build_supports, load_data, main_guard, parse, tracked_run
+from .common import (RECORD, build_supports, check_record, inputs_record, load_data, main_guard, parse, tracked_run,
+                     write_record)
 from .evaluate import evaluate_one
 from .meta_train import train_one
 from .variants import VARIANTS, markdown_table, summarize, variant_config
@@ -21,10 +23,33 @@ from .variants import VARIANTS, markdown_table, summarize, variant_config
 logger = logging.getLogger(__name__)
 
 
-def _done(folder: Path) -> dict | None:
-    """A finished seed of an interrupted job: {"f1": {lang: F1}, "wall_s": seconds}."""
+def _done(folder: Path, record: dict) -> dict | None:
+    """A finished seed of an interrupted job: {"f1": {lang: F1}, "wall_s": seconds, "inputs": hash},
+    reused only when made from the inputs of `record` (checked by check_record beforehand)."""
     path = folder / "scores.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        done = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None  # cut short by a kill while written: the seed's evaluation runs again
+    if done.get("inputs") != record["hash"]:
+        raise ValueError(f"{path} was made from other inputs than {folder / RECORD} records; "
+                         f"delete {folder} to run the seed again")
+    return done
+
+
+def plan(cfg, variants: list[str], out: Path) -> dict:
+    """{(variant, seed): (config, record)}, every seed folder checked against its record before
+    anything starts: a folder holding another configuration's work stops the job here."""
+    planned = {}
+    for name in variants:
+        vcfg = variant_config(cfg, name)
+        for seed in vcfg.train.seeds:
+            record = inputs_record(vcfg, seed)
+            check_record(out / name / f"seed{seed}", record)
+            planned[name, seed] = (vcfg, record)
+    return planned
 
 
 def run_variants(cfg, variants: list[str], out: Path) -> dict:
@@ -36,6 +61,7 @@ def run_variants(cfg, variants: list[str], out: Path) -> dict:
     from cluster.report import PAPER_TABLE3
     from cluster.runtime import check_resources, init_ray
 
+    planned = plan(cfg, variants, out)
     init_ray(cfg.cluster.address)
 
     check_resources(cfg)
@@ -45,7 +71,7 @@ def run_variants(cfg, variants: list[str], out: Path) -> dict:
     table, wall = {}, {}
     paper = {"ours": PAPER_TABLE3["ours"], "base": PAPER_TABLE3["base"]}
     for name in variants:
-        vcfg = variant_config(cfg, name)
+        vcfg = planned[name, cfg.train.seeds[0]][0]
         key = json.dumps(vcfg.to_dict()["retrieval"], sort_keys=True)
         if key not in by_retrieval:
             by_retrieval[key] = build_supports(vcfg, data.source, {"dev": data.dev, **data.targets})
@@ -53,11 +79,12 @@ def run_variants(cfg, variants: list[str], out: Path) -> dict:
         per_seed, seconds = {}, []
         with tracked_run(vcfg, name, {"variant": name}) as parent:
             for seed in vcfg.train.seeds:
-                folder = out / name / f"seed{seed}"
-                done = _done(folder)
+                folder, record = out / name / f"seed{seed}", planned[name, seed][1]
+                done = _done(folder, record)
                 if done is None:
+                    write_record(folder, record)
                     done = _train_and_evaluate(vcfg, name, seed, data, supports, parent, folder,
-                                               PAPER_TABLE3.get(name))
+                                               PAPER_TABLE3.get(name), record["hash"])
                 per_seed[seed] = done["f1"]
                 seconds.append(done["wall_s"])
             table[name], wall[name] = summarize(per_seed), sum(seconds)
@@ -72,7 +99,7 @@ def run_variants(cfg, variants: list[str], out: Path) -> dict:
 
 
 def _train_and_evaluate(cfg, name: str, seed: int, data, supports, parent, folder: Path,
-                        paper: dict[str, float] | None) -> dict:
+                        paper: dict[str, float] | None, inputs: str) -> dict:
     started = time.perf_counter()
     with parent.child(f"{name}-seed{seed}") as run:
         run.log_params({**cfg.flat(), "seed": seed, "variant": name})
@@ -82,8 +109,10 @@ def _train_and_evaluate(cfg, name: str, seed: int, data, supports, parent, folde
         # Wall time of this process's work on the seed; a resumed seed counts only its last part.
         elapsed = time.perf_counter() - started
         run.log_metrics({"wall_s": elapsed})
-    done = {"f1": {lang: r["f1"] for lang, r in results.items()}, "wall_s": elapsed}
-    (folder / "scores.json").write_text(json.dumps(done))
+    done = {"f1": {lang: r["f1"] for lang, r in results.items()}, "wall_s": elapsed, "inputs": inputs}
+    tmp = folder / "scores.json.tmp"
+    tmp.write_text(json.dumps(done), encoding="utf-8")
+    os.replace(tmp, folder / "scores.json")
     return done
 
 

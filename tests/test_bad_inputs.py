@@ -1,5 +1,8 @@
 """Malformed inputs of every kind end in one clear message naming what is wrong and what to do;
-the harmless oddities of real files are read correctly instead.
+the harmless oddities of real files are read correctly instead, each repair a warning naming its
+first lines. Every case runs under a deadline (SIGALRM here, `timeout=` on subprocesses), so a
+reader that blocks (a FIFO, a device) fails its case instead of hanging the suite; CLI cases
+assert the exit status, the file:line or key named, and that no traceback is printed.
 
 Also referenced, not repeated here: a label set other than the checkpoint's and a pickled trainer
 state (tests/test_model.py: test_a_different_label_set_is_refused_naming_both,
@@ -7,12 +10,19 @@ test_trainer_state_round_trips_and_pickled_objects_are_refused).
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import json
+import logging
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +32,23 @@ from hypothesis import strategies as st
 
 from conftest import REPO
 from trainer.config import load_config
-from trainer.corpus import LABELS, CorpusError, Sentence, read_corpus
+from trainer.corpus import LABELS, MEMORY_MULTIPLE, CorpusError, Sentence, read_corpus
+
+# Seconds any one case may take; subprocesses get their own, shorter, timeout.
+CASE_DEADLINE = 240
+
+
+@pytest.fixture(autouse=True)
+def _deadline():
+    """Fail a case that runs past CASE_DEADLINE (a blocked read included) instead of hanging."""
+    def expired(signum, frame):
+        raise TimeoutError(f"the case ran past {CASE_DEADLINE} s: something blocks or loops")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(CASE_DEADLINE)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
 
 
 def _write(folder: Path, content: bytes | str, name: str = "c.txt") -> Path:
@@ -60,6 +86,13 @@ CORPUS_ERRORS = [
     ("split-of-segmented-file", "a O\n\nb O\n", "#test", None,
      ["'#test' split was asked of a file that already has sentence breaks", "Drop the '#split' suffix"]),
     ("unknown-split", "a O\n", "#dev", None, ["unknown split 'dev'", "Use '#train' or '#test'"]),
+    ("nbsp-as-separator", "John\u00a0B-PER\n", "", 1,
+     ["has no tag column (only spaces and tabs separate columns, not a non-breaking"]),
+    ("whitespace-only-word", "a O\n\u00a0 O\n", "", 2, ["the word before the tag is empty or only white space"]),
+    ("empty-word-in-tab-file", "John\tB-PER\n\tI-PER\n", "", 2, ["the word before the tag is empty"]),
+    ("control-characters-only", "\x01\n\x02 \n", "", None, ["only blank or control-character lines"]),
+    ("cr-line-ends-count-lines", "John B-PER\rSmith B-FOO\r", "", 2, ["unknown tag 'B-FOO'"]),
+    ("chunk-tag-as-ner-tag", "EU NNP I-NP\n", "", 1, ["unknown tag 'I-NP'"]),
 ]
 
 
@@ -80,6 +113,84 @@ def test_missing_file_and_folder_name_the_path_and_the_setting(tmp_path):
         read_corpus(tmp_path / "nope.txt")
     with pytest.raises(CorpusError, match="is a folder, not a corpus file. Name a file inside it"):
         read_corpus(tmp_path)
+
+
+# ----------------------------------------------------------- corpora: not regular files, OSError
+
+
+def _special(kind: str, folder: Path) -> str:
+    """A path that is not a readable regular file, of the given kind."""
+    if kind == "fifo":
+        os.mkfifo(folder / "fifo")  # no writer: a plain open() would block for ever
+        return str(folder / "fifo")
+    if kind == "device":
+        return "/dev/zero"  # endless: a plain read() would fill memory
+    if kind == "null-device":
+        return "/dev/null"
+    if kind == "symlink-loop":
+        os.symlink(folder / "loop", folder / "loop")
+        return str(folder / "loop")
+    if kind == "through-a-file":
+        (folder / "a-file").write_text("x O\n")
+        return str(folder / "a-file" / "c.txt")
+    if kind == "name-too-long":
+        return str(folder / ("n" * 300))
+    if kind == "folder":
+        return str(folder)
+    raise AssertionError(kind)
+
+
+SPECIAL = [("fifo", "is a named pipe (FIFO), not a regular file", "Give a regular file"),
+           ("device", "is a character device, not a regular file", "Give a regular file"),
+           ("null-device", "is a character device, not a regular file", "Give a regular file"),
+           ("symlink-loop", "the path is a loop of symbolic links", "Point it at the file itself"),
+           ("through-a-file", "a part of the path is a file, not a folder", "Check each folder"),
+           ("name-too-long", "the path or a name in it is too long", "Shorten it"),
+           ("folder", "is a folder, not a corpus file", "Name a file inside it")]
+
+
+@pytest.mark.parametrize("kind, problem, fix", SPECIAL, ids=[c[0] for c in SPECIAL])
+def test_special_files_are_refused_up_front_without_reading(tmp_path, kind, problem, fix):
+    path = _special(kind, tmp_path)
+    started = time.monotonic()
+    with pytest.raises(CorpusError) as err:
+        read_corpus(path)
+    assert str(err.value) == f"{path}: {problem}. {err.value.args[0].split(f'{problem}. ', 1)[1]}"
+    assert fix in str(err.value) and time.monotonic() - started < 5
+
+
+def test_a_socket_is_refused(tmp_path):
+    folder = tempfile.mkdtemp(dir="/tmp")  # a socket path must stay under 108 bytes
+    try:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(f"{folder}/s")
+        with pytest.raises(CorpusError, match=r"/s: is a socket"):
+            read_corpus(f"{folder}/s")
+        sock.close()
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_permission_denied_is_one_line_naming_the_path(tmp_path, monkeypatch):
+    # Tests run as root, whom chmod does not stop: the refusal of open() is simulated.
+    path = _write(tmp_path, "a O\n")
+    real_open = os.open
+
+    def refuse(name, *args, **kwargs):
+        if os.fspath(name) == str(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(name))
+        return real_open(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(CorpusError) as err:
+        read_corpus(path)
+    assert str(err.value).startswith(f"{path}: permission denied. Make the file readable")
+
+
+def test_split_given_twice_differently_is_refused(tmp_path):
+    path = _write(tmp_path, _stream([600, 600]))
+    with pytest.raises(CorpusError, match=r"selects '#test' but split='train' was asked"):
+        read_corpus(f"{path}#test", split="train")
 
 
 # ---------------------------------------------------------------------- corpora: tolerated
@@ -108,6 +219,86 @@ def test_tab_and_space_mix_reads_as_whitespace_columns(tmp_path):
 def test_latin1_file_is_decoded_as_latin1(tmp_path):
     corpus = read_corpus(_write(tmp_path, "in O\nKöln B-LOC\n".encode("latin-1")))
     assert corpus.info.encoding == "latin-1" and corpus.sentences[0].words == ("in", "Köln")
+
+
+def test_cr_and_mixed_line_ends_are_read(tmp_path):
+    cr = read_corpus(_write(tmp_path, "John B-PER\rSmith I-PER\r\rin O\rParis B-LOC\r", "cr.txt"))
+    assert cr.info.line_end == "CR" and [s.words for s in cr.sentences] == [("John", "Smith"), ("in", "Paris")]
+    mixed = read_corpus(_write(tmp_path, "John B-PER\r\nSmith I-PER\n\nin O\r\nParis B-LOC\n", "mixed.txt"))
+    assert mixed.info.line_end == "LF and CRLF" and mixed.sentences == cr.sentences
+    assert not mixed.info.warnings
+
+
+def test_a_non_breaking_space_stays_inside_its_word(tmp_path):
+    corpus = read_corpus(_write(tmp_path, "10\u00a0000 O\nNew\u00a0York B-LOC\n"))
+    assert corpus.sentences[0].words == ("10\u00a0000", "New\u00a0York") and corpus.info.odd_column_lines == 0
+
+
+def test_only_a_trailing_split_suffix_selects_a_split(tmp_path):
+    folder = tmp_path / "corpora#v2"
+    folder.mkdir()
+    named = _write(folder, "a O\n\nb O\n", "fr#1.txt")
+    assert len(read_corpus(named).sentences) == 2  # '#' inside folder and file names is part of the path
+    stream = _write(folder, _stream([5] * 10), "stream.bio")
+    assert len(read_corpus(f"{stream}#test", format="stream").sentences) == 2
+
+
+# (content, read_corpus kwargs, fragments of the one warning, sentences' words when checked)
+REPAIRS = [
+    ("control-characters", "Jo\x01hn B-PER\nSmith I-PER\n\nParis\x1f B-LOC\n", {},
+     ["control characters removed from 2 lines (lines 1, 4)"], [("John", "Smith"), ("Paris",)]),
+    ("stray-cr-in-lf-file", "Jo\rhn B-PER\nSmith I-PER\n", {}, ["control characters removed from 1 lines (line 1)"],
+     [("John", "Smith")]),
+    ("c1-controls-kept", "Itali\x81e B-LOC\n".encode("latin-1"), {}, ["1 lines hold C1 control characters", "(line 1)",
+                                                                     "kept"], [("Itali\x81e",)]),
+    ("stream-tail", _stream([3, 3]) + "w O\nx O\n", {"format": "stream"},
+     ["the 2 tokens after the last '.' (lines 7-8) form no segment and were left out"], None),
+    ("i-after-o", "a O\nb I-PER\n\nc O\nd I-LOC\n\ne B-ORG\n\nf O\ng I-ORG\n\nh O\ni I-MISC\n"
+     + "\nj B-PER\n\nk B-LOC\n\nl B-MISC\n\nm B-ORG\n", {},
+     ["4 entities started with I- after O in BIO input (lines 2, 5, 10, ...); read as B-"], None),
+    ("odd-columns", "".join(f"w{i} NN O\n" for i in range(200)) + "v O\n", {},
+     ["1 lines have a column count other than 3 (line 201)"], None),
+]
+
+
+@pytest.mark.parametrize("content, kwargs, fragments, words", [r[1:] for r in REPAIRS], ids=[r[0] for r in REPAIRS])
+def test_every_repair_is_a_warning_naming_its_first_lines(tmp_path, caplog, content, kwargs, fragments, words):
+    path = _write(tmp_path, content)
+    with caplog.at_level(logging.WARNING, logger="trainer.corpus"):
+        corpus = read_corpus(path, **kwargs)
+    warning, = corpus.info.warnings
+    for fragment in fragments:
+        assert fragment in warning, (fragment, warning)
+    assert f"{path}: {warning}" in caplog.text
+    if words is not None:
+        assert [s.words for s in corpus.sentences] == words
+
+
+def _big_file(path: Path, kind: str) -> None:
+    """About 1 MB in the shape that costs the reader most memory per byte."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(110_000 if kind != "conlleval" else 90_000):
+            word = f"{i:x}" if kind != "stream" else ("." if i % 25 == 24 else f"w{i % 5000}")
+            fh.write(f"{word} O O\n" if kind == "conlleval" else f"{word} O\n")
+            if kind != "stream" and i % 20 == 19:
+                fh.write("\n")
+
+
+@pytest.mark.parametrize("kind", ["unique-words", "stream", "conlleval"])
+def test_reading_memory_is_bounded_by_a_multiple_of_the_file_size(tmp_path, kind):
+    from trainer.scoring import read_conll
+
+    path = tmp_path / "big.txt"
+    _big_file(path, kind)
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        result = read_conll(path) if kind == "conlleval" else read_corpus(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result
+    assert peak <= MEMORY_MULTIPLE * size + 2 ** 20, f"peak {peak / size:.1f}x the file size of {size:,} bytes"
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +360,31 @@ CONFIG_ERRORS = [
     (["retrieval.pooling=max"], ["retrieval.pooling: 'max' is not allowed; choose one of 'cls', 'mean'"]),
     (["model.window_context=100"], ["model.window_context: must be between 0 and half of model.max_length (64)"]),
     (["train.meta_batch_size"], ["write it as section.key=value"]),
+    (["train.meta_lr=.inf"], ["train.meta_lr: expected a finite number, got inf"]),
+    (["train.inner_lr=.nan"], ["train.inner_lr: expected a finite number, got nan"]),
+    (["adapt.adapt_lr=1e999"], ["adapt.adapt_lr: expected a finite number, got inf"]),
+    (["cluster.cpus_per_worker=-2"], ["cluster.cpus_per_worker: must be 0 or more"]),
+    (["cluster.cpus_per_actor=-1"], ["cluster.cpus_per_actor: must be 0 or more"]),
+    (["cluster.gpus_per_actor=1.5"], ["cluster.gpus_per_actor: 1.5: amounts above 1 must be whole numbers"]),
+    (["cluster.num_workers=-1"], ["cluster.num_workers: must be 0 (one process, no Ray Train) or more"]),
+    (["cluster.address=http://127.0.0.1:8265"], ["cluster.address: 'http://127.0.0.1:8265' is not a Ray address",
+                                                  "`ray job submit`"]),
+    (["retrieval.ivf_nlist=0"], ["retrieval.ivf_nlist: must be at least 1 (IVF lists)"]),
+    (["retrieval.ivf_nprobe=300"], ["retrieval.ivf_nprobe: must be between 1 and retrieval.ivf_nlist (256)"]),
+    (["data.targets=[es, nl, es]"], ["data.targets: 'es' is named more than once"]),
+    (["data.misc_to_o=[fr, fr]"], ["data.misc_to_o: 'fr' is named more than once"]),
+    (["data.target_files.es="], ["data.target_files.es: give a corpus path"]),
+    (["train.seeds=[95, 95]"], ["train.seeds: seed 95 is given more than once"]),
+    (["train.seeds=[-1]"], ["train.seeds: seed -1 must be in [0, 2**32)"]),
+    (["adapt.lambda_max=-1"], ["adapt.lambda_max: must be 0 or more"]),
+    (["mlflow.experiment="], ["mlflow.experiment: give an experiment name"]),
+    (["mlflow.tracking_uri=mongodb://h/x"], ["mlflow.tracking_uri: 'mongodb://h/x': unknown scheme 'mongodb'"]),
+    (["mlflow.tracking_uri=sqlite:////no/such/dir/m.db"],
+     ["mlflow.tracking_uri: 'sqlite:////no/such/dir/m.db': the folder /no/such/dir of the sqlite store does not exist"]),
+    (["mlflow.tracking_uri=sqlite://"], ["name a database file"]),
+    (["model.name_or_path=/no/such/model"], ["model.name_or_path: '/no/such/model' is not a folder"]),
+    (["model.name_or_path=bert base!"], ["model.name_or_path: 'bert base!' is neither a folder nor a hub id"]),
+    (["data.target_files={es: a.txt, es: b.txt}"], ["duplicate key 'es' (first at line 1)"]),
 ]
 
 
@@ -181,10 +397,16 @@ def test_bad_setting_names_the_key_and_what_is_allowed(overrides, fragments):
 
 
 @pytest.mark.parametrize("text, fragments", [
-    ("trian:\n  meta_lr: 1e-4\n", ["bad.yaml: unknown key 'trian'"]),
+    ("trian:\n  meta_lr: 1e-4\n", ["bad.yaml:1: unknown key 'trian'"]),
     ("- train\n- adapt\n", ["bad.yaml: expected a mapping of sections at the top level"]),
     ("train: [unclosed\n", ["bad.yaml is not valid YAML"]),
-    ("train:\n  meta_lr: fast\n", ["bad.yaml: train.meta_lr: expected a number, got 'fast'"]),
+    ("train:\n  meta_lr: fast\n", ["bad.yaml:2: train.meta_lr: expected a number, got 'fast'"]),
+    ("train:\n  meta_lr: 1.0e-4\n  meta_lr: 1.0e-3\n", ["bad.yaml:3: duplicate key 'train.meta_lr' (first at line 2)",
+                                                     "the last one would silently win"]),
+    ("model:\n  dropout: 0.1\ntrain: {}\nmodel:\n  max_length: 64\n", ["bad.yaml:4: duplicate key 'model' (first at line 1)"]),
+    ("train:\n  meta_lr: .inf\n  seeds: [1, 1]\n", ["2 problems in the configuration",
+                                                   "bad.yaml:2: train.meta_lr: expected a finite number, got inf",
+                                                   "train.seeds: seed 1 is given more than once"]),
 ])
 def test_bad_config_file_is_named(tmp_path, text, fragments):
     path = _write(tmp_path, text, "bad.yaml")
@@ -192,6 +414,47 @@ def test_bad_config_file_is_named(tmp_path, text, fragments):
         load_config(path)
     for fragment in fragments:
         assert fragment in str(err.value), (fragment, str(err.value))
+
+
+def test_a_config_path_that_is_a_folder_is_named(tmp_path):
+    with pytest.raises(ValueError, match=rf"config file {tmp_path} cannot be read \(Is a directory\); give a readable"):
+        load_config(tmp_path)
+
+
+def test_a_file_store_is_refused_unless_mlflow_allows_it(monkeypatch):
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(ValueError, match=r"mlflow.tracking_uri: './mlruns' is a file store, which MLflow 3 refuses"):
+        load_config(overrides=["mlflow.tracking_uri=./mlruns"])
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert load_config(overrides=["mlflow.tracking_uri=./mlruns"]).mlflow.tracking_uri == "./mlruns"
+
+
+@pytest.mark.parametrize("config_json, overrides, fragment", [
+    ('{"num_hidden_layers": 6}', ["model.num_frozen_layers=99"],
+     "model.num_frozen_layers: 99, but the encoder in {model} has 6 layers (config.json); use 0 to 6"),
+    ('{"num_hidden_layers": 6, "max_position_embeddings": 64}', ["model.num_frozen_layers=1"],
+     "model.max_length: 128, but the encoder in {model} takes at most 64 positions"),
+    (None, [], "model.name_or_path: the folder {model} holds no config.json"),
+    ('{"num_hidden', [], "model.name_or_path: {model}/config.json cannot be read as JSON"),
+])
+def test_model_settings_are_checked_against_the_encoders_own_config(tmp_path, config_json, overrides, fragment):
+    model = tmp_path / "encoder"
+    model.mkdir()
+    if config_json is not None:
+        (model / "config.json").write_text(config_json)
+    with pytest.raises(ValueError) as err:
+        load_config(overrides=[f"model.name_or_path={model}", *overrides])
+    assert fragment.format(model=model) in str(err.value), str(err.value)
+
+
+def test_values_at_the_edge_of_their_range_are_accepted(tmp_path):
+    model = tmp_path / "encoder"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_hidden_layers": 3, "max_position_embeddings": 128}')
+    cfg = load_config(overrides=[f"model.name_or_path={model}", "model.num_frozen_layers=3", "cluster.num_workers=0",
+                                 "cluster.gpus_per_actor=0.25", "cluster.cpus_per_actor=2", "retrieval.ivf_nprobe=256",
+                                 f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db", "cluster.address=127.0.0.1:6379"])
+    assert cfg.cluster.num_workers == 0 and cfg.model.num_frozen_layers == 3
 
 
 def _sentences(texts: list[str]) -> list[Sentence]:
@@ -327,7 +590,7 @@ def test_checkpoint_below_a_file_is_refused_before_writing(under_a_file, tiny_mo
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO, timeout=60)
 
 
 def test_cli_inspect_refuses_bad_files_with_exit_2_and_one_line(tmp_path):
@@ -356,6 +619,163 @@ def test_jobs_refuse_bad_settings_before_starting_work(argv, expected):
     result = _run(*argv)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and expected in result.stderr, result.stderr
+
+
+def _one_clear_line(result: subprocess.CompletedProcess, expected: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr and expected in result.stderr, result.stderr
+    assert len([line for line in result.stderr.splitlines() if not line.startswith("WARNING")]) == 1, result.stderr
+
+
+@pytest.mark.parametrize("kind, problem", [(k, p) for k, p, _ in SPECIAL], ids=[c[0] for c in SPECIAL])
+def test_cli_inspect_and_score_refuse_special_paths_in_one_line(tmp_path, kind, problem):
+    path = _special(kind, tmp_path)
+    for command in ("inspect", "score"):
+        _one_clear_line(_run("jobs.cli", command, path), f"{path}: {problem}")
+
+
+# ----------------------------------------------------------------------------------- score
+# (id, content, extra arguments, line named (None: the file), fragments)
+SCORE_ERRORS = [
+    ("unknown-predicted-tag", "John B-PER B-PER\nSmith I-PER Q-PER\n", [], 2,
+     ["unknown predicted tag 'Q-PER' (column 3 of 3)", "Tags must be O or B-/I- with one of PER, LOC, ORG, MISC"]),
+    ("unknown-gold-tag", "John B-PERSON B-PER\n", [], 1, ["the gold column (column 2 of 3) holds 'B-PERSON'"]),
+    ("original-conll-without-prediction", "-DOCSTART- -X- O O\n\nEU NNP I-NP I-ORG\nrejects VBZ I-VP O\n", [], 3,
+     ["holds 'I-NP', not an NER tag", "the prediction column is missing", "the predicted tag last"]),
+    ("chunk-tags-both-columns", "EU I-NP I-NP\nrejects I-VP I-VP\n", [], 1, ["unknown gold tag 'I-NP'"]),
+    ("swapped-token-and-gold", "B-PER John B-PER\n", [], 1, ["holds 'John'", "or the columns are swapped"]),
+    ("two-columns", "John B-PER\n", [], 1, ["expected `token ... gold pred`", "(2 columns)"]),
+    ("column-count-changes", "John B-PER B-PER\n\nSmith NNP B-PER B-PER\n", [], 3,
+     ["4 columns, but line 1 has 3", "Give every token line the same columns"]),
+    ("official-x-label", "John B-PER B-PER\nSmith I-PER X\n", [], 2, ["unknown predicted tag 'X'", "--special-to-o"]),
+    ("other-entity-type", "May B-DATE B-DATE\n", [], 1, ["unknown gold tag 'B-DATE'", "--types PER,LOC,ORG,MISC,DATE"]),
+    ("lowercase-tag", "john b-per b-per\n", [], 1, ["unknown gold tag 'b-per'"]),
+    ("empty-file", "\n\n", [], None, ["the file is empty"]),
+    ("utf-16", "John B-PER B-PER\n".encode("utf-16"), [], 1, ["NUL bytes"]),
+    ("bad-types-option", "John B-PER B-PER\n", ["--types", "PER,,B-X"], None, ["--types 'PER,,B-X'"]),
+]
+
+
+@pytest.mark.parametrize("content, extra, line, fragments", [c[1:] for c in SCORE_ERRORS], ids=[c[0] for c in SCORE_ERRORS])
+def test_score_refuses_what_is_not_token_gold_pred(tmp_path, content, extra, line, fragments):
+    path = _write(tmp_path, content, "pred.txt")
+    result = _run("jobs.cli", "score", str(path), *extra)
+    where = "" if extra else f"{path}:{line}: " if line else f"{path}: "
+    _one_clear_line(result, where)
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr)
+    assert "overall" not in result.stdout
+
+
+@pytest.mark.parametrize("content, extra, f1", [
+    ("John B-PER B-PER\rSmith I-PER I-PER\r\rin O O\r", [], 100.0),  # CR line ends
+    ("John B-PER B-PER\r\nSmith I-PER X\r\n", ["--special-to-o"], 0.0),  # X read as O: PER missed
+    ("[CLS] O [CLS]\nMay B-DATE B-DATE\n[SEP] O [SEP]\n", ["--special-to-o", "--types", "DATE"], 100.0),
+])
+def test_score_reads_valid_variants(tmp_path, content, extra, f1):
+    path = _write(tmp_path, content, "pred.txt")
+    result = _run("jobs.cli", "score", str(path), "--json", *extra)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert json.loads(result.stdout)["f1"] == pytest.approx(f1)
+
+
+# ------------------------------------------------------------------------------------ jobs
+
+
+def _job(args: list[str], env: dict | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k not in ("METANER_DATA", "MLFLOW_TRACKING_URI")}
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout, env={**environment, **(env or {})})
+
+
+def test_a_job_with_a_bad_tracking_store_stops_before_writing(tmp_path):
+    out = tmp_path / "out"
+    result = _job(["jobs.meta_train", "--out", str(out), "mlflow.tracking_uri=sqlite:////no/such/folder/m.db"])
+    _one_clear_line(result, "mlflow.tracking_uri: 'sqlite:////no/such/folder/m.db': the folder /no/such/folder")
+    assert not out.exists() and not Path("/no/such/folder").exists()
+    result = _job(["jobs.meta_train", "--out", str(out)], env={"MLFLOW_TRACKING_URI": "mongodb://x"})
+    _one_clear_line(result, "MLFLOW_TRACKING_URI: 'mongodb://x': unknown scheme 'mongodb'")
+    assert not out.exists()
+
+
+def test_a_job_config_file_with_a_repeated_key_is_refused(tmp_path):
+    config = _write(tmp_path, "train:\n  meta_lr: 1.0e-4\n  num_meta_steps: 10\n  meta_lr: 1.0e-3\n", "job.yaml")
+    result = _job(["jobs.pipeline", "--config", str(config), "--out", str(tmp_path / "out")])
+    _one_clear_line(result, f"config file {config}:4: duplicate key 'train.meta_lr' (first at line 2)")
+
+
+def test_several_problems_are_reported_at_once_one_line_each(tmp_path):
+    result = _job(["jobs.meta_train", "--out", str(tmp_path / "out"), "train.meta_lr=.inf", "cluster.cpus_per_actor=-1",
+                   "data.targets=[es, es]"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == "error: 3 problems in the configuration:" and len(lines) == 4, result.stderr
+    for line in ("  train.meta_lr: expected a finite number, got inf", "  cluster.cpus_per_actor: must be 0 or more",
+                 "  data.targets: 'es' is named more than once; name each target language once"):
+        assert line in lines, result.stderr
+
+
+def _synthetic_overrides(root: Path) -> list[str]:
+    from jobs.demo import synthetic_data
+
+    files = synthetic_data(root)
+    return ([f"data.root={root}", "data.source_train=en/train.txt", "data.source_dev=en/valid.txt", "train.seeds=[95]"]
+            + [f"data.target_files.{lang}={path}" for lang, path in files.items()])
+
+
+def test_a_missing_corpus_stops_the_pipeline_before_ray_starts(tmp_path):
+    started = time.monotonic()
+    result = _job(["jobs.pipeline", "--out", str(tmp_path / "out"), f"data.root={tmp_path / 'none'}",
+                   f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])
+    _one_clear_line(result, f"{tmp_path / 'none'}/meta-cross/en/train.txt: no such file. Check the path")
+    assert "Ray" not in result.stderr and time.monotonic() - started < 60
+
+
+def test_a_seed_folder_made_with_other_inputs_stops_the_job_naming_the_difference(tmp_path):
+    out = tmp_path / "out"
+    (out / "ours" / "seed95").mkdir(parents=True)
+    (out / "ours" / "seed95" / "inputs.json").write_text(json.dumps({"hash": "0", "values": {"train.meta_lr": 1.0}}))
+    (out / "ours" / "seed95" / "scores.json").write_text(json.dumps({"f1": {"es": 99.0}, "wall_s": 1}))
+    result = _job(["jobs.pipeline", "--out", str(out), f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+                   *_synthetic_overrides(tmp_path / "data")])
+    _one_clear_line(result, f"{out / 'ours' / 'seed95'} holds work made with other inputs: ")
+    assert "use another --out, or delete" in result.stderr and "Ray" not in result.stderr
+
+
+def test_finished_rows_are_reused_only_for_the_same_inputs(tmp_path):
+    from jobs.common import write_record
+    from jobs.pipeline import _done, plan
+    from trainer.config import load_config, with_overrides
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text('{"num_hidden_layers": 2}')
+    cfg = load_config(overrides=_synthetic_overrides(tmp_path / "data")
+                      + [f"model.name_or_path={tmp_path / 'model'}", "model.num_frozen_layers=1"])
+    out = tmp_path / "out"
+    planned = plan(cfg, ["base", "ours"], out)
+    for (name, seed), (_, record) in planned.items():
+        write_record(out / name / f"seed{seed}", record)
+    record = planned["ours", 95][1]
+    (out / "ours" / "seed95" / "scores.json").write_text(json.dumps({"f1": {}, "wall_s": 0, "inputs": record["hash"]}))
+    assert plan(cfg, ["base", "ours"], out).keys() == planned.keys()  # same inputs: reused
+    assert _done(out / "ours" / "seed95", record)["inputs"] == record["hash"]
+    with pytest.raises(ValueError, match=r"ours/seed95 holds work made with other inputs: train.mask_ratio was 0.2, now 0.5"):
+        plan(with_overrides(cfg, ["train.mask_ratio=0.5"]), ["ours"], out)
+    (tmp_path / "model" / "config.json").write_text('{"num_hidden_layers": 2, "hidden_size": 8}')
+    with pytest.raises(ValueError, match=r"input.model was '[0-9a-f]+', now '[0-9a-f]+'"):
+        plan(cfg, ["ours"], out)
+    with pytest.raises(ValueError, match=r"scores.json was made from other inputs"):
+        _done(out / "ours" / "seed95", {**record, "hash": "other"})
+
+
+def test_demo_keeps_each_data_source_in_its_own_folder(tmp_path):
+    from jobs.demo import data_folder
+
+    synthetic, real = data_folder(tmp_path, None), data_folder(tmp_path, tmp_path / "data")
+    assert synthetic != real and synthetic.parent == real.parent == tmp_path.resolve()
+    assert data_folder(tmp_path, tmp_path / "data" / ".." / "data") == real
+    result = _job(["jobs.demo", "--out", str(tmp_path / "out"), "--data", str(tmp_path / "none")])
+    _one_clear_line(result, f"--data {tmp_path / 'none'}: no such folder")
 
 
 # -------------------------------------------------------------------------------- fuzzing

@@ -60,6 +60,7 @@ def test_a_relative_model_folder_reaches_workers_as_an_absolute_path(tmp_path, m
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "enc").mkdir(parents=True)
+    (tmp_path / "models" / "enc" / "config.json").write_text('{"num_hidden_layers": 12}')  # checked by load_config
     cfg, _ = parse(["--out", "o", "model.name_or_path=models/enc"], "meta_train")
     assert cfg.model.name_or_path == str(tmp_path / "models" / "enc")
     hub, _ = parse(["--out", "o", "model.name_or_path=bert-base-multilingual-cased"], "meta_train")

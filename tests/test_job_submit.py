@@ -99,7 +99,7 @@ def test_demo_job_through_ray_job_submit(tmp_path):
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == seed_run.info.run_id]
         assert sorted(r.data.params["language"] for r in children) == ["de", "es", "fr", "nl", "zh"]
         assert all(r.info.status == "FINISHED" for r in runs)
-        assert (out / "results.md").is_file()
+        assert (out / "synthetic" / "results.md").is_file()  # a folder per data source
         assert "f1_avg_mean" in by_name["ours"].data.metrics
     finally:
         _stop_head(temp)

@@ -5,8 +5,12 @@ paper's (Wu et al., AAAI 2020) and the official Meta-Cross code's where the pape
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import json
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,8 +77,10 @@ class DataConfig:
     dev_sample: int = 500
 
     def resolve(self, relative: str) -> str:
-        """Absolute path of a corpus path, keeping any '#split' suffix."""
-        path, _, split = relative.partition("#")
+        """Absolute path of a corpus path, keeping a trailing '#train'/'#test' split selector."""
+        from .corpus import split_selector
+
+        path, split = split_selector(relative)
         if not os.path.isabs(path):
             path = os.path.join(os.environ.get("METANER_DATA", self.root), path)
         return f"{path}#{split}" if split else path
@@ -198,6 +204,21 @@ class Config:
 
 
 # ---------------------------------------------------------------- loading and checking values
+#
+# Coercion is written by hand (no pydantic): the dataclasses above stay plain, and every message
+# names the dotted key the user wrote.
+
+
+class ConfigError(ValueError):
+    """Every problem found in one configuration, one line each, naming the key (and file:line)."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(dict.fromkeys(problems))  # in order, each once
+        if len(self.problems) == 1:
+            text = self.problems[0]
+        else:
+            text = f"{len(self.problems)} problems in the configuration:\n" + "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(text)
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -237,6 +258,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            # .inf, .nan and 1e999 parse as floats; no setting of this project works with them.
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -245,81 +269,196 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise TypeError(f"{key}: unsupported type {hint}")  # a programming error, not user input
 
 
-def _apply(obj: Any, updates: dict[str, Any], prefix: str) -> None:
+# (dotted key, message) pairs: the key lets a file's line be looked up and repeats be skipped.
+Problems = list[tuple[str, str]]
+
+
+def _apply(obj: Any, updates: dict[str, Any], prefix: str, problems: Problems) -> None:
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for name, value in updates.items():
         key = f"{prefix}{name}"
         if name not in names:
-            raise ValueError(f"unknown key {key!r}; allowed keys here: {', '.join(prefix + n for n in names)}")
+            problems.append((key, f"unknown key {key!r}; allowed keys here: {', '.join(prefix + n for n in names)}"))
+            continue
         current = getattr(obj, name)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ValueError(f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(current))}")
-            _apply(current, value, key + ".")
-        elif isinstance(current, dict) and isinstance(value, dict):
-            # A mapping setting (e.g. data.target_files) is updated key by key, so that
-            # `data.target_files.fr=PATH` changes one language and keeps the others.
-            setattr(obj, name, {**current, **_coerce(key, value, hints[name])})
-        else:
-            setattr(obj, name, _coerce(key, value, hints[name]))
+        try:
+            if dataclasses.is_dataclass(current):
+                if not isinstance(value, dict):
+                    raise ValueError(f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(current))}")
+                _apply(current, value, key + ".", problems)
+            elif isinstance(current, dict) and isinstance(value, dict):
+                # A mapping setting (e.g. data.target_files) is updated key by key, so that
+                # `data.target_files.fr=PATH` changes one language and keeps the others.
+                setattr(obj, name, {**current, **_coerce(key, value, hints[name])})
+            else:
+                setattr(obj, name, _coerce(key, value, hints[name]))
+        except ValueError as err:
+            problems.append((key, str(err)))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a key repeated in one mapping is an error, not a silent
+    "the last one wins"; it also records the line of every dotted key, for the messages."""
+
+    def construct_document(self, node):
+        self.duplicates: list[str] = []
+        self.key_lines: dict[str, int] = {}
+        self._walk(node, "")
+        return super().construct_document(node)
+
+    def _walk(self, node, prefix: str) -> None:
+        if isinstance(node, yaml.SequenceNode):
+            for item in node.value:
+                self._walk(item, prefix)
+        if not isinstance(node, yaml.MappingNode):
+            return
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key, line = f"{prefix}{key_node.value}", key_node.start_mark.line + 1
+            if key_node.value in seen:
+                self.duplicates.append(f"{line}: duplicate key {key!r} (first at line {seen[key_node.value]}); "
+                                       "the last one would silently win: keep one")
+            else:
+                seen[key_node.value] = line
+                self.key_lines.setdefault(key, line)
+            self._walk(value_node, key + ".")
+
+
+def _load_yaml(text: str, name: str) -> tuple[Any, dict[str, int]]:
+    """The document and the line of each dotted key; ConfigError for bad YAML or repeated keys."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{name} is not valid YAML: {' '.join(str(err).split())}"]) from None
+    finally:
+        loader.dispose()
+    duplicates = getattr(loader, "duplicates", [])
+    if duplicates:
+        raise ConfigError([f"{name}:{d}" for d in duplicates])
+    return data, getattr(loader, "key_lines", {})
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r}: write it as section.key=value, e.g. train.meta_batch_size=16")
     key, _, raw = text.partition("=")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    value = _load_yaml(raw, f"override {text!r}")[0] if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def _override(cfg: Config, overrides: Sequence[str], problems: Problems) -> None:
+    for text in overrides:
+        try:
+            keys, value = _parse_override(text)
+        except ValueError as err:
+            problems.append((text, str(err)))
+            continue
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _apply(cfg, nested, "", problems)
+
+
+def _finish(cfg: Config, problems: Problems, environment: bool = False) -> Config:
+    """Raise every problem at once: those of loading, then the checks of keys that loaded."""
+    bad = {key for key, _ in problems}
+    messages = [message for _, message in problems]
+    messages += [message for key, message in _validation(cfg) if key not in bad]
+    if environment and not messages:
+        messages += check_environment(cfg)
+    if messages:
+        raise ConfigError(messages)
+    return cfg
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """A checked Config from the nested dict that `Config.to_dict` wrote (checkpoints, workers)."""
-    cfg = Config()
-    _apply(cfg, data, "")
-    validate(cfg)
-    return cfg
+    cfg, problems = Config(), []
+    _apply(cfg, data, "", problems)
+    return _finish(cfg, problems)
 
 
 def with_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     """A checked copy of `cfg` with each `a.b=value` applied in order."""
-    out = Config()
-    _apply(out, cfg.to_dict(), "")
-    for text in overrides:
-        keys, value = _parse_override(text)
-        nested: Any = value
-        for k in reversed(keys):
-            nested = {k: nested}
-        _apply(out, nested, "")
-    validate(out)
-    return out
+    out, problems = Config(), []
+    _apply(out, cfg.to_dict(), "", problems)
+    _override(out, overrides, problems)
+    return _finish(out, problems)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file at `path`, then each `a.b=value` override, then checks."""
-    cfg = Config()
+    """Defaults, then the YAML file at `path`, then each `a.b=value` override, then checks.
+
+    Raises ConfigError (a ValueError) listing every problem, one line each: values (types,
+    ranges, finite numbers, choices, repeats), then, when those are fine, what they point at
+    (tracking URI, model folder). Nothing is started or written before.
+    """
+    cfg, problems = Config(), []
     if path is not None:
+        name = f"config file {path}"
         try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            text = Path(path).read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise ValueError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as err:
-            raise ValueError(f"config file {path} is not valid YAML: {err}") from None
+            raise ConfigError([f"{name} does not exist"]) from None
+        except (OSError, UnicodeDecodeError) as err:
+            reason = getattr(err, "strerror", None) or str(err)
+            raise ConfigError([f"{name} cannot be read ({reason}); give a readable UTF-8 YAML file"]) from None
+        data, lines = _load_yaml(text, name)
+        data = {} if data is None else data
         if not isinstance(data, dict):
-            raise ValueError(f"config file {path}: expected a mapping of sections at the top level")
-        try:
-            _apply(cfg, data, "")
-        except ValueError as err:
-            raise ValueError(f"config file {path}: {err}") from None
-    return with_overrides(cfg, overrides)
+            raise ConfigError([f"{name}: expected a mapping of sections at the top level"])
+        found: Problems = []
+        _apply(cfg, data, "", found)
+        for key, message in found:
+            where = f"{name}:{lines[key]}" if key in lines else name
+            problems.append((key, f"{where}: {message}"))
+    _override(cfg, overrides, problems)
+    return _finish(cfg, problems, environment=True)
+
+
+_PROBLEMS: contextvars.ContextVar[Optional[Problems]] = contextvars.ContextVar("config_problems", default=None)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise ValueError(f"{key}: {message}")
+    if ok:
+        return
+    found = _PROBLEMS.get()
+    if found is None:  # called outside validate(): fail at once
+        raise ConfigError([f"{key}: {message}"])
+    found.append((key, f"{key}: {message}"))
 
 
+def _validation(cfg: Config) -> Problems:
+    """Every (key, message) of validate(cfg), without raising."""
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        return [(p.partition(":")[0], p) for p in err.problems]
+    return []
+
+
+def _collecting(check: typing.Callable[[Config], None]) -> typing.Callable[[Config], None]:
+    """Run `check` with _check collecting its problems instead of raising at the first."""
+    def run(cfg: Config) -> None:
+        token = _PROBLEMS.set([])
+        try:
+            check(cfg)
+            found = _PROBLEMS.get()
+        finally:
+            _PROBLEMS.reset(token)
+        if found:
+            raise ConfigError([message for _, message in found])
+    run.__doc__, run.__name__ = check.__doc__, check.__name__
+    return run
+
+
+@_collecting
 def validate(cfg: Config) -> None:
-    """Raise ValueError naming the first key whose value cannot work."""
+    """Raise ConfigError naming every key whose value cannot work (one line each)."""
     m, d, r, t, a, c = cfg.model, cfg.data, cfg.retrieval, cfg.train, cfg.adapt, cfg.cluster
     _check(m.max_length >= 8, "model.max_length", "must be at least 8")
     _check(0 <= m.window_context <= m.max_length // 2, "model.window_context",
@@ -360,9 +499,138 @@ def validate(cfg: Config) -> None:
     _check(t.lambda_max >= 0, "train.lambda_max", "must be 0 or more")
     _check(t.base_batch_size >= 1, "train.base_batch_size", "must be at least 1")
     _check(len(t.seeds) > 0, "train.seeds", "give at least one seed")
-    _check(c.num_workers >= 0, "cluster.num_workers", "must be 0 (in the job's process) or more")
+    _check(c.num_workers >= 0, "cluster.num_workers", "must be 0 (one process, no Ray Train) or more")
     _check(c.zero_stage in (0, 1, 2), "cluster.zero_stage", "must be 0, 1 or 2")
     for key in ("num_embed_actors", "num_index_shards", "num_adapter_actors", "adapt_unit_size"):
         _check(getattr(c, key) >= 1, f"cluster.{key}", "must be at least 1")
-    _check(c.cpus_per_actor >= 0 and c.gpus_per_actor >= 0, "cluster.cpus_per_actor",
-           "actor resources must be 0 or more")
+    _check_more(cfg)
+
+
+def _whole_if_above_one(value: float) -> bool:
+    # Ray refuses fractional resource amounts above 1 ("must be whole numbers").
+    return value <= 1 or float(value).is_integer()
+
+
+def _repeated(items: Sequence) -> list:
+    seen: set = set()
+    return [x for x in items if x in seen or seen.add(x)]
+
+
+def _check_more(cfg: Config) -> None:
+    """The checks beyond single ranges: repeats, cross-key limits, resources, URIs and names."""
+    m, d, r, t, a, c = cfg.model, cfg.data, cfg.retrieval, cfg.train, cfg.adapt, cfg.cluster
+    _check(bool(m.name_or_path.strip()), "model.name_or_path", "give a hub id or a model folder")
+    for lang in _repeated(d.targets):
+        _check(False, "data.targets", f"{lang!r} is named more than once; name each target language once")
+    for lang in _repeated(d.misc_to_o):
+        _check(False, "data.misc_to_o", f"{lang!r} is named more than once")
+    for key in ("target_files", "target_train_files"):
+        for lang, path in getattr(d, key).items():
+            _check(bool(path.strip()), f"data.{key}.{lang}", "give a corpus path")
+    for key in ("source_train", "source_dev"):
+        _check(bool(getattr(d, key).strip()), f"data.{key}", "give a corpus path")
+    for lang in _repeated(t.seeds):
+        _check(False, "train.seeds", f"seed {lang} is given more than once")
+    for seed in t.seeds:
+        # numpy's generators take seeds in [0, 2**32).
+        _check(0 <= seed < 2 ** 32, "train.seeds", f"seed {seed} must be in [0, 2**32)")
+    _check(t.low_resource_steps >= 1, "train.low_resource_steps", "must be at least 1")
+    _check(bool(t.output_dir.strip()), "train.output_dir", "give a folder")
+    _check(r.ivf_nlist >= 1, "retrieval.ivf_nlist", "must be at least 1 (IVF lists)")
+    if r.ivf_nlist >= 1:
+        _check(1 <= r.ivf_nprobe <= r.ivf_nlist, "retrieval.ivf_nprobe",
+               f"must be between 1 and retrieval.ivf_nlist ({r.ivf_nlist})")
+    _check(a.lambda_max >= 0, "adapt.lambda_max", "must be 0 or more")
+    for key in ("cpus_per_worker", "cpus_per_actor", "gpus_per_actor"):
+        value = getattr(c, key)
+        _check(value >= 0, f"cluster.{key}", "must be 0 or more")
+        _check(_whole_if_above_one(value), f"cluster.{key}", f"{value:g}: amounts above 1 must be whole numbers (Ray)")
+    _check(c.cpus_per_worker > 0 or c.num_workers == 0, "cluster.cpus_per_worker",
+           "must be more than 0: each training worker computes")
+    if c.address is not None:
+        _check(_RAY_ADDRESS.match(c.address) is not None, "cluster.address",
+               f"{c.address!r} is not a Ray address; give host:port, ray://host:port, 'auto' or null for a local "
+               "cluster (the http:// job server address is for `ray job submit`, not for this key)")
+    _check(bool(cfg.mlflow.experiment.strip()), "mlflow.experiment", "give an experiment name")
+    if cfg.mlflow.tracking_uri is not None:
+        for problem in tracking_uri_problems(cfg.mlflow.tracking_uri, check_files=False):
+            _check(False, "mlflow.tracking_uri", problem)
+
+
+_RAY_ADDRESS = re.compile(r"^(auto|local|(ray://)?([\w.-]+|\[[0-9a-fA-F:]+\]):\d{1,5})$")
+# Schemes MLflow's tracking stores understand ("+driver" allowed on the database ones).
+TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
+# A Hugging Face hub id: "name" or "owner/name" (letters, digits, '-', '_', '.'), at most 96 characters.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def tracking_uri_problems(uri: str, check_files: bool = True) -> list[str]:
+    """What is wrong with a tracking URI (empty: nothing): scheme known; with `check_files`, a
+    sqlite store's folder exists and a file store is allowed by MLflow."""
+    scheme = uri.split(":", 1)[0].lower() if re.match(r"^[A-Za-z][\w+.-]*:", uri) else ""
+    if scheme and scheme.split("+")[0] not in TRACKING_SCHEMES:
+        return [f"{uri!r}: unknown scheme {scheme!r}; use one of {', '.join(s + ':' for s in TRACKING_SCHEMES)} "
+                "(e.g. sqlite:///mlflow.db or http://127.0.0.1:5000)"]
+    if not uri.strip():
+        return ["give a tracking URI, e.g. sqlite:///mlflow.db, or null for ./mlflow.db"]
+    if scheme == "sqlite":
+        if not uri.startswith("sqlite:///") or uri in ("sqlite:///", "sqlite:///:memory:"):
+            return [f"{uri!r}: name a database file, sqlite:///relative/path.db or sqlite:////absolute/path.db"]
+        folder = os.path.dirname(uri[len("sqlite:///"):]) or "."
+        if check_files and not os.path.isdir(folder):
+            return [f"{uri!r}: the folder {os.path.abspath(folder)} of the sqlite store does not exist; create it "
+                    "or choose another path (sqlite:////abs/path.db is absolute, sqlite:///path.db relative)"]
+    if (scheme in ("file", "") and check_files
+            and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1")):
+        return [f"{uri!r} is a file store, which MLflow 3 refuses ('in maintenance mode'); use "
+                "sqlite:///mlflow.db, or set MLFLOW_ALLOW_FILE_STORE=true"]
+    return []
+
+
+def _encoder_config(folder: str) -> tuple[dict | None, str | None]:
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        return None, f"the folder {folder} holds no config.json; give a folder written by save_pretrained"
+    except (OSError, ValueError) as err:
+        return None, f"{path} cannot be read as JSON ({err}); save the model again"
+    if not isinstance(data, dict):
+        return None, f"{path} is not a JSON object; save the model again"
+    return data, None
+
+
+def check_environment(cfg: Config) -> list[str]:
+    """Problems with what the configuration points at (read-only: nothing is started or written).
+
+    The tracking URI's store, and the model: a local folder must hold config.json, whose layer
+    count and position limit bound model.num_frozen_layers and model.max_length; anything else
+    must be a well-formed hub id (the hub itself is not asked: jobs run offline).
+    """
+    problems = []
+    if cfg.mlflow.tracking_uri is not None:
+        problems += [f"mlflow.tracking_uri: {p}" for p in tracking_uri_problems(cfg.mlflow.tracking_uri)]
+    m = cfg.model
+    name = os.path.expanduser(m.name_or_path)
+    looks_local = os.path.isabs(name) or name.startswith(".") or os.path.exists(name)
+    if not looks_local:
+        if not (_HUB_ID.match(name) and len(name) <= 96 and "--" not in name and ".." not in name):
+            problems.append(f"model.name_or_path: {m.name_or_path!r} is neither a folder nor a hub id (owner/name); "
+                            "give the folder of a saved model or a hub id")
+        return problems
+    if not os.path.isdir(name):
+        return problems + [f"model.name_or_path: {m.name_or_path!r} is not a folder; give the folder of a saved "
+                           "model (config.json, weights, tokenizer) or a hub id"]
+    encoder, problem = _encoder_config(name)
+    if problem:
+        return problems + [f"model.name_or_path: {problem}"]
+    layers = next((encoder[k] for k in ("num_hidden_layers", "n_layers", "num_layers") if isinstance(encoder.get(k), int)), None)
+    if layers is not None and m.num_frozen_layers > layers:
+        problems.append(f"model.num_frozen_layers: {m.num_frozen_layers}, but the encoder in {name} has {layers} layers "
+                        f"(config.json); use 0 to {layers}")
+    positions = encoder.get("max_position_embeddings")
+    if isinstance(positions, int) and m.max_length > positions:
+        problems.append(f"model.max_length: {m.max_length}, but the encoder in {name} takes at most {positions} "
+                        f"positions (config.json max_position_embeddings); use {positions} or less")
+    return problems

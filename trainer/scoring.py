@@ -13,7 +13,7 @@ import numpy as np
 
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
-from .corpus import CorpusError
+from .corpus import ENTITY_TYPES, CorpusError, read_text, split_fields
 
 
 def score(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict:
@@ -54,27 +54,74 @@ def write_conll(path: str | os.PathLike, words: Iterable[Sequence[str]], gold: I
     os.replace(tmp, path)
 
 
-def read_conll(path: str | os.PathLike) -> tuple[list[list[str]], list[list[str]], list[list[str]]]:
-    """Words, gold and predicted tags from a conlleval file (the last two columns are the tags)."""
+# Labels of the official Meta-Cross code's output that are no entity tags: read as O only when
+# asked (`special_to_o`), since elsewhere they mean the columns are not tags at all.
+SPECIAL_LABELS = ("X", "[CLS]", "[SEP]")
+
+
+def _tag_checker(path: str, types: Sequence[str], special_to_o: bool):
+    """A function (tag, line, column name) -> the tag as scored, or a CorpusError naming the line."""
+    valid = {"O": "O"}
+    valid.update({f"{p}-{t}": f"{p}-{t}" for t in types for p in ("B", "I")})
+    if special_to_o:
+        valid.update({label: "O" for label in SPECIAL_LABELS})
+    allowed = f"O or B-/I- with one of {', '.join(types)}"
+
+    def check(tag: str, number: int, column: str, fields: list[str]) -> str:
+        scored = valid.get(tag)
+        if scored is not None:
+            return scored
+        if column == "gold" and fields[-1] in valid:
+            raise CorpusError(path, number, f"the gold column (column {len(fields) - 1} of {len(fields)}) holds {tag!r}, "
+                              "not an NER tag, while the last column holds one: the prediction column is missing (an "
+                              "original CoNLL file ends with the gold tag) or the columns are swapped",
+                              "Write `token ... gold pred`, the predicted tag last")
+        hint = ""
+        if tag in SPECIAL_LABELS:
+            hint = f"; the official code's {'/'.join(SPECIAL_LABELS)} labels are read as O with --special-to-o"
+        elif "-" in tag and tag.split("-", 1)[0] in ("B", "I"):
+            hint = f"; other entity types need --types {','.join(types)},{tag.split('-', 1)[1]}"
+        position = len(fields) - 1 if column == "gold" else len(fields)
+        raise CorpusError(path, number, f"unknown {column} tag {tag!r} (column {position} of {len(fields)})", f"Tags must be {allowed}{hint}; the last two columns are the gold "
+                          "and the predicted tag")
+    return check
+
+
+def read_conll(path: str | os.PathLike, types: Sequence[str] = ENTITY_TYPES, special_to_o: bool = False
+               ) -> tuple[list[list[str]], list[list[str]], list[list[str]]]:
+    """Words, gold and predicted tags of a conlleval file (the last two columns are the tags).
+
+    Checked as conlleval.pl reads it, and stricter: every token line has the same number of
+    columns (at least 3), and both tags are O or B-/I- with one of `types`; a file without a
+    prediction column, with swapped columns or with chunk tags is refused naming file:line.
+    """
     path = os.fspath(path)
-    words, gold, pred = [], [], []
+    text = read_text(path)
+    check = _tag_checker(path, types, special_to_o)
+    words, gold, pred, shared = [], [], [], {}
     cw, cg, cp = [], [], []
-    try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            lines = fh.read().splitlines()
-    except OSError as err:
-        raise CorpusError(path, None, f"cannot be read ({err.strerror})", "Check the path") from None
-    for number, line in enumerate(lines + [""], 1):
-        fields = line.split()
+    columns, first = 0, 0
+    for number, line in enumerate(text.lines(), 1):
+        fields = split_fields(line, tabbed=False)
         if not fields or fields[0] == "-DOCSTART-":
             if cw:
                 words.append(cw), gold.append(cg), pred.append(cp)
             cw, cg, cp = [], [], []
             continue
         if len(fields) < 3:
-            raise CorpusError(path, number, f"expected `token ... gold pred`, got {line.strip()!r}",
-                              "Write one token per line with the gold and the predicted tag last")
-        cw.append(fields[0]), cg.append(fields[-2]), cp.append(fields[-1])
+            raise CorpusError(path, number, f"expected `token ... gold pred`, got {line.strip()!r} ({len(fields)} "
+                              "columns)", "Write one token per line with the gold and the predicted tag last")
+        if not columns:
+            columns, first = len(fields), number
+        elif len(fields) != columns:
+            # conlleval.pl stops here too ("unexpected number of features").
+            raise CorpusError(path, number, f"{len(fields)} columns, but line {first} has {columns}",
+                              "Give every token line the same columns, the gold and the predicted tag last")
+        cg.append(check(fields[-2], number, "gold", fields))
+        cp.append(check(fields[-1], number, "predicted", fields))
+        cw.append(shared.setdefault(fields[0], fields[0]))
+    if cw:
+        words.append(cw), gold.append(cg), pred.append(cp)
     if not words:
         raise CorpusError(path, None, "no tokens found", "Give a file of `token gold pred` lines")
     return words, gold, pred
