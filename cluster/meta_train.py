@@ -1,8 +1,9 @@
 """Distributed first-order meta-training: Ray Train workers, each driving a DeepSpeed engine.
 
-Every meta-step samples `meta_batch_size` tasks from (seed, step) and splits them across the
-workers. Each worker runs the inner loops of its tasks with the trainer core (outside any gradient
-buffer) and sums their query gradients into one buffer. A single `engine.backward` of a surrogate
+Each worker runs the loop of `trainer.meta_trainer.MetaTrainer` (the same code that runs in one
+process): every meta-step samples `meta_batch_size` tasks from (seed, step), and each worker
+computes its share with the vectorised task engine, summed into one buffer. A single
+`engine.backward` of a surrogate
 whose gradient is that buffer hands it to DeepSpeed, which all-reduces across workers (under every
 ZeRO stage); `engine.step()` applies the meta optimiser once. DeepSpeed averages gradients over
 data-parallel ranks, so the surrogate is scaled by the world size: the meta-gradient stays the
@@ -13,10 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -61,87 +61,112 @@ class MetaTrainInputs:
 # ------------------------------------------------------------------------------ inside a worker
 
 
-def _build(inputs: MetaTrainInputs):
+def build_trainer(inputs: MetaTrainInputs, rank: int = 0, world_size: int = 1, metrics_logger=None,
+                  trainer_class=None):
+    """(trainer, tokenizer): the model, featurizer and `trainer.meta_trainer.MetaTrainer` of a
+    run, the frozen bottom of English train prepared (kept under model.prefix_cache_dir)."""
     import torch
 
     from trainer.config import config_from_dict
     from trainer.features import Featurizer
-    from trainer.maml import MetaLearner, group_windows
+    from trainer.meta_trainer import MetaTrainer
     from trainer.model import build_model, load_tokenizer
 
     cfg = config_from_dict(inputs.config)
     torch.manual_seed(inputs.seed)
     model = build_model(cfg, seed=inputs.seed)
+    if cfg.cluster.use_gpu and torch.cuda.is_available():
+        model = model.cuda()
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     featurizer = Featurizer(tokenizer, cfg.model.max_length, cfg.model.window_context, model.labels)
-    source = group_windows(featurizer.encode(inputs.source))
-    learner = MetaLearner(model, featurizer, cfg, seed=inputs.seed)
-    return cfg, model, tokenizer, featurizer, source, learner
+    trainer = (trainer_class or MetaTrainer)(
+        model, featurizer, cfg, inputs.source, inputs.support, seed=inputs.seed, dev=inputs.dev,
+        dev_support=inputs.dev_support, rank=rank, world_size=world_size, metrics_logger=metrics_logger)
+    if cfg.model.prefix_cache_dir:
+        prepare_source_bottom(trainer, cfg.model.prefix_cache_dir, rank, world_size)
+    return trainer, tokenizer
 
 
-def _restore(learner, model, checkpoint) -> tuple[int, float]:
-    """Weights, meta optimiser, step and best dev F1 from a Ray Train checkpoint."""
-    import torch
-    from safetensors.torch import load_file
+def prepare_source_bottom(trainer, folder: str, rank: int = 0, world_size: int = 1) -> None:
+    """The frozen bottom of every English train window, from disk, or computed (each rank a share,
+    merged by rank 0) and saved for every later run with the same frozen weights."""
+    import hashlib
 
-    from trainer.checkpoint import WEIGHTS, load_trainer_state, set_rng_state
+    from trainer.bottom import BottomStore
+    from trainer.distributed import barrier
 
+    store = BottomStore(folder, trainer.model, trainer.featurizer)
+    windows = [w for group in trainer.windows for w in group]
+    content = "source:" + hashlib.sha256(repr([w.input_ids for w in windows]).encode()).hexdigest()
+    states = store.load(content, trainer.bottom.device)
+    if not states:
+        mine = windows[rank::world_size]
+        trainer.bottom.fill(mine, progress=rank == 0)
+        part = {w.input_ids: trainer.bottom.states[w.input_ids] for w in mine}
+        if world_size > 1:
+            store.save(f"{content}:part{rank}of{world_size}", part)
+        barrier()
+        if rank == 0:
+            for other in range(1, world_size):
+                part.update(store.load(f"{content}:part{other}of{world_size}"))
+                store.path(f"{content}:part{other}of{world_size}").unlink(missing_ok=True)
+            store.path(f"{content}:part0of{world_size}").unlink(missing_ok=True)
+            store.save(content, part)
+        barrier()
+        states = store.load(content, trainer.bottom.device)
+    trainer.bottom.states.update(states)
+    logger.info("frozen bottom of %d source windows: %.1f MiB (%s)", len(states), trainer.bottom.nbytes() / 2 ** 20,
+                store.path(content))
+
+
+class DeepSpeedMetaTrainer:
+    """Mixin: the meta-update through a DeepSpeed engine, which all-reduces the ranks' summed
+    gradients (under every ZeRO stage) and steps the meta optimiser once.
+
+    DeepSpeed averages gradients over data-parallel ranks, so the surrogate is scaled by the world
+    size: the meta-gradient stays the paper's SUM over all tasks of the batch, whatever the number
+    of workers.
+    """
+
+    ds_engine = None
+
+    def apply(self, buffer) -> None:
+        surrogate = self.world_size * sum((p * b).sum() for p, b in zip(self.params, buffer))
+        self.ds_engine.backward(surrogate)
+        self.ds_engine.step()
+
+
+def _trainer_class():
+    from trainer.meta_trainer import MetaTrainer
+
+    return type("DistributedMetaTrainer", (DeepSpeedMetaTrainer, MetaTrainer), {})
+
+
+DS_FOLDER, DS_TAG = "deepspeed", "state"
+
+
+def _save(folder: str, trainer, tokenizer, zero_stage: int) -> None:
+    """Rank 0's checkpoint folder; under ZeRO 1/2 the optimiser state is partitioned across ranks
+    and every rank adds its part through DeepSpeed's own checkpointing (call on every rank)."""
+    if zero_stage > 0:
+        trainer.ds_engine.save_checkpoint(str(Path(folder) / DS_FOLDER), tag=DS_TAG, exclude_frozen_parameters=True)
+    if trainer.rank == 0:
+        if zero_stage > 0:  # keep what DeepSpeed wrote beside the metaner files
+            kept = Path(folder).with_name(Path(folder).name + ".ds")
+            os.replace(Path(folder) / DS_FOLDER, kept)
+        trainer.save(folder, tokenizer, with_optimizer=zero_stage == 0)
+        if zero_stage > 0:
+            os.replace(kept, Path(folder) / DS_FOLDER)
+
+
+def _restore(trainer, checkpoint, zero_stage: int) -> None:
+    """Weights, meta optimiser (DeepSpeed's partitions under ZeRO 1/2), step, best dev F1, RNG."""
     with checkpoint.as_directory() as folder:
-        state = load_file(str(Path(folder) / WEIGHTS))
-        with torch.no_grad():
-            model.load_state_dict(state)
-        trainer_state = load_trainer_state(folder)
-    if trainer_state.get("optimizer") is not None:
-        learner.meta_optimizer.load_state_dict(trainer_state["optimizer"])
-    else:
-        logger.warning("checkpoint has no meta optimiser state (ZeRO > 0): its moments restart")
-    set_rng_state(trainer_state["rng"])
-    learner.step = int(trainer_state["step"])
-    return learner.step, float(trainer_state.get("best_f1", -1.0))
-
-
-def _meta_gradient(learner, source, support, ids, epoch):
-    """Sum of the query gradients of tasks `ids` (one buffer) and the summed losses."""
-    import torch
-
-    from trainer.maml import Task
-
-    buffer = [torch.zeros_like(p) for p in learner.params]
-    losses = torch.zeros(3, dtype=torch.float64)  # support loss, query loss, tasks
-    for query in ids:
-        grads, stats = learner.task_gradients(Task(tuple(support[query]), int(query)), source, epoch)
-        for b, g in zip(buffer, grads):
-            b.add_(g)
-        losses += torch.tensor([stats["support_loss"], stats["query_loss"], 1.0], dtype=torch.float64)
-    return buffer, losses
-
-
-def _dev_f1(cfg, model, featurizer, inputs: MetaTrainInputs, prefix_cache: dict | None = None) -> float:
-    from trainer.adapt import adapt_many, evaluate
-    from trainer.scoring import score
-
-    if not inputs.dev:
-        return float("nan")
-    if not cfg.adapt.enabled:
-        return evaluate(model, featurizer, inputs.dev, cfg.adapt.batch_size)["f1"]
-    was_training = model.training
-    model.eval()
-    try:
-        tags = adapt_many(model, featurizer, inputs.dev, inputs.dev_support, cfg, prefix_cache=prefix_cache)
-    finally:
-        model.train(was_training)
-    return score([list(s.tags) for s in inputs.dev], tags)["f1"]
-
-
-def _save(folder: str, model, tokenizer, cfg, learner, step: int, best_f1: float, zero_stage: int) -> None:
-    from trainer.checkpoint import rng_state, save_checkpoint
-
-    state = {"step": step, "best_f1": best_f1, "rng": rng_state(),
-             # Under ZeRO 1/2 the optimiser state is partitioned across ranks; only stage 0 keeps
-             # it whole on rank 0.
-             "optimizer": learner.meta_optimizer.state_dict() if zero_stage == 0 else None}
-    save_checkpoint(folder, model, tokenizer=tokenizer, config=cfg, meta={"step": step, "best_f1": best_f1},
-                    trainer_state=state)
+        ds = Path(folder) / DS_FOLDER
+        trainer.load(folder, optimizer_elsewhere=zero_stage > 0 and ds.is_dir())
+        if zero_stage > 0 and ds.is_dir():
+            trainer.ds_engine.load_checkpoint(str(ds), tag=DS_TAG, load_module_strict=False,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
 
 
 def _write_pid(out: Path, rank: int) -> None:
@@ -152,76 +177,78 @@ def _write_pid(out: Path, rank: int) -> None:
 
 
 def meta_train_worker(loop_config: dict) -> None:
-    """The per-worker loop that Ray Train runs (one process per worker)."""
+    """The per-worker loop that Ray Train runs (one process per worker): the trainer's own loop,
+    with DeepSpeed's meta-update and Ray Train's checkpoints."""
     import deepspeed
     import ray
     import ray.train
     import torch
     from ray.train import Checkpoint
 
-    from trainer.sampling import epoch_of, sample_task_batch, shard_tasks
-
-    from .distributed import all_reduce_sum
     from .tracking import MlflowLogger, NullLogger
 
     inputs: MetaTrainInputs = ray.get(loop_config["inputs"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    _write_pid(Path(inputs.output_dir), rank)
-    cfg, model, tokenizer, featurizer, source, learner = _build(inputs)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=learner.meta_optimizer,
-                                      lr_scheduler=learner.scheduler, config=deepspeed_config(cfg, world))
-    step, best_f1 = 0, -1.0
+    # One torch thread per CPU this worker was given: more oversubscribes the node.
+    torch.set_num_threads(max(1, int(loop_config.get("threads", 1))))
+    out = Path(inputs.output_dir)
+    _write_pid(out, rank)
+    log = MlflowLogger(inputs.tracking_uri, run_id=inputs.run_id) if rank == 0 and inputs.run_id else NullLogger()
+    trainer, tokenizer = build_trainer(inputs, rank, world, log, _trainer_class())
+    cfg = trainer.cfg
+    zero = cfg.cluster.zero_stage
+    trainer.ds_engine, *_ = deepspeed.initialize(model=trainer.model, optimizer=trainer.meta_optimizer,
+                                                 lr_scheduler=trainer.scheduler, config=deepspeed_config(cfg, world))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        step, best_f1 = _restore(learner, model, checkpoint)
-        logger.info("rank %d resumed at meta-step %d", rank, step)
-    log = MlflowLogger(inputs.tracking_uri, run_id=inputs.run_id) if rank == 0 and inputs.run_id else NullLogger()
-    train = cfg.train
-    num_tasks = len(inputs.source)
-    out = Path(inputs.output_dir)
-    started, done_tasks = time.perf_counter(), 0
-    dev_prefix: dict = {}  # the frozen bottom of the dev windows, the same at every evaluation
-    while step < train.num_meta_steps:
-        batch = sample_task_batch(num_tasks, train.meta_batch_size, inputs.seed, step)
-        mine = shard_tasks(batch, rank, world)
-        try:
-            buffer, losses = _meta_gradient(learner, source, inputs.support, mine,
-                                            epoch_of(step, train.meta_batch_size, num_tasks))
-        except FloatingPointError as err:
-            raise FloatingPointError(f"meta-step {step + 1}, rank {rank}: {err}") from None
-        surrogate = world * sum((p * b).sum() for p, b in zip(learner.params, buffer))
-        engine.backward(surrogate)
-        lrs = {"meta_lr": learner.meta_lr(), "inner_lr": learner.inner_lr()}
-        engine.step()
-        step += 1
-        learner.step = step
-        all_reduce_sum(losses)
-        done_tasks += int(losses[2])
-        metrics = {"support_loss": float(losses[0] / losses[2]), "meta_loss": float(losses[1] / losses[2]),
-                   "tasks_per_s": done_tasks / (time.perf_counter() - started), **lrs}
-        if step % train.eval_every == 0 or step == train.num_meta_steps:
-            f1 = _dev_f1(cfg, model, featurizer, inputs, dev_prefix) if rank == 0 else float("nan")
-            metrics["dev_f1"] = f1
-            if rank == 0 and f1 > best_f1:
-                best_f1 = f1
-                # save_checkpoint swaps a finished folder into place: `best` is never half-written.
-                _save(str(out / "best"), model, tokenizer, cfg, learner, step, best_f1, cfg.cluster.zero_stage)
-        log.log_metrics(metrics, step=step)
-        if rank == 0 and (step % 10 == 0 or step == train.num_meta_steps):
-            logger.info("meta-step %d/%d  meta_loss %.4f  %.1f tasks/s", step, train.num_meta_steps,
-                        metrics["meta_loss"], metrics["tasks_per_s"])
-        if step % train.checkpoint_every == 0 or step == train.num_meta_steps:
-            metrics["best_f1"] = best_f1
-            with tempfile.TemporaryDirectory() as tmp:
-                if rank == 0:
-                    _save(tmp, model, tokenizer, cfg, learner, step, best_f1, cfg.cluster.zero_stage)
-                    if step == train.num_meta_steps:
-                        _save(str(out / "final"), model, tokenizer, cfg, learner, step, best_f1, cfg.cluster.zero_stage)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if rank == 0 else None)
+        _restore(trainer, checkpoint, zero)
+        logger.info("rank %d resumed at meta-step %d", rank, trainer.step)
+
+    def on_best(t) -> None:
+        # save_checkpoint swaps a finished folder into place: `best` is never half-written.
+        t.save(str(out / "best"), tokenizer, with_optimizer=False)
+
+    def on_checkpoint(t, metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            _save(tmp, t, tokenizer, zero)
+            if t.rank == 0 and t.step == cfg.train.num_meta_steps:
+                t.save(str(out / "final"), tokenizer, with_optimizer=False)
+            has_files = t.rank == 0 or zero > 0
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if has_files else None)
+
+    trainer.fit(on_best=on_best, on_checkpoint=on_checkpoint)
 
 
 # ------------------------------------------------------------------------------ the driver
+
+
+def run_in_process(inputs: MetaTrainInputs) -> None:
+    """Meta-train in this process (`cluster.num_workers=0`): the trainer's loop as it is, no Ray
+    Train, no DeepSpeed; `<out>/last` holds the state to resume from, written every
+    `train.checkpoint_every` steps."""
+    import torch
+
+    from trainer.config import config_from_dict
+
+    from .tracking import MlflowLogger, NullLogger
+
+    cfg = config_from_dict(inputs.config)
+    torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
+    out = Path(inputs.output_dir)
+    log = MlflowLogger(inputs.tracking_uri, run_id=inputs.run_id) if inputs.run_id else NullLogger()
+    trainer, tokenizer = build_trainer(inputs, metrics_logger=log)
+    last = out / "last"
+    if (last / "trainer_state.pt").is_file():
+        trainer.load(last)
+        logger.info("resumed at meta-step %d from %s", trainer.step, last)
+
+    def on_checkpoint(t, metrics: dict) -> None:
+        t.save(last, tokenizer)
+        if t.step == cfg.train.num_meta_steps:
+            t.save(out / "final", tokenizer, with_optimizer=False)
+
+    trainer.fit(on_best=lambda t: t.save(out / "best", tokenizer, with_optimizer=False), on_checkpoint=on_checkpoint)
 
 
 def latest_checkpoint(storage_path: str, name: str):
@@ -246,13 +273,15 @@ def run_meta_training(inputs: MetaTrainInputs, cfg, storage_path: str, name: str
     from ray.train.torch import TorchConfig, TorchTrainer
 
     storage_path = os.path.abspath(storage_path)
+    if inputs.config["model"]["prefix_cache_dir"]:  # workers run in a working directory of their own
+        inputs.config["model"]["prefix_cache_dir"] = os.path.abspath(inputs.config["model"]["prefix_cache_dir"])
     resume_from = latest_checkpoint(storage_path, name) if resume else None
     if resume_from is not None:
         logger.info("resuming %s from %s", name, resume_from.path)
     c = cfg.cluster
     trainer = TorchTrainer(
         meta_train_worker,
-        train_loop_config={"inputs": ray.put(inputs)},
+        train_loop_config={"inputs": ray.put(inputs), "threads": c.cpus_per_worker},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                      resources_per_worker={"CPU": c.cpus_per_worker,
                                                            **({"GPU": 1} if c.use_gpu else {})}),

@@ -166,7 +166,8 @@ RECORD = "inputs.json"
 # replaced by a digest of their content (moving the data reuses the work; editing it does not).
 _NOT_RESULTS = ("mlflow.", "cluster.address", "cluster.num_embed_actors", "cluster.num_index_shards",
                 "cluster.num_adapter_actors", "cluster.cpus_per_actor", "cluster.gpus_per_actor",
-                "retrieval.cache_dir", "adapt.prefix_cache_dir", "train.output_dir", "train.seeds",
+                "retrieval.cache_dir", "model.prefix_cache_dir", "train.output_dir", "train.seeds", "train.log_every",
+                "train.checkpoint_every", "train.task_chunk_size",
                 "data.root", "data.source_train", "data.source_dev", "data.target_files", "data.target_train_files",
                 "model.name_or_path")
 _DIGESTS: dict = {}

@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 def train_one(cfg, seed: int, data: Data, supports: Supports, run, out: Path) -> str:
     """Train with `seed` into `out`; returns the selected checkpoint (best on English dev)."""
     from cluster.finetune import run_finetune
-    from cluster.meta_train import MetaTrainInputs, run_meta_training
+    from cluster.meta_train import MetaTrainInputs, run_in_process, run_meta_training
     from cluster.tracking import tracking_uri
 
     uri = tracking_uri(cfg.mlflow.tracking_uri)
@@ -25,9 +25,12 @@ def train_one(cfg, seed: int, data: Data, supports: Supports, run, out: Path) ->
     inputs = MetaTrainInputs(config=cfg.to_dict(), source=data.source, support=supports.source, dev=data.dev,
                              dev_support=supports.sentences("dev", data.source), seed=seed, run_id=run.run_id,
                              tracking_uri=uri, output_dir=str(out.resolve()))
-    result = run_meta_training(inputs, cfg, str((out / "ray").resolve()), f"meta-seed{seed}")
-    if result.error is not None:
-        raise result.error
+    if cfg.cluster.num_workers == 0:
+        run_in_process(inputs)
+    else:
+        result = run_meta_training(inputs, cfg, str((out / "ray").resolve()), f"meta-seed{seed}")
+        if result.error is not None:
+            raise result.error
     best, final = out / "best", out / "final"
     run.set_tags({"final_checkpoint": str(final), "best_checkpoint": str(best if best.is_dir() else final)})
     return str(best if best.is_dir() else final)

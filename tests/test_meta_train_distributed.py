@@ -1,4 +1,6 @@
 """Ray Train + DeepSpeed meta-training equals the single-process trainer core, and resumes."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from trainer.config import load_config
 
 
 def _cfg(model_path, **extra):
-    overrides = [f"model.name_or_path={model_path}", "model.dropout=0.0", "model.num_frozen_layers=1",
+    overrides = [f"model.name_or_path={model_path}", "model.prefix_cache_dir=", "model.dropout=0.0", "model.num_frozen_layers=1",
                  "model.max_length=32", "model.window_context=4", "train.meta_batch_size=8",
                  "train.num_meta_steps=3", "train.eval_every=100", "train.checkpoint_every=100",
                  "train.inner_lr=1e-3", "train.meta_lr=1e-3", "cluster.cpus_per_worker=0.5"]
@@ -24,26 +26,14 @@ def _inputs(cfg, toy_corpus, out, seed=95):
                            dev_support=[[source[0], source[1]]] * 4, seed=seed, output_dir=str(out))
 
 
-def _single_process_weights(cfg, inputs):
-    from transformers import AutoTokenizer
+def _single_process_weights(inputs, out):
+    """The same run in this process (cluster.num_workers=0): the trainer's own loop."""
+    from cluster.meta_train import run_in_process
 
-    from trainer.features import Featurizer
-    from trainer.maml import MetaLearner, Task, group_windows
-    from trainer.model import build_model
-    from trainer.sampling import epoch_of, sample_task_batch
-
-    torch.manual_seed(inputs.seed)
-    model = build_model(cfg, seed=inputs.seed)
-    featurizer = Featurizer(AutoTokenizer.from_pretrained(cfg.model.name_or_path), cfg.model.max_length,
-                            cfg.model.window_context)
-    source = group_windows(featurizer.encode(inputs.source))
-    learner = MetaLearner(model, featurizer, cfg, seed=inputs.seed)
-    n = len(inputs.source)
-    for step in range(cfg.train.num_meta_steps):
-        ids = sample_task_batch(n, cfg.train.meta_batch_size, inputs.seed, step)
-        learner.meta_step([Task(tuple(inputs.support[q]), int(q)) for q in ids], source,
-                          epoch_of(step, cfg.train.meta_batch_size, n))
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    inputs = copy.copy(inputs)
+    inputs.run_id, inputs.output_dir = None, str(out)
+    run_in_process(inputs)
+    return load_file(str(out / "final" / "model.safetensors"))
 
 
 def test_deepspeed_config_is_derived():
@@ -63,7 +53,8 @@ def test_one_and_two_workers_and_single_process_agree(ray_local, tiny_bert_no_dr
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     weights, runs = {}, {}
     for workers in (1, 2):
-        cfg = _cfg(tiny_bert_no_dropout, **{"cluster.num_workers": workers})
+        cfg = _cfg(tiny_bert_no_dropout, **{"cluster.num_workers": workers,
+                                             "model.prefix_cache_dir": str(tmp_path / "prefix")})
         inputs = _inputs(cfg, toy_corpus, tmp_path / f"out{workers}")
         runs[workers] = MlflowLogger(uri, "meta", run_name=f"w{workers}").run_id
         inputs.run_id, inputs.tracking_uri = runs[workers], uri
@@ -76,7 +67,7 @@ def test_one_and_two_workers_and_single_process_agree(ray_local, tiny_bert_no_dr
         history = client.get_metric_history(run_id, "meta_loss")
         assert [m.step for m in history] == [1, 2, 3]
         assert {"tasks_per_s", "meta_lr", "inner_lr", "support_loss", "dev_f1"} <= set(client.get_run(run_id).data.metrics)
-    reference = _single_process_weights(_cfg(tiny_bert_no_dropout), inputs)
+    reference = _single_process_weights(inputs, tmp_path / "single")
     for name, ref in reference.items():
         torch.testing.assert_close(weights[1][name], weights[2][name], atol=1e-6, rtol=0)
         torch.testing.assert_close(weights[1][name], ref, atol=1e-6, rtol=0)

@@ -29,3 +29,11 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if _active():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def barrier() -> None:
+    """Wait for every process; nothing to wait for in a single process."""
+    import torch.distributed as dist
+
+    if _active():
+        dist.barrier()

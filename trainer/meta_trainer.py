@@ -1,0 +1,263 @@
+"""The meta-training loop, in one place: sample tasks → task gradients → meta-update, with dev
+selection and checkpoint cadences, and a state that resumes exactly.
+
+`MetaTrainer` runs in one process with nothing but PyTorch (a laptop, a debugger,
+`cluster.num_workers=0`). A distributed caller (cluster/meta_train.py) builds the same trainer
+with its rank and world size, so that each rank computes its share of every meta-batch with the
+same code, and replaces `apply` with an all-reduce and step of its own (DeepSpeed's). Which tasks a
+step uses depends on (seed, step) alone, so any number of ranks, and a resumed run, see the same
+meta-batches.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .bottom import FrozenBottom
+from .corpus import Sentence
+from .distributed import all_reduce_sum
+from .engine import TaskEngine
+from .features import Featurizer
+from .maml import Task, group_windows
+from .model import NerModel, evaluating, trainable_parameters
+from .optim import BertAdam, make_optimizer, optimizer_step, param_groups, schedule_factor
+from .sampling import epoch_of, sample_task_batch, shard_tasks
+
+logger = logging.getLogger(__name__)
+
+# Settings that do not change what a run computes (where files and metrics go, how the work is
+# spread, how often it is saved or logged): a checkpoint resumes under other values of these.
+RESUME_IGNORES = ("mlflow.", "cluster.", "train.output_dir", "train.seeds", "train.log_every",
+                  "train.checkpoint_every", "train.task_chunk_size", "retrieval.cache_dir", "retrieval.batch_size",
+                  "model.prefix_cache_dir", "data.root", "data.targets", "data.target_files",
+                  "data.target_train_files", "data.target_sample", "data.low_resource_fractions", "data.misc_to_o",
+                  "data.unspaced_languages")
+
+
+def config_fingerprint(cfg) -> dict:
+    """The settings a run's weights depend on, as dotted keys (JSON values)."""
+    values = {k: v for k, v in cfg.flat().items() if not k.startswith(RESUME_IGNORES)}
+    return json.loads(json.dumps(values, sort_keys=True, default=str))
+
+
+def fingerprint_hash(values: dict) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class NullLogger:
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        pass
+
+
+class MetaTrainer:
+    """Owns the model's meta optimiser, the task sampling, the step count and the best dev score.
+
+    `source` are the English sentences whose pseudo tasks are trained on, `support[i]` the ids of
+    sentence i's support set; `dev`/`dev_support` select the model (adapted as at test time).
+    `metrics_logger` is any object with `log_metrics(dict, step)`.
+    """
+
+    def __init__(self, model: NerModel, featurizer: Featurizer, cfg, source: Sequence[Sentence],
+                 support: np.ndarray, *, seed: int, dev: Sequence[Sentence] = (),
+                 dev_support: Sequence[Sequence[Sentence]] = (), rank: int = 0, world_size: int = 1,
+                 metrics_logger=None, bottom: Optional[FrozenBottom] = None):
+        self.model, self.featurizer, self.cfg, self.seed = model, featurizer, cfg, seed
+        self.rank, self.world_size = rank, world_size
+        train = cfg.train
+        support = np.asarray(support)
+        if support.ndim != 2 or len(support) != len(source):
+            raise ValueError(f"support must give each of the {len(source)} source sentences its support ids "
+                             f"([{len(source)}, K]); got shape {support.shape}")
+        self.source, self.support = source, support
+        self.windows = group_windows(featurizer.encode(source))
+        self.dev, self.dev_support = list(dev), list(dev_support)
+        named = trainable_parameters(model)
+        groups = param_groups(named, train.weight_decay, train.classifier_lr_scale)
+        by_id = {id(p): n for n, p in named}
+        # One order for everything: the optimiser's, so that gradient buffers line up with it.
+        self.params = [p for g in groups for p in g["params"]]
+        self.names = [by_id[id(p)] for p in self.params]
+        self.meta_optimizer, self.scheduler = make_optimizer(groups, cfg, train.meta_lr, train.num_meta_steps)
+        self.bottom = FrozenBottom(model, featurizer) if bottom is None else bottom
+        self.engine = TaskEngine(model, featurizer, cfg, self.bottom, seed, self.names)
+        self.log = metrics_logger or NullLogger()
+        self.step, self.best_f1, self.best_step = 0, -1.0, -1
+        self._done_tasks, self._seconds = 0, 0.0
+
+    # ------------------------------------------------------------------ one meta-step
+
+    def inner_lr(self) -> float:
+        train = self.cfg.train
+        if not train.schedule_inner_lr:
+            return train.inner_lr
+        return train.inner_lr * schedule_factor(self.step, train.num_meta_steps, train.warmup_proportion)
+
+    def meta_lr(self) -> float:
+        if isinstance(self.meta_optimizer, BertAdam):
+            return self.meta_optimizer.current_lr()[0]
+        return self.meta_optimizer.param_groups[0]["lr"]
+
+    def tasks(self, step: int) -> list[Task]:
+        """This rank's share of meta-step `step`'s tasks."""
+        batch = sample_task_batch(len(self.source), self.cfg.train.meta_batch_size, self.seed, step)
+        return [Task(tuple(self.support[q]), int(q)) for q in shard_tasks(batch, self.rank, self.world_size)]
+
+    def meta_gradient(self, step: int) -> tuple[list[torch.Tensor], dict]:
+        """This rank's summed query gradients for meta-step `step` (one tensor per `names`), and
+        the summed losses and task count."""
+        epoch = epoch_of(step, self.cfg.train.meta_batch_size, len(self.source))
+        try:
+            return self.engine.meta_gradient(self.tasks(step), self.windows, epoch, self.inner_lr())
+        except FloatingPointError as err:
+            raise FloatingPointError(f"meta-step {step + 1}, rank {self.rank}: {err}") from None
+
+    def apply(self, buffer: Sequence[torch.Tensor]) -> None:
+        """One meta-optimiser step on the summed meta-gradient (a distributed caller all-reduces first)."""
+        for p, g in zip(self.params, buffer):
+            p.grad = g
+        optimizer_step(self.meta_optimizer, self.scheduler, self.cfg.train.max_grad_norm)
+        self.meta_optimizer.zero_grad(set_to_none=True)
+
+    def train_step(self) -> dict:
+        """Meta-step `self.step + 1`: gradients, the update, and the batch's mean losses."""
+        started = time.perf_counter()
+        buffer, totals = self.meta_gradient(self.step)
+        stats = all_reduce_sum(torch.tensor([totals["support_loss"], totals["query_loss"], totals["tasks"]],
+                                            dtype=torch.float64))
+        lrs = {"meta_lr": self.meta_lr(), "inner_lr": self.inner_lr()}
+        self.apply(buffer)
+        self.step += 1
+        self._seconds += time.perf_counter() - started
+        self._done_tasks += int(stats[2])
+        return {"support_loss": float(stats[0] / stats[2]), "meta_loss": float(stats[1] / stats[2]),
+                "tasks_per_s": self._done_tasks / max(self._seconds, 1e-9), **lrs}
+
+    # ------------------------------------------------------------------ selection and the loop
+
+    def evaluate(self) -> float:
+        """English-dev F1 of the current weights, adapted to each sentence as at test time."""
+        from .adapt import adapt_many, evaluate
+        from .scoring import score
+
+        if not self.dev:
+            return float("nan")
+        with evaluating(self.model):
+            if not self.cfg.adapt.enabled:
+                return evaluate(self.model, self.featurizer, self.dev, self.cfg.adapt.batch_size)["f1"]
+            tags = adapt_many(self.model, self.featurizer, self.dev, self.dev_support, self.cfg, bottom=self.bottom)
+        return score([list(s.tags) for s in self.dev], tags)["f1"]
+
+    def fit(self, on_best: Optional[Callable[["MetaTrainer"], None]] = None,
+            on_checkpoint: Optional[Callable[["MetaTrainer", dict], None]] = None) -> dict:
+        """Meta-train from `self.step` to `train.num_meta_steps`; dev selection every `eval_every`
+        steps (rank 0), `on_best` when the dev score improves, `on_checkpoint` every
+        `checkpoint_every` steps and at the end. Returns the last metrics."""
+        train = self.cfg.train
+        metrics: dict = {}
+        while self.step < train.num_meta_steps:
+            metrics = self.train_step()
+            last = self.step == train.num_meta_steps
+            if self.step % train.eval_every == 0 or last:
+                metrics["dev_f1"] = self.evaluate() if self.rank == 0 else float("nan")
+                if self.rank == 0 and metrics["dev_f1"] > self.best_f1:
+                    self.best_f1, self.best_step = metrics["dev_f1"], self.step
+                    if on_best is not None:
+                        on_best(self)
+            self.log.log_metrics(metrics, step=self.step)
+            if self.rank == 0 and (self.step % train.log_every == 0 or last):
+                logger.info("meta-step %d/%d  meta_loss %.4f  %.1f tasks/s", self.step, train.num_meta_steps,
+                            metrics["meta_loss"], metrics["tasks_per_s"])
+            if on_checkpoint is not None and (self.step % train.checkpoint_every == 0 or last):
+                on_checkpoint(self, {**metrics, "best_f1": self.best_f1})
+        return metrics
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self, with_optimizer: bool = True) -> dict:
+        """Everything a run needs to continue exactly: trainable weights, meta optimiser and
+        scheduler, step, best dev score, RNG states, and the seed and settings it was made with."""
+        from .checkpoint import rng_state
+
+        values = config_fingerprint(self.cfg)
+        return {"step": self.step, "best_f1": self.best_f1, "best_step": self.best_step, "seed": self.seed,
+                "config": json.dumps(values, sort_keys=True), "config_hash": fingerprint_hash(values),
+                "model": {n: p.detach().cpu().clone() for n, p in zip(self.names, self.params)},
+                "optimizer": self.meta_optimizer.state_dict() if with_optimizer else None,
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "rng": rng_state()}
+
+    def check_resumable(self, state: dict, where: str = "the checkpoint") -> None:
+        """Refuse a state written with another seed or other settings, naming the first difference."""
+        redo = "start a new run (another --out), or pass force=True to resume anyway"
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise ValueError(f"{where} was written with seed {state['seed']}, this run has seed {self.seed}; {redo}")
+        now = config_fingerprint(self.cfg)
+        if "config_hash" not in state or state["config_hash"] == fingerprint_hash(now):
+            return
+        then = json.loads(state["config"])
+        changed = [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+        if changed:
+            key = changed[0]
+            raise ValueError(f"{where} was written with {key}={then.get(key)!r}, this run has {now.get(key)!r}"
+                             f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; {redo}")
+
+    def load_state_dict(self, state: dict, force: bool = False, where: str = "the checkpoint",
+                        optimizer_elsewhere: bool = False) -> None:
+        """Continue from `state`; `optimizer_elsewhere`: the caller restores the meta optimiser
+        itself (DeepSpeed's partitions under ZeRO 1/2)."""
+        from .checkpoint import set_rng_state
+
+        if not force:
+            self.check_resumable(state, where)
+        if state.get("model") is not None:
+            by_name = dict(zip(self.names, self.params))
+            with torch.no_grad():
+                for name, value in state["model"].items():
+                    by_name[name].copy_(value)
+        if state.get("optimizer") is not None:
+            self.meta_optimizer.load_state_dict(state["optimizer"])
+        elif not optimizer_elsewhere:
+            logger.warning("%s holds no meta optimiser state: its moments restart", where)
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("rng") is not None:
+            set_rng_state(state["rng"])
+        self.step, self.best_f1 = int(state["step"]), float(state.get("best_f1", -1.0))
+        self.best_step = int(state.get("best_step", -1))
+
+    def save(self, folder, tokenizer=None, with_optimizer: bool = True) -> Path:
+        """A checkpoint folder: the whole model (safetensors), tokenizer, config, and the trainer state."""
+        from .checkpoint import save_checkpoint
+
+        state = self.state_dict(with_optimizer)
+        state.pop("model")  # the weights file holds them
+        return save_checkpoint(folder, self.model, tokenizer=tokenizer, config=self.cfg,
+                               meta={"step": self.step, "best_f1": self.best_f1, "mode": "meta"}, trainer_state=state)
+
+    def load(self, folder, force: bool = False, optimizer_elsewhere: bool = False) -> None:
+        """Continue from a folder written by `save` (weights and trainer state)."""
+        from safetensors.torch import load_file
+
+        from .checkpoint import WEIGHTS, load_trainer_state
+
+        folder = Path(folder)
+        state = load_trainer_state(folder)
+        if state is None:
+            raise ValueError(f"{folder} holds no trainer state; give a checkpoint written by meta-training")
+        weights = load_file(str(folder / WEIGHTS))
+        state["model"] = {n: weights[n] for n in self.names}
+        self.load_state_dict(state, force=force, where=str(folder), optimizer_elsewhere=optimizer_elsewhere)
+        with torch.no_grad():
+            self.model.load_state_dict(weights)
+
+    def summary(self) -> dict:
+        return {"steps": self.step, "best_f1": self.best_f1, "best_step": self.best_step,
+                "tasks_per_s": self._done_tasks / max(self._seconds, 1e-9) if math.isfinite(self._seconds) else 0.0}
