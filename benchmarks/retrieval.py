@@ -1,6 +1,6 @@
 """Benchmark: pseudo-task construction on the real corpora, embedding vs search, FAISS vs numpy.
 
-    python -m benchmarks.retrieval [--quick] [--limit N] [--device cpu|cuda] [--data ROOT] [--model PATH]
+    python benchmarks/retrieval.py [--quick] [--limit N] [--device cpu|cuda] [--data ROOT] [--model PATH]
 
 Embeds the English train set (the queries of the pseudo tasks and the source of every support set)
 and every target test set of the default config, then finds the support ids three ways: a FAISS
@@ -16,9 +16,11 @@ import sys
 import time
 
 # Run as a file, this script's folder would come first on sys.path and its own name would hide
-# the `retrieval` package.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+# the `retrieval` package; the repository root is what `benchmarks.*` imports need.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0]) == _HERE:
     sys.path.pop(0)
+sys.path.insert(0, os.path.dirname(_HERE))
 
 import numpy as np  # noqa: E402
 

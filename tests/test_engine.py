@@ -43,6 +43,9 @@ def _reference(model, featurizer, cfg, source, epoch):
     (["train.mask_ratio=0.5", "train.mask_on=both", "train.task_chunk_size=2"], 1),
     (["train.mask_ratio=0.0", "train.loss_positions=all"], 1),
     (["train.mask_ratio=0.5", "train.mask_on=query"], 0),
+    (["train.mask_ratio=0.5", "train.compile_updates=always"], 1),
+    (["train.mask_ratio=0.5", "train.compile_updates=always", "train.num_inner_steps=3"], 1),
+    (["train.mask_ratio=0.5", "train.num_inner_steps=3", "train.max_grad_norm=0.0"], 1),
 ])
 def test_vectorised_meta_gradient_equals_the_per_task_one(tiny_bert, tiny_tokenizer, toy_corpus, overrides, frozen):
     cfg, model, featurizer, source = _setup(tiny_bert, tiny_tokenizer, toy_corpus, overrides, frozen)

@@ -113,6 +113,10 @@ class TrainConfig:
     # Tasks whose inner loops run together (torch.func over per-task copies of the trainable
     # top); 0 sizes the chunks to the free memory.
     task_chunk_size: int = 0
+    # BertAdam's inner steps as torch.compile'd kernels: "auto" from a million trainable weights
+    # (there a step is bound by passes over every task's weight copy; below, compiling costs more
+    # than it saves).
+    compile_updates: Literal["auto", "always", "never"] = "auto"
     # Which positions the loss covers: a word's first subword (this project), or every position
     # of a window with continuation subwords as X and [CLS]/[SEP] as classes (the official code).
     loss_positions: Literal["first_subword", "all"] = "first_subword"

@@ -35,6 +35,9 @@ from .optim import batched_bertadam_step
 
 logger = logging.getLogger(__name__)
 
+CPU_CHUNK_BYTES = 64 * 2 ** 20
+COMPILE_FROM = 1_000_000  # trainable weights per copy from which train.compile_updates=auto compiles
+
 
 @dataclass
 class Stacked:
@@ -135,19 +138,28 @@ class TaskEngine:
         self._used = set(self.used)
         self.params = [params[n] for n in self.names]
         self.top = Top(model, bottom.num_layers)
+        one_copy = sum(p.numel() for n, p in zip(self.names, self.params) if n in self._used)
+        mode = cfg.train.compile_updates
+        self.compiled = mode == "always" or (mode == "auto" and one_copy >= COMPILE_FROM)
         self.mask_support, self.mask_query = masked_sides(cfg.train.mask_on)
 
     # ------------------------------------------------------------------ chunks
 
     def chunk_size(self, num_tasks: int) -> int:
-        """Tasks per vectorised chunk: `train.task_chunk_size`, or what a quarter of the free memory
-        holds at about eight copies of the trainable weights per task (weights, two moments,
-        gradients, temporaries)."""
+        """Tasks per vectorised chunk: `train.task_chunk_size`, or sized to the machine.
+
+        On a GPU, what a quarter of the free memory holds at about eight copies of the trainable
+        weights per task (weights, moments, gradients, temporaries). On a CPU, chunks whose weight
+        copies stay within CPU_CHUNK_BYTES: every pass over larger fresh tensors pays page faults,
+        and measured on e5-small (3.5 M trainable) 4 tasks per chunk ran twice as fast as 32.
+        """
         if self.cfg.train.task_chunk_size:
             return min(self.cfg.train.task_chunk_size, num_tasks)
-        per_task = 8 * sum(self.params_dict()[n].numel() * 4 for n in self.used)
-        free = available_bytes(self.bottom.device)
-        size = num_tasks if free is None else int(0.25 * free // max(per_task, 1))
+        one_copy = sum(p.numel() * p.element_size() for n, p in zip(self.names, self.params) if n in self._used)
+        if self.bottom.device.type == "cuda":
+            size = int(0.25 * available_bytes(self.bottom.device) // max(8 * one_copy, 1))
+        else:
+            size = CPU_CHUNK_BYTES // max(one_copy, 1)
         return max(1, min(size, num_tasks))
 
     def params_dict(self) -> dict[str, torch.Tensor]:
@@ -199,7 +211,7 @@ class TaskEngine:
                 params, state = batched_bertadam_step(
                     params, grads, state, lr=inner_lr, weight_decay=train.weight_decay,
                     max_grad_norm=train.max_grad_norm, classifier_lr_scale=train.classifier_lr_scale,
-                    keep_state=self._keep(step))
+                    keep_state=self._keep(step), compiled=self.compiled)
                 del grads
             dims = (0, 0, 0, query.hidden_dim, 0)
             grads, query_loss = vmap(grad_and_value(loss), in_dims=dims, randomness=randomness)(
