@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from trainer.features import IGNORE, Featurizer, Window, labelled_predictions
+from trainer.features import Featurizer, Window, labelled_predictions
 from trainer.losses import token_loss
 from trainer.maml import Task
 from trainer.masking import mask_batch, mask_generator
@@ -120,7 +120,7 @@ class OfficialLearner:
 
     def _loss(self, batch: dict, lambda_max: float) -> torch.Tensor:
         logits = self.model(batch["input_ids"], batch["attention_mask"])
-        return token_loss(logits, batch["labels"], lambda_max)
+        return token_loss(logits, self.featurizer.loss_labels(batch), lambda_max)
 
     def inner_update(self, support: dict, lr: float, steps: int, lambda_max: float) -> float:
         inner = BertAdam(self._grouped(), lr=lr, weight_decay=self.cfg.train.weight_decay,

@@ -1,23 +1,28 @@
-"""Benchmark: meta-training throughput (tasks/s) and memory against the official loop, in one run.
+"""Benchmark: meta-training throughput (tasks/s) and memory, engine against the per-task and official loops.
 
     python benchmarks/meta_train.py [--quick] [--limit N] [--steps N] [--device cpu|cuda] [--data ROOT]
-                                    [--model PATH] [--no-mid] [--no-distributed] [--workers 1 2]
+                                    [--model PATH] [--e5 PATH] [--no-e5] [--no-distributed] [--workers 1 2]
 
 Pseudo tasks come from English train sentences (meta-cross/en/train.txt): each sentence is a
-query, its support the K=2 other sentences nearest by [CLS] cosine under the model of record's
-encoder (flat numpy search). The same meta-batches of 32 tasks, drawn from (seed, step) by
+query, its support the K=2 other sentences nearest by [CLS] cosine under the model's own encoder
+(flat numpy search). The same meta-batches of 32 tasks, drawn from (seed, step) by
 trainer.sampling, are run by
-- the official loop (benchmarks/_official.py: windows padded to 128, 32 per-task gradient copies
-  kept, then summed into .grad for the meta-update),
-- metaner in one process (trainer.maml.MetaLearner.meta_step: dynamic padding, one accumulated
-  gradient buffer),
-- metaner on 1 and 2 Ray Train workers with DeepSpeed engines (cluster.meta_train, Ray local on
-  127.0.0.1, gloo), unless --no-distributed.
-For each: tasks/s, peak RSS (VmHWM, reset before each in-process variant; the workers' own VmHWM),
-torch.cuda.max_memory_allocated on a GPU, and the bytes of gradient buffers held at the
-meta-update (measured on the tensors each keeps). Runs on the model of record and a mid-size
-random BERT (4 layers, hidden 256; its top two layers train, as the record model's do).
-Ends with one `ratio <name> <value>` line per ratio. One torch thread per process.
+- `official`: the official loop (benchmarks/_official.py: windows padded to 128, 32 per-task
+  gradient copies kept, then summed into .grad for the meta-update);
+- `sequential`: the per-task reference, trainer.maml.MetaLearner.meta_step (dynamic padding, one
+  accumulated buffer, the whole model run at every inner step);
+- `engine`: trainer.meta_trainer.MetaTrainer.train_step (frozen bottom kept once per window, the
+  inner loops of chunks of tasks vectorised with torch.func, BertAdam in closed form);
+- `ds1`/`ds2`: the engine on 1 and 2 Ray Train workers with DeepSpeed engines (cluster.meta_train,
+  Ray local on 127.0.0.1, gloo), unless --no-distributed (none under --quick unless --workers).
+Two settings: the model of record (bert-tiny-6l, layers 4-5 and the classifier train) and the
+replication setting (multilingual-e5-small with 10 of 12 layers frozen, jobs/configs/replicate_cpu.yaml),
+unless --no-e5. Each step is timed after one warm-up step (which fills the kept bottom of the
+batch's windows and compiles what is compiled); the bottom of the timed source set is filled up
+front and its time and size printed, with the size it has for the whole English train set
+(computed from the windows' lengths). Memory: peak RSS (VmHWM, reset before each in-process
+variant), torch.cuda.max_memory_allocated on a GPU, and the bytes of gradient buffers held at the
+meta-update. Ends with one `ratio <name> <value>` line per ratio. One torch thread per process.
 """
 from __future__ import annotations
 
@@ -41,12 +46,15 @@ import copy  # noqa: E402
 import glob  # noqa: E402
 import logging  # noqa: E402
 import threading  # noqa: E402
+from typing import Sequence  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 
 DEFAULT_SOURCE, QUICK_SOURCE = 4000, 1000
 DEFAULT_STEPS, QUICK_STEPS = 4, 1
 SEED = 95
+E5 = os.path.join(common.REPO, "..", "shared", "models", "me5-small-ner")
+E5_FROZEN = 10  # jobs/configs/replicate_cpu.yaml
 # mBERT-base as the paper trains it (layers 4..11 of 12, hidden 768, intermediate 3072, 9 labels):
 # the size one gradient copy would have there, computed, not measured.
 MBERT_LAYER = 4 * (768 * 768 + 768) + 2 * 768 * 3072 + 3072 + 768 + 2 * 2 * 768
@@ -60,18 +68,20 @@ def parse_args(argv):
     parser.add_argument("--sources", type=int, default=DEFAULT_SOURCE,
                         help=f"English train sentences that make the task pool without --quick "
                              f"(0: all; default {DEFAULT_SOURCE})")
+    parser.add_argument("--e5", default=E5, help="the replication setting's encoder (default: ../shared/models/me5-small-ner)")
+    parser.add_argument("--no-e5", action="store_true", help="skip the replication setting")
     parser.add_argument("--no-distributed", action="store_true", help="skip the Ray Train + DeepSpeed runs")
     parser.add_argument("--workers", type=int, nargs="+", default=None,
                         help="DeepSpeed worker counts to time (default: 1 2, none with --quick)")
     return parser.parse_args(argv)
 
 
-def load(args, record: common.Bundle):
-    """Source sentences and the [num_source, K] support ids of each one's task."""
+def load(args, b: common.Bundle):
+    """Source sentences and the [num_source, K] support ids of each one's task, under b's encoder."""
     n = args.limit or (QUICK_SOURCE if args.quick else args.sources)
     source = common.read(args, "meta-cross/en/train.txt", n)
-    vectors = common.cls_embeddings(record.fresh_model(args.device), record.featurizer, source)
-    return source, common.top_k(vectors, vectors, record.cfg.retrieval.k, exclude_self=True)
+    vectors = common.cls_embeddings(b.fresh_model(args.device), b.featurizer, source)
+    return source, common.top_k(vectors, vectors, b.cfg.retrieval.k, exclude_self=True)
 
 
 def task_batches(support, steps: int, meta_batch_size: int):
@@ -82,41 +92,70 @@ def task_batches(support, steps: int, meta_batch_size: int):
              for q in sample_task_batch(len(support), meta_batch_size, SEED, step)] for step in range(steps)]
 
 
-def time_steps(learner, batches, source, device: str) -> tuple[float, common.PeakMemory]:
+def _timed_steps(step, count: int, device: str) -> tuple[float, common.PeakMemory]:
     import torch
 
     with common.PeakMemory(device) as memory:
-        _, seconds = common.timed(lambda: [learner.meta_step(tasks, source) for tasks in batches])
+        _, seconds = common.timed(lambda: [step(i) for i in range(count)])
         if device == "cuda":
             torch.cuda.synchronize()
     return seconds, memory
 
 
-def in_process(b: common.Bundle, cfg, source_windows, batches, device: str) -> dict:
-    """tasks/s, memory and gradient bytes of the official loop and of MetaLearner.meta_step."""
-    from benchmarks._official import OfficialLearner, grad_bytes, trainable_bytes
+def official_run(b, cfg, windows, batches, device: str) -> dict:
+    from benchmarks._official import OfficialLearner
+
+    official = OfficialLearner(b.fresh_model(device, SEED), b.featurizer, cfg, seed=SEED)
+    official.meta_gradients(batches[0][:1], windows)  # warm-up, no update
+    seconds, memory = _timed_steps(lambda i: official.meta_step(batches[i], windows), len(batches), device)
+    return {"seconds": seconds, "memory": memory, "grad_bytes": official.last_grad_bytes,
+            "grad_copies": official.last_grad_copies}
+
+
+def sequential_run(b, cfg, windows, batches, device: str) -> dict:
+    from benchmarks._official import grad_bytes, trainable_bytes
     from trainer.maml import MetaLearner
 
-    tasks = sum(len(t) for t in batches)
-    out = {}
-    official = OfficialLearner(b.fresh_model(device, SEED), b.featurizer, cfg, seed=SEED)
-    official.meta_gradients(batches[0][:1], source_windows)  # warm-up, no update
-    seconds, memory = time_steps(official, batches, source_windows, device)
-    out["official"] = {"tasks_per_s": tasks / seconds, "memory": memory, "grad_bytes": official.last_grad_bytes,
-                       "grad_copies": official.last_grad_copies}
     learner = MetaLearner(b.fresh_model(device, SEED), b.featurizer, cfg, seed=SEED)
-    learner.task_gradients(batches[0][0], source_windows)  # warm-up, no update
-    seconds, memory = time_steps(learner, batches, source_windows, device)
-    # What MetaLearner holds at the meta-update: the accumulated `.grad`, measured on one batch.
+    learner.task_gradients(batches[0][0], windows)  # warm-up, no update
+    seconds, memory = _timed_steps(lambda i: learner.meta_step(batches[i], windows), len(batches), device)
+    # What it holds at the meta-update: the accumulated `.grad`, measured on one batch.
     learner.meta_optimizer.zero_grad(set_to_none=True)
-    learner.meta_gradient(batches[0], source_windows)
+    learner.meta_gradient(batches[0], windows)
     held = grad_bytes(learner.params)
-    learner.meta_optimizer.zero_grad(set_to_none=True)
-    one_copy = trainable_bytes(learner.model)
-    out["single"] = {"tasks_per_s": tasks / seconds, "memory": memory, "grad_bytes": held,
-                     "grad_copies": round(held / one_copy)}
-    return out
+    return {"seconds": seconds, "memory": memory, "grad_bytes": held,
+            "grad_copies": round(held / trainable_bytes(learner.model))}
 
+
+def engine_run(b, cfg, source, support, steps: int, device: str) -> dict:
+    """MetaTrainer.train_step over the same meta-batches (it samples them from (seed, step))."""
+    from benchmarks._official import tensor_bytes
+    from trainer.meta_trainer import MetaTrainer
+
+    trainer = MetaTrainer(b.fresh_model(device, SEED), b.featurizer, cfg, source, support, seed=SEED)
+    windows = [w for g in trainer.windows for w in g]
+    with common.PeakMemory(device) as fill_memory:
+        _, fill_s = common.timed(trainer.bottom.fill, windows)
+    kept = trainer.bottom.nbytes()
+    # Warm-up on the last step's batch (compiles what is compiled), then the timed steps from 0.
+    trainer.step = steps
+    trainer.meta_gradient(steps)
+    trainer.step = 0
+    seconds, memory = _timed_steps(lambda i: trainer.train_step(), steps, device)
+    buffer, _ = trainer.meta_gradient(0)
+    return {"seconds": seconds, "memory": memory, "grad_bytes": tensor_bytes(buffer), "grad_copies": 1,
+            "fill_s": fill_s, "kept_bytes": kept, "fill_rss_growth": fill_memory.rss_growth,
+            "windows": len(windows), "chunk": trainer.engine.chunk_size(cfg.train.meta_batch_size),
+            "compiled": trainer.engine.compiled}
+
+
+def whole_source_bytes(b, args) -> tuple[int, int]:
+    """(windows, bytes) of the kept bottom for all of English train: float32 states per position."""
+    from trainer.model import build_model
+
+    windows = b.featurizer.encode(common.read(args, "meta-cross/en/train.txt"))
+    hidden = build_model(b.cfg).encoder.config.hidden_size
+    return len(windows), sum(len(w) for w in windows) * hidden * 4
 
 class WorkerPeaks:
     """Polls the VmHWM of the Ray Train workers (found by their pid files) while they run."""
@@ -155,6 +194,9 @@ def distributed(b: common.Bundle, cfg, source, support, steps: int, workers: int
     cfg.cluster.cpus_per_worker = 0.5
     cfg.cluster.use_gpu = device == "cuda"
     cfg.train.eval_every = cfg.train.checkpoint_every = steps
+    # The bottom of the source, kept on disk: computed before the first timed step by the first
+    # run, read by the next, so that both rates are of meta-steps.
+    cfg.model.prefix_cache_dir = os.path.join(workdir, "prefix")
     out_dir = os.path.join(workdir, f"ds{workers}-{b.name}")
     inputs = MetaTrainInputs(config=cfg.to_dict(), source=list(source), support=support, dev=[], dev_support=[],
                              seed=SEED, output_dir=out_dir)
@@ -167,43 +209,51 @@ def distributed(b: common.Bundle, cfg, source, support, steps: int, workers: int
             "worker_peak_rss": max(peaks.peaks.values(), default=0)}
 
 
-def report(b: common.Bundle, runs: dict, one_copy: int) -> None:
-    for name, r in runs.items():
-        line = f"run {b.name} {name} {r['tasks_per_s']:.2f} tasks/s"
+def report(name: str, runs: dict, tasks: int, one_copy: int) -> None:
+    for variant, r in runs.items():
+        line = f"run {name} {variant} {r['tasks_per_s']:.2f} tasks/s"
         if "memory" in r:
             m = r["memory"]
             line += (f" peak_rss={common.mib(m.peak_rss)} rss_growth={common.mib(m.rss_growth)} "
-                     f"grad_buffers={common.mib(r['grad_bytes'])} ({r['grad_copies']} copies of "
-                     f"{common.mib(one_copy)})")
+                     f"grad_buffers={common.mib(r['grad_bytes'])} ({r['grad_copies']} copies of {common.mib(one_copy)})")
             if m.cuda_peak:
                 line += f" cuda_peak={common.mib(m.cuda_peak)} cuda_growth={common.mib(m.cuda_growth)}"
         else:
-            line += (f" wall_with_startup={r['wall_s']:.1f}s worker_peak_rss={common.mib(r['worker_peak_rss'])} "
-                     "grad_buffers=1 summed buffer per worker (by construction, not measured)")
+            line += f" wall_with_startup={r['wall_s']:.1f}s worker_peak_rss={common.mib(r['worker_peak_rss'])}"
+        if "fill_s" in r:
+            line += (f" chunk={r['chunk']} compiled={r['compiled']} | kept bottom of {r['windows']} windows: "
+                     f"{common.mib(r['kept_bytes'])} in {r['fill_s']:.1f}s (rss_growth={common.mib(r['fill_rss_growth'])})")
         print(line, flush=True)
 
 
-def ratios_of(runs: dict, suffix: str) -> dict[str, float]:
-    rate = {name: r["tasks_per_s"] for name, r in runs.items()}
-    out = {f"meta_train_{name}_vs_official{suffix}": rate[name] / rate["official"] for name in rate if name != "official"}
-    distributed_runs = sorted(int(name[2:]) for name in rate if name.startswith("ds"))
-    if len(distributed_runs) > 1:
-        lo, hi = distributed_runs[0], distributed_runs[-1]
-        out[f"meta_train_ds{hi}_vs_ds{lo}{suffix}"] = rate[f"ds{hi}"] / rate[f"ds{lo}"]
-    off, single = runs["official"], runs["single"]
-    out[f"meta_grad_bytes_official_over_single{suffix}"] = off["grad_bytes"] / single["grad_bytes"]
-    out[f"meta_rss_growth_official_over_single{suffix}"] = (max(off["memory"].rss_growth, 1)
-                                                            / max(single["memory"].rss_growth, 1))
-    if single["memory"].cuda_growth:
-        out[f"meta_cuda_growth_official_over_single{suffix}"] = off["memory"].cuda_growth / single["memory"].cuda_growth
-    return out
+def in_process(b: common.Bundle, args, variants: Sequence[str], steps: int) -> dict:
+    """Runs of `variants` (official, sequential, engine) on b's model over the same meta-batches."""
+    from trainer.maml import group_windows
+
+    cfg = copy.deepcopy(b.cfg)
+    cfg.train.num_meta_steps = steps
+    source, support = load(args, b)
+    batches = task_batches(support, steps, cfg.train.meta_batch_size)
+    windows = group_windows(b.featurizer.encode(source))
+    print(f"data {b.name}: source=en:{len(source)} sentences; {steps} meta-steps of {len(batches[0])} tasks "
+          f"(K={support.shape[1]} support by [CLS] cosine, num_inner_steps={cfg.train.num_inner_steps}, "
+          f"{b.cfg.model.num_frozen_layers} frozen layers)", flush=True)
+    runs = {}
+    for variant in variants:
+        if variant == "official":
+            runs[variant] = official_run(b, cfg, windows, batches, args.device)
+        elif variant == "sequential":
+            runs[variant] = sequential_run(b, cfg, windows, batches, args.device)
+        else:
+            runs[variant] = engine_run(b, cfg, source, support, steps, args.device)
+        runs[variant]["tasks_per_s"] = sum(len(t) for t in batches) / runs[variant]["seconds"]
+    return {"runs": runs, "source": source, "support": support, "cfg": cfg}
 
 
 def run(args) -> dict[str, float]:
     import torch
 
     from benchmarks._official import trainable_bytes
-    from trainer.maml import group_windows
 
     torch.set_num_threads(1)
     common.check_args(args)
@@ -211,39 +261,54 @@ def run(args) -> dict[str, float]:
     print(common.machine(args.device), flush=True)
     steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
     ratios: dict[str, float] = {}
+    workers = args.workers if args.workers is not None else ([] if args.quick else [1, 2])
     with common.workdir() as workdir:
         record = common.bundle("tiny6l", args.model)
-        source, support = load(args, record)
-        bundles = [record] + ([] if args.no_mid else [common.mid_bundle([s.words for s in source], workdir)])
-        batches = task_batches(support, steps, record.cfg.train.meta_batch_size)
-        print(f"data source=en:{len(source)} sentences; {steps} meta-steps of {len(batches[0])} tasks "
-              f"(K={support.shape[1]} support by [CLS] cosine, num_inner_steps={record.cfg.train.num_inner_steps})",
-              flush=True)
-        # Starting Ray Train and the DeepSpeed engines alone takes minutes here: --quick (under 2
-        # minutes) times the in-process loops; the full run adds the 1- and 2-worker runs.
-        workers = args.workers if args.workers is not None else ([] if args.quick else [1, 2])
-        with_workers = bool(workers) and not args.no_distributed
-        if not with_workers:
-            print("note: distributed runs skipped (--quick without --workers, or --no-distributed)", flush=True)
-        else:
+        done = in_process(record, args, ("official", "sequential", "engine"), steps)
+        runs = done["runs"]
+        if workers and not args.no_distributed:
             from cluster.runtime import init_ray
 
             init_ray(num_cpus=2, log_to_driver=False)
-        for b in bundles:
-            cfg = copy.deepcopy(b.cfg)
-            cfg.train.num_meta_steps = steps
-            runs = in_process(b, cfg, group_windows(b.featurizer.encode(source)), batches, args.device)
-            if with_workers:
-                for n in workers:
-                    runs[f"ds{n}"] = distributed(b, cfg, source, support, steps, n, args.device, workdir)
-            one_copy = trainable_bytes(b.fresh_model("cpu"))
-            print(f"model {b.name} trainable_params={b.trainable_count()} one_gradient_copy={common.mib(one_copy)}")
-            report(b, runs, one_copy)
-            ratios.update(ratios_of(runs, "" if b is record else f"_{b.name}"))
+            for n in workers:
+                runs[f"ds{n}"] = distributed(record, done["cfg"], done["source"], done["support"], steps, n,
+                                             args.device, workdir)
+        elif not workers:
+            print("note: distributed runs skipped (--quick without --workers)", flush=True)
+        report(record.name, runs, steps, trainable_bytes(record.fresh_model("cpu")))
+        rate = {k: r["tasks_per_s"] for k, r in runs.items()}
+        ratios["meta_train_engine_vs_official"] = rate["engine"] / rate["official"]
+        ratios["meta_train_sequential_vs_official"] = rate["sequential"] / rate["official"]
+        ratios["meta_train_engine_vs_sequential"] = rate["engine"] / rate["sequential"]
+        ds = sorted(int(k[2:]) for k in rate if k.startswith("ds"))
+        for n in ds:
+            ratios[f"meta_train_ds{n}_vs_official"] = rate[f"ds{n}"] / rate["official"]
+        if len(ds) > 1:
+            ratios[f"meta_train_ds{ds[-1]}_vs_ds{ds[0]}"] = rate[f"ds{ds[-1]}"] / rate[f"ds{ds[0]}"]
+        ratios["meta_grad_bytes_official_over_engine"] = runs["official"]["grad_bytes"] / runs["engine"]["grad_bytes"]
+        if not args.no_e5:
+            ratios.update(replication_setting(args, steps))
     print(f"note: at mBERT-base size (8 trainable layers) one gradient copy is {common.mib(4 * MBERT_TRAINABLE)}; "
           f"the official loop holds 33 of them ({common.mib(33 * 4 * MBERT_TRAINABLE)}) at each meta-update "
           "(computed, not measured)", flush=True)
     return ratios
+
+
+def replication_setting(args, steps: int) -> dict[str, float]:
+    """Engine against the per-task reference on e5-small with 10 frozen layers."""
+    from benchmarks._official import trainable_bytes
+
+    if not os.path.isdir(args.e5):
+        print(f"note: replication setting skipped: no encoder at {args.e5} (--e5 PATH)", flush=True)
+        return {}
+    e5 = common.bundle("e5small", args.e5, num_frozen_layers=E5_FROZEN)
+    done = in_process(e5, args, ("sequential", "engine"), steps)
+    report(e5.name, done["runs"], steps, trainable_bytes(e5.fresh_model("cpu")))
+    count, size = whole_source_bytes(e5, args)
+    print(f"memory e5small kept bottom for all of English train: {count} windows, {common.mib(size)} "
+          "(float32 states of every position, computed from the windows)", flush=True)
+    rate = {k: r["tasks_per_s"] for k, r in done["runs"].items()}
+    return {"meta_train_engine_vs_sequential_e5": rate["engine"] / rate["sequential"]}
 
 
 def main(argv=None) -> int:

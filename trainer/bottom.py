@@ -73,6 +73,18 @@ class FrozenBottom:
             mask4d = self.model.attention_mask_4d(attention_mask.to(device))
             return self.model.prefix(input_ids.to(device), mask4d, self.num_layers)
 
+    def compute_windows(self, rows: Sequence[tuple[int, ...]]) -> dict:
+        """States of windows given by their ids, in batches of similar length, not kept."""
+        out = {}
+        rows = sorted(set(rows), key=len)
+        for start in range(0, len(rows), self.batch_size):
+            part = [Window(0, ids, (IGNORE,) * len(ids), ()) for ids in rows[start:start + self.batch_size]]
+            batch = self.featurizer.collate(part)
+            hidden = self.compute(batch["input_ids"], batch["attention_mask"])
+            for r, w in enumerate(part):
+                out[w.input_ids] = hidden[r, : len(w)]
+        return out
+
     def fill(self, windows: Sequence[Window], progress: bool = False) -> int:
         """Compute and keep the states of the windows not kept yet; returns how many were added."""
         if not self.num_layers:

@@ -29,13 +29,17 @@ from torch.func import functional_call, grad_and_value, vmap
 from .bottom import FrozenBottom, available_bytes
 from .features import IGNORE, Featurizer, Window
 from .losses import token_loss
+from .maml import Task
 from .masking import mask_batch, mask_generator, masked_sides
-from .model import NerModel
+from .model import NerModel, attention
 from .optim import batched_bertadam_step
 
 logger = logging.getLogger(__name__)
 
 CPU_CHUNK_BYTES = 64 * 2 ** 20
+# Attention under vmap: torch has no batching rule for the fused CPU attention kernel (SDPA) and
+# runs it once per task; the plain matmul/softmax form batches, several times faster on small models.
+VMAP_ATTENTION = "eager"
 COMPILE_FROM = 1_000_000  # trainable weights per copy from which train.compile_updates=auto compiles
 
 
@@ -55,11 +59,13 @@ class Stacked:
 
 
 def stack(model: NerModel, featurizer: Featurizer, bottom: FrozenBottom, groups: Sequence[Sequence[Window]],
-          batches: Optional[Sequence[dict]] = None) -> Stacked:
-    """Stack groups of windows; `batches` are the groups' collated (possibly masked) batches.
+          batches: Optional[Sequence[dict]] = None, changed: Optional[Sequence[Sequence[int]]] = None,
+          fresh: Optional[dict] = None) -> Stacked:
+    """Stack groups of windows; `batches` are the groups' collated (possibly masked) batches, and
+    `changed[b]` the rows of group b whose ids its batch changed (entity masking), if known.
 
-    A window whose ids the batch changed (entity masking) gets its bottom computed here and not
-    kept; every other window's bottom comes from (and is added to) `bottom`.
+    A changed window's bottom is taken from `fresh` (ids -> states, computed by the caller) or
+    computed here, and not kept; every other window's bottom comes from (and is added to) `bottom`.
     """
     batches = [featurizer.collate(g) for g in groups] if batches is None else batches
     count, width = max(len(g) for g in groups), max(b["input_ids"].shape[1] for b in batches)
@@ -68,21 +74,22 @@ def stack(model: NerModel, featurizer: Featurizer, bottom: FrozenBottom, groups:
     labels = torch.full_like(ids, IGNORE)
     targets = torch.full_like(ids, IGNORE)
     mask[:, :, 0] = 1
-    changed: list[tuple[int, int, tuple[int, ...]]] = []
+    rows: list[tuple[int, int, tuple[int, ...]]] = []  # (group, row, ids) of changed windows
     for b, (group, batch) in enumerate(zip(groups, batches)):
         n, t = batch["input_ids"].shape
         ids[b, :n, :t], mask[b, :n, :t] = batch["input_ids"], batch["attention_mask"]
         labels[b, :n, :t], targets[b, :n, :t] = batch["labels"], featurizer.loss_labels(batch)
-        for i, w in enumerate(group):
-            row = tuple(batch["input_ids"][i, : len(w)].tolist())
-            if row != w.input_ids:
-                changed.append((b, i, row))
+        candidates = range(len(group)) if changed is None else changed[b]
+        for i in candidates:
+            row = tuple(batch["input_ids"][i, : len(group[i])].tolist())
+            if row != group[i].input_ids:
+                rows.append((b, i, row))
     device = bottom.device
     mask4d = model.attention_mask_4d(mask.view(-1, width).to(device))
     mask4d = mask4d.view(len(groups), count, *mask4d.shape[1:])
     hidden = None
     if bottom.num_layers:
-        fresh = {(b, i) for b, i, _ in changed}
+        fresh = {(b, i) for b, i, _ in rows}
         bottom.fill([w for b, g in enumerate(groups) for i, w in enumerate(g) if (b, i) not in fresh])
         hidden = torch.zeros(len(groups), count, width, bottom.hidden_size, device=device,
                              dtype=next(model.parameters()).dtype)
@@ -90,11 +97,10 @@ def stack(model: NerModel, featurizer: Featurizer, bottom: FrozenBottom, groups:
             for i, w in enumerate(group):
                 if (b, i) not in fresh:
                     hidden[b, i, : len(w)] = bottom.states[w.input_ids]
-        if changed:
-            part = featurizer.collate([Window(0, row, (IGNORE,) * len(row), ()) for _, _, row in changed])
-            states = bottom.compute(part["input_ids"], part["attention_mask"])
-            for r, (b, i, row) in enumerate(changed):
-                hidden[b, i, : len(row)] = states[r, : len(row)]
+        fresh = dict(fresh or {})
+        fresh.update(bottom.compute_windows([row for _, _, row in rows if row not in fresh]))
+        for b, i, row in rows:
+            hidden[b, i, : len(row)] = fresh[row]
     return Stacked(ids.to(device), mask4d, labels.to(device), targets.to(device), hidden)
 
 
@@ -165,17 +171,33 @@ class TaskEngine:
     def params_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in zip(self.names, self.params) if n in self._used}
 
-    def _side(self, tasks, source, ids_of, generators, masked: bool) -> Stacked:
-        groups, batches = [], []
-        for task, generator in zip(tasks, generators):
-            windows = [w for i in ids_of(task) for w in source[i]]
+    def _prepare(self, task: Task, source, epoch: int) -> tuple[tuple, tuple]:
+        """(support, query) of a task, each (windows, collated batch, rows changed by masking); the
+        masks come from one generator per task, support first, as in MetaLearner."""
+        generator = mask_generator(self.seed, epoch, task.query)
+        sides = []
+        for ids, masked in ((task.support, self.mask_support), ((task.query,), self.mask_query)):
+            windows = [w for i in ids for w in source[i]]
             batch = self.featurizer.collate(windows)
+            rows: list[int] = []
             if masked:
+                plain = batch["input_ids"]
                 batch = mask_batch(batch, self.featurizer.mask_id, self.cfg.train.mask_ratio, generator,
                                    self.featurizer.label2id.get("O", 0))
-            groups.append(windows)
-            batches.append(batch)
-        return stack(self.model, self.featurizer, self.bottom, groups, batches)
+                rows = (batch["input_ids"] != plain).any(dim=1).nonzero().flatten().tolist()
+            sides.append((windows, batch, rows))
+        return sides[0], sides[1]
+
+    def _masked_states(self, prepared) -> dict:
+        """The bottom of every masked window of a meta-batch, computed together (in batches of
+        similar length rather than a few rows per chunk)."""
+        rows = {tuple(batch["input_ids"][i, : len(windows[i])].tolist())
+                for side in prepared for windows, batch, changed in side for i in changed}
+        return self.bottom.compute_windows(sorted(rows, key=len))
+
+    def _stack(self, sides, fresh: dict) -> Stacked:
+        return stack(self.model, self.featurizer, self.bottom, [w for w, _, _ in sides], [b for _, b, _ in sides],
+                     [c for _, _, c in sides], fresh)
 
     def _keep(self, step: int) -> bool | str:
         """What the inner step `step` keeps of BertAdam's state for the next (see batched_bertadam_step)."""
@@ -192,13 +214,12 @@ class TaskEngine:
                                      f"{side} loss is {losses[bad[0]].item()}; lower train.inner_lr/meta_lr or "
                                      "check the sentences")
 
-    def chunk_gradient(self, tasks, source, epoch: int, inner_lr: float) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        """(summed query gradients by name, support losses [C], query losses [C]) of one chunk."""
+    def chunk_gradient(self, tasks, prepared, fresh: dict, inner_lr: float) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """(summed query gradients by name, support losses [C], query losses [C]) of one chunk;
+        `prepared` are its tasks' `_prepare`d sides, `fresh` the states of masked windows."""
         train = self.cfg.train
-        # The masks of a task come from one generator, support first, as in MetaLearner.
-        generators = [mask_generator(self.seed, epoch, t.query) for t in tasks]
-        support = self._side(tasks, source, lambda t: t.support, generators, self.mask_support)
-        query = self._side(tasks, source, lambda t: (t.query,), generators, self.mask_query)
+        support = self._stack([p[0] for p in prepared], fresh)
+        query = self._stack([p[1] for p in prepared], fresh)
         loss = self.top.loss_fn(train.lambda_max)
         randomness = "different" if self.model.training else "error"
         params, state = self.params_dict(), None
@@ -224,23 +245,25 @@ class TaskEngine:
         name in `names` order, and the summed losses {"support_loss", "query_loss", "tasks"}."""
         buffer = {n: torch.zeros_like(p) for n, p in zip(self.names, self.params)}
         totals = {"support_loss": 0.0, "query_loss": 0.0, "tasks": float(len(tasks))}
-        if not tasks:
-            return [buffer[n] for n in self.names], totals
-        # Chunks of similar support length: each is padded to its longest window.
-        order = sorted(tasks, key=lambda t: max(len(w) for i in t.support for w in source[i]))
-        size = self.chunk_size(len(order))
-        was_training = self.model.training
-        self.model.train()
-        try:
-            for start in range(0, len(order), size):
-                chunk = order[start:start + size]
-                grads, support_loss, query_loss = self.chunk_gradient(chunk, source, epoch, inner_lr)
-                for n, g in grads.items():
-                    buffer[n].add_(g)
-                totals["support_loss"] += float(support_loss.sum())
-                totals["query_loss"] += float(query_loss.sum())
-        finally:
-            self.model.train(was_training)
+        if tasks:
+            # Chunks of similar support length: each is padded to its longest window.
+            order = sorted(tasks, key=lambda t: max(len(w) for i in t.support for w in source[i]))
+            size = self.chunk_size(len(order))
+            was_training = self.model.training
+            self.model.train()
+            try:
+                with attention(self.model, VMAP_ATTENTION):
+                    prepared = [self._prepare(task, source, epoch) for task in order]
+                    fresh = self._masked_states(prepared)
+                    for start in range(0, len(order), size):
+                        grads, support_loss, query_loss = self.chunk_gradient(
+                            order[start:start + size], prepared[start:start + size], fresh, inner_lr)
+                        for n, g in grads.items():
+                            buffer[n].add_(g)
+                        totals["support_loss"] += float(support_loss.sum())
+                        totals["query_loss"] += float(query_loss.sum())
+            finally:
+                self.model.train(was_training)
         if not all(math.isfinite(v) for v in totals.values()):
             raise FloatingPointError("a loss of the meta-batch is not finite")
         return [buffer[n] for n in self.names], totals

@@ -154,6 +154,19 @@ def evaluating(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was_training)
 
 
+@contextmanager
+def attention(model: "NerModel", implementation: str) -> Iterator[None]:
+    """The encoder's attention implementation switched for the block (transformers reads
+    `config._attn_implementation` at every forward, for the masks as for the layers)."""
+    config = model.encoder.config
+    before = config._attn_implementation
+    config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
 def set_dropout(model: nn.Module, p: float) -> None:
     """Set every dropout of the model, encoder included (`NerModel`'s own `dropout` is the head's only)."""
     for module in model.modules():
