@@ -129,9 +129,30 @@ class DeepSpeedMetaTrainer:
     """
 
     ds_engine = None
+    clip_before = False  # BertAdam under ZeRO 1/2: see prepare_optimizer
+
+    def prepare_optimizer(self) -> None:
+        """Before deepspeed.initialize. Under ZeRO 1/2 DeepSpeed hands the optimiser flat partitions
+        of whole parameter groups, so BertAdam's per-tensor clipping would clip partitions instead:
+        the trainer all-reduces the meta-gradient and clips each tensor itself, and the optimiser
+        inside DeepSpeed clips nothing."""
+        from trainer.optim import BertAdam
+
+        self.clip_before = self.cfg.cluster.zero_stage > 0 and isinstance(self.meta_optimizer, BertAdam)
+        if self.clip_before:
+            for group in self.meta_optimizer.param_groups:
+                group["max_grad_norm"] = 0.0
 
     def apply(self, buffer) -> None:
-        surrogate = self.world_size * sum((p * b).sum() for p, b in zip(self.params, buffer))
+        scale = self.world_size
+        if self.clip_before:
+            from trainer.distributed import all_reduce_sum
+            from trainer.optim import clip_tensor_grad
+
+            # Every rank then holds the same clipped sum, which DeepSpeed's average leaves as it is.
+            buffer = [clip_tensor_grad(all_reduce_sum(b), self.cfg.train.max_grad_norm) for b in buffer]
+            scale = 1
+        surrogate = scale * sum((p * b).sum() for p, b in zip(self.params, buffer))
         self.ds_engine.backward(surrogate)
         self.ds_engine.step()
 
@@ -198,12 +219,14 @@ def meta_train_worker(loop_config: dict) -> None:
     trainer, tokenizer = build_trainer(inputs, rank, world, log, _trainer_class())
     cfg = trainer.cfg
     zero = cfg.cluster.zero_stage
+    trainer.prepare_optimizer()
     trainer.ds_engine, *_ = deepspeed.initialize(model=trainer.model, optimizer=trainer.meta_optimizer,
                                                  lr_scheduler=trainer.scheduler, config=deepspeed_config(cfg, world))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         _restore(trainer, checkpoint, zero)
         logger.info("rank %d resumed at meta-step %d", rank, trainer.step)
+        (out / "workers" / f"rank{rank}.resumed").write_text(str(trainer.step))
 
     def on_best(t) -> None:
         # save_checkpoint swaps a finished folder into place: `best` is never half-written.

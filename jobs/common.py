@@ -55,7 +55,7 @@ def main_guard(run: Callable[[Optional[Sequence[str]]], int]) -> Callable:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         try:
             return run(argv) or 0
-        except (ValueError, OSError, RuntimeError) as err:
+        except (ValueError, OSError, RuntimeError, MemoryError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
     return main

@@ -270,3 +270,36 @@ def test_wikiann_zh_round_trip_through_e5_pieces(e5_tokenizer):
     assert len(short_windows) == len(short)
     for s, w in zip(short, short_windows):
         assert list(w.input_ids[1:-1]) == e5_tokenizer("".join(s.words), add_special_tokens=False)["input_ids"]
+
+
+def test_official_loss_positions_label_every_position_of_a_window(tiny_tokenizer):
+    from trainer.features import labels_for
+
+    labels = labels_for("all")
+    assert labels[: len(LABELS)] == LABELS and labels[len(LABELS):] == ("X", "[CLS]", "[SEP]", "[PAD]")
+    f = Featurizer(tiny_tokenizer, max_length=12, context=3, labels=labels)
+    # A long word (several pieces) and a sentence long enough for two windows with left context.
+    sentence = Sentence(tuple("Kowalczykowski visited Lisbon and then Madrid and Paris".split()),
+                        ("B-PER", "O", "B-LOC", "O", "O", "B-LOC", "O", "B-LOC"))
+    windows = f.encode([sentence])
+    assert len(windows) > 1 and f.all_positions
+    batch = f.collate(windows)
+    targets = f.loss_labels(batch)
+    X, CLS, SEP = (f.label2id[t] for t in ("X", "[CLS]", "[SEP]"))
+    for row, w in enumerate(windows):
+        t = targets[row, : len(w)].tolist()
+        assert t[0] == CLS and t[-1] == SEP
+        first = next(i for i, label in enumerate(w.labels) if label != IGNORE)
+        for i in range(1, len(w) - 1):
+            if w.labels[i] != IGNORE:
+                assert t[i] == w.labels[i]  # a word's first piece keeps its tag
+            elif i < first:
+                assert t[i] == IGNORE  # left context belongs to the window before
+            else:
+                assert t[i] == X  # continuation pieces
+        assert all(v == IGNORE for v in targets[row, len(w):].tolist())  # padding
+    assert (targets == X).any() and any(w.labels[1] == IGNORE for w in windows[1:]), "no X or no left context seen"
+    # Predictions of the extra classes are no entity.
+    assert [f.tag(f.label2id[x]) for x in ("X", "[CLS]", "[SEP]", "[PAD]", "B-LOC")] == ["O"] * 4 + ["B-LOC"]
+    plain = Featurizer(tiny_tokenizer, max_length=12, context=3)
+    assert not plain.all_positions and plain.loss_labels(batch) is batch["labels"]

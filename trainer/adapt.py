@@ -27,9 +27,9 @@ from torch.func import grad, vmap
 from .corpus import Sentence, content_key
 from .features import IGNORE, Featurizer, Window, labelled_predictions
 from .losses import token_loss
-from .model import NerModel, trainable_parameters
+from .model import NerModel, attention, trainable_parameters
 from .bottom import BottomStore, FrozenBottom
-from .engine import Top, quiet_vmap, stack
+from .engine import VMAP_ATTENTION, Top, quiet_vmap, stack
 from .optim import BertAdam, batched_bertadam_step, param_groups
 from .scoring import score
 
@@ -163,7 +163,7 @@ def _adapted_batched(model: NerModel, featurizer: Featurizer, sentences: Sequenc
     bottom = FrozenBottom(model, featurizer) if bottom is None else bottom
     top = Top(model, bottom.num_layers)
     params = {n: p.detach() for n, p in trainable_parameters(model)}
-    with quiet_vmap():
+    with quiet_vmap(), attention(model, VMAP_ATTENTION):
         support = stack(model, featurizer, bottom, support_windows)
         grads = vmap(grad(top.loss_fn(s.lambda_max)), in_dims=(None, 0, 0, support.hidden_dim, 0))(
             params, support.ids, support.mask4d, support.hidden, support.targets)

@@ -76,7 +76,7 @@ class FrozenBottom:
     def compute_windows(self, rows: Sequence[tuple[int, ...]]) -> dict:
         """States of windows given by their ids, in batches of similar length, not kept."""
         out = {}
-        rows = sorted(set(rows), key=len)
+        rows = sorted(set(rows), key=lambda ids: (len(ids), ids))
         for start in range(0, len(rows), self.batch_size):
             part = [Window(0, ids, (IGNORE,) * len(ids), ()) for ids in rows[start:start + self.batch_size]]
             batch = self.featurizer.collate(part)
@@ -89,7 +89,10 @@ class FrozenBottom:
         """Compute and keep the states of the windows not kept yet; returns how many were added."""
         if not self.num_layers:
             return 0
-        missing = sorted({w.input_ids for w in windows if w.input_ids not in self.states}, key=len)
+        # A fixed order (length, then ids), so that the same windows are always computed in the same
+        # batches: a state depends on its batch's padded width at the last bits, and a resumed run
+        # must see exactly the states the interrupted one saw.
+        missing = sorted({w.input_ids for w in windows if w.input_ids not in self.states}, key=lambda ids: (len(ids), ids))
         if not missing:
             return 0
         self._check_room(missing)

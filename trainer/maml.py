@@ -1,4 +1,6 @@
-"""First-order MAML over pseudo meta-NER tasks, in place on one model.
+"""First-order MAML over pseudo meta-NER tasks, one task at a time, in place on one model: the
+reference implementation that the vectorised engine (trainer/engine.py, used by
+trainer/meta_trainer.py) is tested and benchmarked against.
 
 For each task the trainable parameters are saved (a copy of those tensors only), adapted by
 `num_inner_steps` BertAdam steps on the support sentences, the query loss gradient is taken at the
@@ -173,9 +175,3 @@ class MetaLearner:
         self.meta_optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-
-    def evaluate(self, sentences, batch_size: int = 32) -> dict:
-        """Dev score of the meta weights without adaptation (the official model selection)."""
-        from .adapt import evaluate
-
-        return evaluate(self.model, self.featurizer, sentences, batch_size)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -155,6 +154,14 @@ class MetaTrainer:
             tags = adapt_many(self.model, self.featurizer, self.dev, self.dev_support, self.cfg, bottom=self.bottom)
         return score([list(s.tags) for s in self.dev], tags)["f1"]
 
+    def prepare(self, progress: bool = False) -> None:
+        """The frozen bottom of every source window, computed now (a no-op for those kept already).
+
+        All of them at once rather than as meta-batches need them: the states then do not depend
+        on which steps ran before, so that a resumed run continues exactly.
+        """
+        self.bottom.fill([w for group in self.windows for w in group], progress=progress)
+
     def fit(self, on_best: Optional[Callable[["MetaTrainer"], None]] = None,
             on_checkpoint: Optional[Callable[["MetaTrainer", dict], None]] = None) -> dict:
         """Meta-train from `self.step` to `train.num_meta_steps`; dev selection every `eval_every`
@@ -162,6 +169,7 @@ class MetaTrainer:
         `checkpoint_every` steps and at the end. Returns the last metrics."""
         train = self.cfg.train
         metrics: dict = {}
+        self.prepare(progress=self.rank == 0)
         while self.step < train.num_meta_steps:
             metrics = self.train_step()
             last = self.step == train.num_meta_steps
@@ -257,7 +265,3 @@ class MetaTrainer:
         self.load_state_dict(state, force=force, where=str(folder), optimizer_elsewhere=optimizer_elsewhere)
         with torch.no_grad():
             self.model.load_state_dict(weights)
-
-    def summary(self) -> dict:
-        return {"steps": self.step, "best_f1": self.best_f1, "best_step": self.best_step,
-                "tasks_per_s": self._done_tasks / max(self._seconds, 1e-9) if math.isfinite(self._seconds) else 0.0}
