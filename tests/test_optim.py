@@ -159,3 +159,30 @@ def test_bad_settings_are_refused():
         BertAdam([_param([1.0])], lr=0.1, warmup=1.5)
     with pytest.raises(ValueError, match="schedule"):
         BertAdam([_param([1.0])], lr=0.1, schedule="cosine")
+
+
+def test_compiled_steps_fall_back_to_the_same_expression_eagerly(monkeypatch):
+    """Where torch.compile cannot run (no compiler), the closed-form steps still give BertAdam's result."""
+    import trainer.optim as optim
+
+    def broken():
+        raise RuntimeError("no C++ compiler")
+
+    torch.manual_seed(0)
+    params = {"a.weight": torch.randn(5, 4, dtype=torch.float64), "a.bias": torch.randn(5, dtype=torch.float64)}
+    g1 = {n: torch.randn(3, *p.shape, dtype=torch.float64) for n, p in params.items()}
+    g2 = {n: torch.randn(3, *p.shape, dtype=torch.float64) for n, p in params.items()}
+
+    def two_steps(compiled):
+        kw = dict(lr=1e-2, weight_decay=0.01, max_grad_norm=1.0, compiled=compiled)
+        a, state = optim.batched_bertadam_step(params, {n: g.clone() for n, g in g1.items()}, None,
+                                               keep_state="second_last", **kw)
+        return optim.batched_bertadam_step(a, {n: g.clone() for n, g in g2.items()}, state, keep_state=False, **kw)[0]
+
+    expected = two_steps(False)
+    monkeypatch.setattr(optim, "_compiled", broken)
+    monkeypatch.setattr(optim, "_EAGER_FALLBACK", [])
+    got = two_steps(True)
+    assert optim._EAGER_FALLBACK == [True]
+    for n in params:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-12, atol=1e-14)

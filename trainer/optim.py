@@ -252,9 +252,9 @@ def batched_bertadam_step(params: dict[str, torch.Tensor], grads: dict[str, torc
         if compiled and (state is None or "g" in state):
             rate_t, keep = (torch.tensor(x, device=g.device, dtype=g.dtype) for x in (rate, 1 - rate * decay))
             if state is None:
-                new[name] = _compiled()[0](p, keep, g, c, rate_t)
+                new[name] = _fused(0, p, keep, g, c, rate_t)
             else:
-                new[name] = _compiled()[1](p, keep, state["g"][name], state["c"][name], g, c, rate_t)
+                new[name] = _fused(1, p, keep, state["g"][name], state["c"][name], g, c, rate_t)
             if keep_state is True:
                 g.mul_(c)
                 out["m"][name], out["v"][name] = g * (1 - B1), g.square().mul_(1 - B2)
@@ -330,3 +330,20 @@ def _compiled():
     rate does not recompile."""
     return (torch.compile(_first_fused, dynamic=True, fullgraph=True),
             torch.compile(_second_fused, dynamic=True, fullgraph=True))
+
+
+_EAGER_FALLBACK: list = []  # set once compiling failed in this process
+
+
+def _fused(which: int, *args):
+    """The compiled kernel `which` (0 first step, 1 second), or the same expression eagerly where
+    compiling fails (no C++ compiler on a CPU machine, no Triton on a GPU one): slower, same result."""
+    if not _EAGER_FALLBACK:
+        try:
+            return _compiled()[which](*args)
+        except Exception as err:  # torch.compile raises many kinds (backend, compiler, lowering)
+            logger.warning("torch.compile of BertAdam's closed-form steps failed (%s: %s); running them "
+                           "eagerly (set train.compile_updates=never to skip the attempt)",
+                           type(err).__name__, str(err).splitlines()[0][:200])
+            _EAGER_FALLBACK.append(True)
+    return (_first_fused, _second_fused)[which](*args)
