@@ -78,6 +78,9 @@ def test_one_and_two_workers_and_single_process_agree(ray_local, tiny_bert_no_dr
     assert moved > 0, "the meta-steps changed no weight"
 
 
+_UNINTERRUPTED: dict = {}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [0, 1, 2])
 def test_killed_worker_is_replaced_and_training_resumes(ray_local, tiny_bert_no_dropout, toy_corpus, tmp_path,
@@ -90,7 +93,7 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_local, tiny_bert_no_
     import threading
     import time
 
-    cfg = _cfg(tiny_bert_no_dropout, **{"cluster.num_workers": 2, "train.num_meta_steps": 120,
+    cfg = _cfg(tiny_bert_no_dropout, **{"cluster.num_workers": 2, "train.num_meta_steps": 60,
                                          "train.checkpoint_every": 3, "cluster.zero_stage": zero_stage})
     out = tmp_path / "out"
     inputs = _inputs(cfg, toy_corpus, out)
@@ -119,13 +122,18 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_local, tiny_bert_no_
     assert int((out / "workers" / "rank1.pid").read_text()) != killed["pid"], "rank 1 was not replaced"
     resumed = {int((out / "workers" / f"rank{r}.resumed").read_text()) for r in (0, 1)}
     step = resumed.pop()
-    assert not resumed and 0 < step < 120 and step % 3 == 0, "the group did not resume from a checkpoint"
+    assert not resumed and 0 < step < 60 and step % 3 == 0, "the group did not resume from a checkpoint"
     final = load_file(str(out / "final" / "model.safetensors"))
-    inputs.output_dir = str(tmp_path / "uninterrupted")
-    assert run_meta_training(inputs, cfg, str(tmp_path / "ray"), "uninterrupted", max_failures=0).error is None
-    reference = load_file(str(tmp_path / "uninterrupted" / "final" / "model.safetensors"))
-    for name, ref in reference.items():
-        torch.testing.assert_close(final[name], ref, atol=1e-6, rtol=0)
+    if "weights" not in _UNINTERRUPTED:
+        # One uninterrupted run (ZeRO 0) for every stage: the stage changes nothing of the result.
+        plain = _cfg(tiny_bert_no_dropout, **{"cluster.num_workers": 2, "train.num_meta_steps": 60,
+                                               "train.checkpoint_every": 3})
+        reference_inputs = _inputs(plain, toy_corpus, tmp_path / "uninterrupted")
+        assert run_meta_training(reference_inputs, plain, str(tmp_path / "ray"), "uninterrupted",
+                                 max_failures=0).error is None
+        _UNINTERRUPTED["weights"] = load_file(str(tmp_path / "uninterrupted" / "final" / "model.safetensors"))
+    for name, ref in _UNINTERRUPTED["weights"].items():
+        torch.testing.assert_close(final[name], ref, atol=1e-6, rtol=0, msg=name)
 
 
 @pytest.mark.slow
