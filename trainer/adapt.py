@@ -192,17 +192,19 @@ def can_batch(model: NerModel, settings: AdaptSettings) -> bool:
 
 def adapt_many(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentence],
                supports: Sequence[Sequence[Sentence]], cfg, batched: Optional[bool] = None,
-               bottom: Optional[FrozenBottom] = None) -> list[list[str]]:
+               bottom: Optional[FrozenBottom] = None, prefix_cache: Optional[dict] = None) -> list[list[str]]:
     """Tags of each sentence, each adapted from the meta weights on its own support set.
 
     Runs the batched path in chunks of `adapt.batch_size` where it applies (one step, eval mode,
     a non-empty support), the sequential path otherwise; `batched` forces a choice. The batched
-    path reads the frozen bottom from `bottom` and adds what it computes to it.
+    path reads the frozen bottom from `bottom` and adds what it computes to it; `prefix_cache`, a
+    dict of states kept by the caller between calls (meta-training's English dev), is the same
+    given as a plain dict.
     """
     if len(sentences) != len(supports):
         raise ValueError(f"{len(sentences)} sentences but {len(supports)} support sets")
     settings = AdaptSettings.from_config(cfg)
-    bottom = FrozenBottom(model, featurizer) if bottom is None else bottom
+    bottom = FrozenBottom(model, featurizer, prefix_cache) if bottom is None else bottom
     use_batched = can_batch(model, settings) if batched is None else batched
     out: list[Optional[list[str]]] = [None] * len(sentences)
     pending = [i for i in range(len(sentences)) if supports[i]] if use_batched else []
