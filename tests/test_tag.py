@@ -18,30 +18,14 @@ from conftest import REPO
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
-_SETTINGS = ["model.dropout=0.0", "model.num_frozen_layers=1", "model.max_length=32", "model.window_context=4",
-             "adapt.batch_size=4", "adapt.adapt_lr=1e-3", "retrieval.k=2"]
 # Small shards and units, so that a few sentences make several of each.
 _JOB = ["tag.shard_size=7", "cluster.adapt_unit_size=3", "cluster.num_adapter_actors=2",
         "cluster.num_embed_actors=1", "cluster.num_index_shards=1", "cluster.cpus_per_actor=0.5"]
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_bert_no_dropout, toy_corpus, tmp_path_factory):
-    """A checkpoint saved as training saves it (config given), with its English source on disk."""
-    from transformers import AutoTokenizer
-
-    from trainer.checkpoint import save_checkpoint
-    from trainer.config import load_config
-    from trainer.model import build_model
-    from trainer.synthetic import write_corpus
-
-    root = tmp_path_factory.mktemp("trained")
-    write_corpus(root / "en.txt", toy_corpus["en"])
-    cfg = load_config(None, _SETTINGS + [f"model.name_or_path={tiny_bert_no_dropout}", f"data.root={root}",
-                                         "data.source_train=en.txt", f"retrieval.cache_dir={root / 'cache'}"])
-    save_checkpoint(root / "best", build_model(cfg, seed=3), tokenizer=AutoTokenizer.from_pretrained(tiny_bert_no_dropout),
-                    config=cfg)
-    return root
+def trained(trained_checkpoint):
+    return trained_checkpoint
 
 
 def _text_folder(folder: Path, toy_corpus, n_per_lang: int = 5) -> list[list[str]]:
