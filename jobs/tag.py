@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -61,8 +62,10 @@ def open_input(specs: list[str], cfg, args, text_field: str = "text"):
     """The InputSet of `specs`, read through once (checked, counted) before any work."""
     from trainer.textio import InputSet, expand
 
+    if args.lang is not None and not re.fullmatch(r"[a-z]{2,3}", args.lang):
+        raise ValueError(f"--lang {args.lang}: give a language code such as es, de or zh")
     files = [f for spec in specs for f in expand(spec)]
-    unspaced = bool(args.lang) and args.lang in cfg.data.unspaced_languages
+    unspaced = args.lang in cfg.data.unspaced_languages
     inputs = InputSet(files, format=getattr(args, "format", "text"), unspaced=unspaced, text_field=text_field,
                       max_words=cfg.tag.max_words)
     total = inputs.count()
