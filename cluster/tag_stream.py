@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -55,6 +55,20 @@ class _Unit:
     results: list = field(default_factory=list)
     support: Optional[np.ndarray] = None
     attempts: int = 0
+
+
+@dataclass
+class _Flight:
+    """What one `TagStream.run` has in flight."""
+
+    shards: Iterator
+    free: deque  # adapter slots: each actor IN_FLIGHT_PER_ACTOR times, a round at a time
+    open: dict = field(default_factory=dict)  # shard number -> Shard not yet written
+    searching: dict = field(default_factory=dict)  # ref of one index shard's answer -> (unit, shard number)
+    adapting: dict = field(default_factory=dict)  # ref of an adapter's answer -> (unit, actor)
+    ready: deque = field(default_factory=deque)  # units with their support ids, waiting for a slot
+    embed_turn: int = 0
+    exhausted: bool = False
 
 
 class TagStream:
@@ -90,52 +104,46 @@ class TagStream:
         hand each, complete, to `write`; `progress(n)` after each unit of n sentences."""
         import ray
 
-        shards = iter(shards)
-        open_shards: dict[int, Shard] = {}
-        searching: dict = {}  # ref of one index shard's answer -> (unit, index shard number)
-        adapting: dict = {}  # ref of an adapter's answer -> (unit, actor)
-        ready_units: deque[_Unit] = deque()
-        free = deque(a for _ in range(IN_FLIGHT_PER_ACTOR) for a in self.pool.actors)
-        embed_turn, exhausted = 0, False
+        f = _Flight(iter(shards), deque(a for _ in range(IN_FLIGHT_PER_ACTOR) for a in self.pool.actors))
         while True:
-            while not exhausted and len(open_shards) < self.cfg.tag.shards_in_flight:
-                nxt = next(shards, None)
-                if nxt is None:
-                    exhausted = True
-                    break
-                shard = self._open(*nxt)
-                open_shards[shard.number] = shard
-                embed_turn = self._retrieve(shard, searching, embed_turn)
-            while ready_units and free:
-                unit = ready_units.popleft()
-                actor = free.popleft()
-                adapting[actor.run.remote(self._items(unit))] = (unit, actor)
-            if not searching and not adapting:
-                if ready_units:
+            while not f.exhausted and len(f.open) < self.cfg.tag.shards_in_flight:
+                self._open_next(f)
+            while f.ready and f.free:
+                unit, actor = f.ready.popleft(), f.free.popleft()
+                f.adapting[actor.run.remote(self._items(unit))] = (unit, actor)
+            if not f.searching and not f.adapting:
+                if f.ready:
                     raise RuntimeError("every adapter actor died for good; the shards written so far are kept: run "
                                        "the same command again to continue")
-                break  # every shard is written
-            done, _ = ray.wait(list(searching) + list(adapting), num_returns=1)
-            ref = done[0]
-            if ref in searching:
-                self._searched(searching.pop(ref), ref, ready_units)
+                return  # every shard is written
+            ref = ray.wait(list(f.searching) + list(f.adapting), num_returns=1)[0][0]
+            if ref in f.searching:
+                self._searched(f.searching.pop(ref), ref, f.ready)
                 continue
-            unit, actor = adapting.pop(ref)
-            tags = self._adapted(unit, ref, ready_units)
+            unit, actor = f.adapting.pop(ref)
+            tags = self._adapted(unit, ref, f.ready)
             if tags is None:
                 continue  # its actor is gone: its slots are not given back
-            free.append(actor)
+            f.free.append(actor)
             for i, t in tags.items():
                 unit.shard.tags[i] = t
             unit.shard.left -= 1
             if progress:
                 progress(unit.stop - unit.start)
             if unit.shard.left == 0:
-                write(open_shards.pop(unit.shard.number))
+                write(f.open.pop(unit.shard.number))
 
-    def _open(self, number: int, first: int, items: list) -> Shard:
+    def _open_next(self, f: "_Flight") -> None:
+        """Read the next shard and send its units to retrieval; mark the input exhausted at its end."""
+        nxt = next(f.shards, None)
+        if nxt is None:
+            f.exhausted = True
+            return
+        number, first, items = nxt
         sentences = [s for s, _ in items]
-        return Shard(number, first, sentences, [w for _, w in items], [None] * len(sentences))
+        shard = Shard(number, first, sentences, [w for _, w in items], [None] * len(sentences))
+        f.open[number] = shard
+        f.embed_turn = self._retrieve(shard, f.searching, f.embed_turn)
 
     def _retrieve(self, shard: Shard, searching: dict, turn: int) -> int:
         """Send each unit of `shard` to an embedding actor and its vectors to every index shard."""
