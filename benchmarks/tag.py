@@ -38,7 +38,7 @@ from types import SimpleNamespace  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 DEMO_CHECKPOINT = os.path.join(common.REPO, "outputs", "demo", "synthetic", "ours", "seed95", "best")
-DEFAULT_SENTENCES, QUICK_SENTENCES = 6000, 2000
+DEFAULT_SENTENCES, QUICK_SENTENCES = 10000, 4000
 DEFAULT_MEMORY = [10_000, 100_000]
 LANGS = ("es", "nl", "de", "fr")
 
@@ -49,10 +49,12 @@ def parse_args(argv):
                                                                        "writes, outputs/demo/synthetic/ours/seed95/best)")
     parser.add_argument("--quick", action="store_true", help="throughput only, on fewer sentences: under 2 minutes")
     parser.add_argument("--sentences", type=int, default=DEFAULT_SENTENCES, help="sentences timed per actor count")
-    parser.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="adapter actor counts to time")
+    parser.add_argument("--actors", type=int, nargs="*", default=[1, 2],
+                        help="adapter actor counts to time (none: memory only)")
     parser.add_argument("--memory", type=int, nargs="*", default=None,
                         help=f"input sizes whose peak RSS is compared (default {DEFAULT_MEMORY}; none with --quick)")
     parser.add_argument("--limit", type=int, default=0, help="cap on sentences everywhere (smoke runs)")
+    parser.add_argument("overrides", nargs="*", help="settings over jobs/configs/tag.yaml's, e.g. cluster.adapt_unit_size=64")
     args = parser.parse_args(argv)
     if not os.path.isfile(os.path.join(args.checkpoint, "metaner.json")):
         raise SystemExit(f"{args.checkpoint} is not a checkpoint: run `metaner demo` first, or pass --checkpoint")
@@ -83,19 +85,17 @@ def setup(args, actors: int):
     from trainer.config import load_config
     from trainer.corpus import read_corpus
 
-    overrides = [f"cluster.num_adapter_actors={actors}"]
+    overrides = list(args.overrides) + [f"cluster.num_adapter_actors={actors}"]
     ns = SimpleNamespace(checkpoint=args.checkpoint, encoder=None, source=None, lang=None, overrides=overrides)
     cfg, found = prepare(load_config(os.path.join(CONFIGS, "tag.yaml"), overrides), ns)
     return cfg, found, read_corpus(found.source).sentences
 
 
 def stream_items(path: str, cfg):
-    from trainer.corpus import Sentence
+    from jobs.tag import sentences
     from trainer.textio import InputSet, shards
 
-    inputs = InputSet([path], format="text", max_words=cfg.tag.max_words)
-    items = ((Sentence(r.words, ("O",) * len(r.words)), r.where) for r in inputs.sentences())
-    return shards(items, cfg.tag.shard_size)
+    return shards(sentences(InputSet([path], format="text", max_words=cfg.tag.max_words)), cfg.tag.shard_size)
 
 
 def throughput(args, workdir: str) -> dict[int, float]:
@@ -163,7 +163,7 @@ def run(args) -> dict[str, float]:
     init_ray(num_cpus=2, log_to_driver=False)
     ratios: dict[str, float] = {}
     with common.workdir() as workdir:
-        rates = throughput(args, workdir)
+        rates = throughput(args, workdir) if args.actors else {}
         if len(rates) > 1:
             lo, hi = min(rates), max(rates)
             ratios[f"tag_actors{hi}_vs_{lo}"] = rates[hi] / rates[lo]

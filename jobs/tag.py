@@ -103,19 +103,11 @@ def tag(cfg, found, inputs, total: int, out: Path, conll: bool = False, progress
 
     source = read_corpus(found.source).sentences  # a corpus that cannot be read stops here, before actors
     writer = ShardWriter(out, conll)
-    done = writer.done()
-    size = cfg.tag.shard_size
-    before = sum(min(size, total - n * size) for n in done)
-    entities: Counter = Counter()
-    for n in sorted(done):
-        entities.update(writer.counts(n)[1])
-    if done:
-        logger.info("resuming: %d shards (%d sentences) already written in %s", len(done), before, out)
+    done, before, entities = _written(writer, total, cfg.tag.shard_size)
     started = time.perf_counter()
     if before < total:
         init_ray(cfg.cluster.address)
         check_resources(cfg, ("tag",))  # before any actor: a cluster that cannot place them all says so
-        items = ((s, r.where) for r in inputs.sentences() for s in [_sentence(r, inputs.unspaced)])
         bar = tqdm(total=total, initial=before, desc="tag", unit="sent", disable=not progress, smoothing=0.1)
 
         def write(shard):
@@ -123,7 +115,7 @@ def tag(cfg, found, inputs, total: int, out: Path, conll: bool = False, progress
 
         try:
             with TagStream(found.checkpoint, found.encoder, cfg, source, RetrievalCache(cfg.retrieval.cache_dir)) as stream:
-                stream.run(shards(items, size, skip=done), write, bar.update)
+                stream.run(shards(sentences(inputs), cfg.tag.shard_size, skip=done), write, bar.update)
         finally:
             bar.close()
     seconds = time.perf_counter() - started
@@ -134,10 +126,24 @@ def tag(cfg, found, inputs, total: int, out: Path, conll: bool = False, progress
     return summary
 
 
-def _sentence(raw, unspaced: bool):
+def _written(writer, total: int, size: int) -> tuple[set, int, Counter]:
+    """Shards already in the output folder, how many sentences they hold, their entities per type."""
+    done = writer.done()
+    entities: Counter = Counter()
+    for n in sorted(done):
+        entities.update(writer.counts(n)[1])
+    before = sum(min(size, total - n * size) for n in done)
+    if done:
+        logger.info("resuming: %d shards (%d sentences) already written in %s", len(done), before, writer.folder)
+    return done, before, entities
+
+
+def sentences(inputs):
+    """(Sentence, file:line) of every sentence of the input, untagged, unspaced where asked."""
     from trainer.corpus import Sentence
 
-    return Sentence(raw.words, ("O",) * len(raw.words), unspaced)
+    for raw in inputs.sentences():
+        yield Sentence(raw.words, ("O",) * len(raw.words), inputs.unspaced), raw.where
 
 
 def print_summary(summary: dict) -> None:

@@ -246,10 +246,10 @@ def test_a_killed_adapter_actor_loses_no_sentence_and_writes_none_twice(ray_loca
     from types import SimpleNamespace
 
     from cluster.tag_stream import TagStream
-    from jobs.tag import open_input, prepare
+    from jobs.tag import open_input, prepare, sentences
     from retrieval.cache import RetrievalCache
     from trainer.config import load_config
-    from trainer.corpus import Sentence, read_corpus
+    from trainer.corpus import read_corpus
     from trainer.textio import ShardWriter, shards
 
     words = _text_folder(tmp_path / "in", toy_corpus, n_per_lang=8)
@@ -268,9 +268,8 @@ def test_a_killed_adapter_actor_loses_no_sentence_and_writes_none_twice(ray_loca
         if len(written) == 1:  # mid-run: the other shards are being retrieved and adapted
             os.kill(victim, signal.SIGKILL)
 
-    items = ((Sentence(r.words, ("O",) * len(r.words)), r.where) for r in inputs.sentences())
     try:
-        stream.run(shards(items, cfg.tag.shard_size), write)
+        stream.run(shards(sentences(inputs), cfg.tag.shard_size), write)
         assert victim not in stream.pool.pids(), "the actor was not killed and replaced"
     finally:
         stream.close()

@@ -285,11 +285,6 @@ class InputSet:
                 raise CorpusError(path, number, f"no text field {self.text_field!r} (a string or a list of words)",
                                   "Name the field that holds the text with --text-field")
 
-    def as_sentences(self, raw: Iterator[RawSentence]) -> Iterator[tuple[Sentence, str]]:
-        for r in raw:
-            if r.words:
-                yield Sentence(r.words, ("O",) * len(r.words), self.unspaced), r.where
-
 
 # ------------------------------------------------------------------------------------ outputs
 
