@@ -110,9 +110,9 @@ def pooled(b: common.Bundle, targets, supports, sizes, device: str, workdir: str
     save_checkpoint(checkpoint, b.fresh_model("cpu"), tokenizer=b.tokenizer, config=b.cfg)
     cfg = copy.deepcopy(b.cfg)
     cfg.cluster.num_adapter_actors = max(sizes)
-    # Units of one batched chunk each: with the default 32, the 48 sentences of --quick are two
+    # Units of three batched chunks (24): with the default 32, the 48 sentences of --quick are two
     # units of 32 and 16, and the actor with 32 alone sets the time (at best 1.5x one actor).
-    cfg.cluster.adapt_unit_size = cfg.adapt.batch_size
+    cfg.cluster.adapt_unit_size = 3 * cfg.adapt.batch_size
     if device == "cuda":
         cfg.cluster.gpus_per_actor = 1.0 / max(sizes)
     pool = AdapterPool(checkpoint, cfg)
