@@ -88,11 +88,13 @@ class TagStream:
                              f"asked of an English source of {len(self.source)} sentences; lower retrieval.k")
         self.embedder = self.index = self.pool = None
         try:
+            # Adapter actors load their checkpoint while retrieval starts (they are placed at once:
+            # check_resources has seen that everything fits together).
+            self.pool = AdapterPool(checkpoint, cfg, max_restarts=MAX_ATTEMPTS)
             self.embedder = ShardedEmbedder.from_config(cfg, encoder, max_restarts=MAX_ATTEMPTS, start_timeout_s=timeout)
             # The English side once per (encoder, source): kept in the retrieval cache.
             xb, _ = embed_cached(self.source, self.embedder, cache)
             self.index = ShardedIndexSpec.from_config(cfg).build(xb, max_restarts=MAX_ATTEMPTS, start_timeout_s=timeout)
-            self.pool = AdapterPool(checkpoint, cfg, max_restarts=MAX_ATTEMPTS)
             wait_placed(self.pool.actors, timeout, "adapter actors")
         except BaseException:
             self.close()
