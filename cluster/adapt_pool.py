@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import os
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -141,11 +141,14 @@ class AdapterPool:
         if done:
             logger.info("resuming: %d of %d units already done", len(units) - len(todo), len(units))
         in_flight: dict[Any, tuple[Unit, Any]] = {}
-        queue = list(reversed(todo))
-        free = [a for a in self.actors for _ in range(2)]
+        queue = deque(todo)
+        # Slots in actor order, a round at a time: the first units go one to each actor. (Taken
+        # from the end of [a1, a1, a2, a2], both first units went to a2 and, with two units in
+        # all, the second actor idled: a pool of 2 ran at the speed of 1.)
+        free = deque(a for _ in range(2) for a in self.actors)
         while queue or in_flight:
             while queue and free:
-                actor, unit = free.pop(), queue.pop()
+                actor, unit = free.popleft(), queue.popleft()
                 in_flight[actor.run.remote(list(unit.items))] = (unit, actor)
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             unit, actor = in_flight.pop(ready[0])

@@ -24,9 +24,18 @@ def _require_ray() -> None:
                            "or connect to a cluster before making retrieval actors")
 
 
-def _wait_started(actors: list) -> None:
+def _wait_started(actors: list, timeout_s: float | None = None, what: str = "retrieval actors") -> None:
     # Actor construction is asynchronous: waiting here makes a failing constructor (a bad path,
     # bad vectors) raise at construction, and keeps start-up out of the first call's time.
+    if timeout_s is not None:
+        from cluster.runtime import wait_placed
+
+        try:
+            wait_placed(actors, timeout_s, what)
+        except Exception:
+            actors.clear()  # killed by wait_placed
+            raise
+        return
     try:
         ray.get([actor.__ray_ready__.remote() for actor in actors])
     except Exception:
@@ -44,24 +53,27 @@ class ShardedEmbedder:
     """`embed(sentences)` split into contiguous shards, one Embedder actor each, results in input order."""
 
     def __init__(self, encoder, tokenizer=None, *, num_actors: int, max_length: int, pooling: str,
-                 batch_size: int, num_cpus: float, num_gpus: float):
+                 batch_size: int, num_cpus: float, num_gpus: float, max_restarts: int = 0,
+                 start_timeout_s: float | None = None):
         _require_ray()
         if num_actors < 1:
             raise ValueError(f"num_actors must be at least 1 (cluster.num_embed_actors), got {num_actors}")
-        remote = ray.remote(Embedder).options(num_cpus=num_cpus, num_gpus=num_gpus)
+        remote = ray.remote(Embedder).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+                                              max_task_retries=max_restarts)
         device = "cuda" if num_gpus > 0 else "cpu"
         self.actors = [remote.remote(encoder, tokenizer, max_length=max_length, pooling=pooling,
                                      batch_size=batch_size, device=device, progress=False)
                        for _ in range(num_actors)]
-        _wait_started(self.actors)
+        _wait_started(self.actors, start_timeout_s, "embedding actors")
         self._key: str | None = None
 
     @classmethod
-    def from_config(cls, cfg, encoder=None, tokenizer=None) -> "ShardedEmbedder":
+    def from_config(cls, cfg, encoder=None, tokenizer=None, **options) -> "ShardedEmbedder":
+        """`options`: max_restarts, start_timeout_s."""
         return cls(encoder if encoder is not None else cfg.model.name_or_path, tokenizer,
                    num_actors=cfg.cluster.num_embed_actors, max_length=cfg.model.max_length,
                    pooling=cfg.retrieval.pooling, batch_size=cfg.retrieval.batch_size,
-                   num_cpus=cfg.cluster.cpus_per_actor, num_gpus=cfg.cluster.gpus_per_actor)
+                   num_cpus=cfg.cluster.cpus_per_actor, num_gpus=cfg.cluster.gpus_per_actor, **options)
 
     def key(self) -> str:
         if self._key is None:
@@ -103,15 +115,17 @@ class ShardedIndex:
     With a flat index the result equals a single index's, ties included (see retrieval.index).
     """
 
-    def __init__(self, xb, *, num_shards: int, spec: IndexSpec, num_cpus: float, num_gpus: float):
+    def __init__(self, xb, *, num_shards: int, spec: IndexSpec, num_cpus: float, num_gpus: float,
+                 max_restarts: int = 0, start_timeout_s: float | None = None):
         _require_ray()
         xb = as_matrix("xb", xb)
         self.ntotal = xb.shape[0]
-        remote = ray.remote(IndexShard).options(num_cpus=num_cpus, num_gpus=num_gpus)
+        remote = ray.remote(IndexShard).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+                                                max_task_retries=max_restarts)
         self.bounds = shard_bounds(self.ntotal, num_shards)
         self.shards = [remote.remote(xb[a:b], a, kind=spec.kind, nlist=spec.nlist, nprobe=spec.nprobe,
                                      device=spec.device) for a, b in self.bounds]
-        _wait_started(self.shards)
+        _wait_started(self.shards, start_timeout_s, "index shards")
 
     def search(self, xq, k: int) -> tuple[np.ndarray, np.ndarray]:
         xq = as_matrix("xq", xq)
@@ -148,6 +162,7 @@ class ShardedIndexSpec:
         # Flat shards merge to the single-index result; approximate shards do not.
         return self.spec.key() if self.spec.kind == "flat" else f"{self.spec.key()}x{self.num_shards}"
 
-    def build(self, xb) -> ShardedIndex:
+    def build(self, xb, **options) -> ShardedIndex:
+        """`options`: max_restarts, start_timeout_s."""
         return ShardedIndex(xb, num_shards=self.num_shards, spec=self.spec, num_cpus=self.num_cpus,
-                            num_gpus=self.num_gpus)
+                            num_gpus=self.num_gpus, **options)

@@ -20,6 +20,7 @@ JOBS = {
     "compare": "jobs.compare",
     "low-resource": "jobs.low_resource",
     "predict": "jobs.predict",
+    "tag": "jobs.tag",
 }
 
 

@@ -80,7 +80,18 @@ def run(argv=None) -> int:
     cfg = with_overrides(cfg, [f"model.name_or_path={tiny_model(out / 'model', cfg)}",
                                f"retrieval.cache_dir={out / 'cache'}", f"model.prefix_cache_dir={out / 'prefix'}"])
     run_variants(cfg, ["base", "ours"], out)
+    seed = out / "ours" / f"seed{cfg.train.seeds[0]}"
+    checkpoint = seed / "best" if (seed / "best").is_dir() else seed / "final"
+    print(f"\nTag text with this run's model:\n  metaner tag --checkpoint {_shown(checkpoint)} --input PATH")
     return 0
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory where it lies below it, as a user would type it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 main = main_guard(run)

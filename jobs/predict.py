@@ -1,57 +1,61 @@
-"""Label raw text in any language with a trained checkpoint: retrieve each sentence's English
-support sentences, adapt, and print the entities.
+"""Label raw text in any language with a trained checkpoint and print the entities: the tagging job
+(jobs/tag.py) on sentences given on the command line.
 
     python -m jobs.predict --checkpoint FOLDER --text "Angela Merkel besuchte Paris ." [--file sentences.txt]
     python -m jobs.predict --checkpoint FOLDER --lang zh --text "江泽民访问美国。"
+
+Each distinct input (text, checkpoint, settings) is tagged once into <out>/<its hash>; asking again
+prints what is there.
 """
 from __future__ import annotations
 
-import re
+import hashlib
+import json
 import sys
 
-from .common import build_supports, main_guard, parse
-
-# The corpora are tokenised into words and punctuation, Chinese into characters: raw text is
-# split the same way so that the model sees the granularity it was trained and adapted on.
-_TOKEN = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W\u3400-\u9fff\uf900-\ufaff]+|[^\w\s]", re.UNICODE)
-
-
-def tokenize(text: str) -> list[str]:
-    return _TOKEN.findall(text)
+from .common import check_record, main_guard, parse, write_record
+from .tag import input_arguments, open_input, prepare, record, tag
 
 
 def run(argv=None) -> int:
-    from cluster.runtime import check_resources, init_ray
-    from trainer.adapt import AdaptItem, Adapter
-    from trainer.corpus import Sentence, entity_spans, read_corpus
-
     def arguments(p):
-        p.add_argument("--checkpoint", required=True, help="checkpoint folder of a trained run")
+        input_arguments(p)
         p.add_argument("--text", action="append", default=[], help="a sentence (repeatable)")
         p.add_argument("--file", help="a file with one sentence per line")
-        p.add_argument("--lang", help="language of the text: one of data.unspaced_languages (zh) is read "
-                                      "unspaced, as its test set is")
 
-    cfg, args = parse(argv, "predict", arguments)
-    lines = list(args.text)
-    if args.file:
-        with open(args.file, encoding="utf-8") as fh:
-            lines += [line.strip() for line in fh if line.strip()]
-    unspaced = args.lang in cfg.data.unspaced_languages
-    sentences = [Sentence(tuple(w), ("O",) * len(w), unspaced) for w in map(tokenize, lines) if w]
-    if not sentences:
+    job_cfg, args = parse(argv, "predict", arguments)
+    lines = [t.replace("\n", " ").strip() for t in args.text if t.strip()]
+    if not lines and not args.file:
         raise ValueError("nothing to label: give --text SENTENCE or --file FILE with one sentence per line")
-    init_ray(cfg.cluster.address)
-    check_resources(cfg, ("retrieval",))
-    source = read_corpus(cfg.data.resolve(cfg.data.source_train)).sentences
-    supports = build_supports(cfg, source, {"input": sentences})
-    items = [AdaptItem(i, s, tuple(sup)) for i, (s, sup) in
-             enumerate(zip(sentences, supports.sentences("input", source)))]
-    tags = Adapter(args.checkpoint, cfg=cfg).run(items)
-    for i, s in enumerate(sentences):
-        found = [f"{kind}: {' '.join(s.words[a:b])}" for kind, a, b in entity_spans(tags[i])]
-        sys.stdout.write(" ".join(s.words) + "\n  " + ("; ".join(found) or "(no entities)") + "\n")
+    cfg, found = prepare(job_cfg, args)
+    specs = []
+    if lines:
+        text = "\n".join(lines) + "\n"
+        path = args.out / f"text-{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
+        path.write_text(text, encoding="utf-8")
+        specs.append(str(path))
+    if args.file:
+        specs.append(args.file)
+    args.format = "text"
+    inputs, total = open_input(specs, cfg, args)
+    work = record(cfg, found, inputs, conll=False)
+    out = args.out / work["hash"]
+    check_record(out, work)
+    write_record(out, work)
+    tag(cfg, found, inputs, total, out, progress=False)
+    _print(out)
     return 0
+
+
+def _print(out) -> None:
+    from trainer.textio import ShardWriter
+
+    for path in ShardWriter(out).paths():
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                s = json.loads(line)
+                found = [f"{e['type']}: {e['text']}" for e in s["entities"]]
+                sys.stdout.write(" ".join(s["words"]) + "\n  " + ("; ".join(found) or "(no entities)") + "\n")
 
 
 main = main_guard(run)

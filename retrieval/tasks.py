@@ -21,7 +21,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from .cache import RetrievalCache, corpus_hash, key_hash
-from .index import IndexSpec, as_matrix
+from .index import IndexSpec, as_matrix, merge_topk
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +92,26 @@ def target_support(xq, xb, k: int, drop_top1: bool = False, index: IndexBuilder 
         raise ValueError(f"k={k}{' + 1 dropped' if drop_top1 else ''} supports asked of {xb.shape[0]} "
                          "source sentences; lower retrieval.k")
     (_, I), = _search(index or IndexSpec("flat"), xb, [(xq, fetch)])
+    return _drop(I, drop_top1)
+
+
+def _drop(I: np.ndarray, drop_top1: bool) -> np.ndarray:
     if (I < 0).any():
         raise RuntimeError("the index returned fewer candidates than asked; raise retrieval.ivf_nprobe")
     return np.ascontiguousarray(I[:, int(drop_top1):])
+
+
+def target_fetch(k: int, drop_top1: bool) -> int:
+    """Candidates to ask each index shard for, so that `merged_target_support` can keep k."""
+    return k + int(drop_top1)
+
+
+def merged_target_support(shard_results: Sequence[tuple[np.ndarray, np.ndarray]], k: int,
+                          drop_top1: bool = False) -> np.ndarray:
+    """[m, k] int64 support ids of target queries from the (D, I) of every index shard, each asked
+    for `target_fetch(k, drop_top1)` candidates: what target_support gives over one index."""
+    _, I = merge_topk(shard_results, target_fetch(k, drop_top1))
+    return _drop(I, drop_top1)
 
 
 # ---------------------------------------------------------------- with embedding and the cache

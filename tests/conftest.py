@@ -118,3 +118,25 @@ def ray_local():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tiny_bert_no_dropout, toy_corpus, tmp_path_factory) -> Path:
+    """A folder holding `best`, a checkpoint of the tiny BERT saved as training saves it (with its
+    config, so that it records its retrieval encoder and English source), and that source, en.txt."""
+    from transformers import AutoTokenizer
+
+    from trainer.checkpoint import save_checkpoint
+    from trainer.config import load_config
+    from trainer.model import build_model
+    from trainer.synthetic import write_corpus
+
+    root = tmp_path_factory.mktemp("trained")
+    write_corpus(root / "en.txt", toy_corpus["en"])
+    settings = ["model.dropout=0.0", "model.num_frozen_layers=1", "model.max_length=32", "model.window_context=4",
+                "adapt.batch_size=4", "adapt.adapt_lr=1e-3", "retrieval.k=2"]
+    cfg = load_config(None, settings + [f"model.name_or_path={tiny_bert_no_dropout}", f"data.root={root}",
+                                        "data.source_train=en.txt", f"retrieval.cache_dir={root / 'cache'}"])
+    save_checkpoint(root / "best", build_model(cfg, seed=3), tokenizer=AutoTokenizer.from_pretrained(tiny_bert_no_dropout),
+                    config=cfg)
+    return root

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -27,6 +28,8 @@ LABELS_FILE = "labels.json"
 META_FILE = "metaner.json"
 TRAINER_STATE = "trainer_state.pt"
 FORMAT = 1
+# Key of metaner.json naming what adapting with the checkpoint needs besides its own files.
+PROVENANCE = "provenance"
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -69,7 +72,7 @@ def _write_files(folder: Path, model: NerModel, tokenizer, config, meta, trainer
     # Which parameters were trained decides what adaptation steps; it is restored on load.
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     _write_json(folder / META_FILE, {"format": FORMAT, "config": config_dict, "dropout": model.dropout.p,
-                                     "frozen": frozen, "meta": meta or {}})
+                                     "frozen": frozen, "meta": meta or {}, PROVENANCE: provenance(config)})
     if trainer_state is not None:
         torch.save(trainer_state, folder / TRAINER_STATE)
 
@@ -167,3 +170,180 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------ provenance
+#
+# Test-time adaptation needs more than the weights: each sentence's support set is retrieved from
+# the English source with the retrieval encoder. A checkpoint records both, by location and by
+# content, so that `--checkpoint` alone is enough to tag, and a changed or missing piece is named
+# before any work instead of silently giving other neighbours.
+
+_DIGESTS: dict = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's content, computed once per process per file version (path, size, mtime)."""
+    import hashlib
+
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def weights_sha256(folder: str | os.PathLike) -> Optional[str]:
+    """Hash of a model folder's weights as transformers loads them: its .safetensors files, else its
+    .bin files (names and content); None when it holds neither."""
+    import hashlib
+
+    names = sorted(os.listdir(folder))
+    files = [n for n in names if n.endswith(".safetensors")] or [n for n in names if n.endswith(".bin")]
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for name in files:
+        h.update(name.encode() + b"\0" + file_sha256(os.path.join(folder, name)).encode())
+    return h.hexdigest()
+
+
+def hub_snapshot(name: str) -> Optional[str]:
+    """The local folder of a hub id in this machine's Hugging Face cache, without asking the hub."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id=name, local_files_only=True)
+    except Exception:  # not cached, not a valid id, or no huggingface_hub: nothing local to name
+        return None
+
+
+def provenance(config) -> dict:
+    """{"retrieval_encoder": {...}, "source": {...}} for a Config (or its dict): the encoder that
+    retrieves support sets (a folder or hub id, and its weights' hash) and the English source file
+    (absolute path and sha256). Anything that cannot be read is recorded as None: saving a
+    checkpoint never fails for it."""
+    from .config import Config, config_from_dict
+    from .corpus import split_selector
+
+    try:
+        cfg = config if isinstance(config, Config) else config_from_dict(config) if config else None
+    except ValueError:
+        cfg = None
+    if cfg is None:
+        return {}
+    if cfg.retrieval.encoder == "finetuned":
+        encoder = {"kind": "checkpoint"}  # the checkpoint's own encoder retrieves
+    else:
+        name = cfg.model.name_or_path
+        local = os.path.isdir(name)
+        folder = name if local else hub_snapshot(name)
+        try:
+            digest = weights_sha256(folder) if folder else None
+        except OSError:
+            digest = None
+        encoder = {"kind": "folder" if local else "hub", "name_or_path": os.path.abspath(name) if local else name,
+                   "weights_sha256": digest}
+    path, split = split_selector(cfg.data.resolve(cfg.data.source_train))
+    try:
+        digest = file_sha256(path)
+    except OSError:
+        digest = None
+    return {"retrieval_encoder": encoder,
+            "source": {"path": os.path.abspath(path), "split": split, "sha256": digest}}
+
+
+@dataclass
+class AdaptationInputs:
+    """What tagging with a checkpoint reads besides its own files, found and checked."""
+
+    checkpoint: str
+    config: Any  # the checkpoint's Config: the settings it was trained and is adapted with
+    labels: list
+    encoder: str  # folder holding the retrieval encoder (the checkpoint itself when it retrieves)
+    source: str  # the English source corpus, with a '#split' selector if it had one
+    checked: bool  # both were matched against hashes the checkpoint recorded
+
+
+def _encoder_of(folder: Path, cfg, recorded: dict, given: Optional[str]) -> tuple[str, bool]:
+    """(folder to load the retrieval encoder from, whether its weights matched the recorded hash)."""
+    if recorded.get("kind") == "checkpoint" or (not recorded and cfg.retrieval.encoder == "finetuned"):
+        return str(folder), True
+    name = recorded.get("name_or_path") or cfg.model.name_or_path
+    want = recorded.get("weights_sha256")
+    hint = f"(weights sha256 {want[:12]}...)" if want else ""
+    if given:
+        if not os.path.isdir(given):
+            raise ValueError(f"--encoder {given}: no such folder; give the folder of the retrieval encoder {name} {hint}")
+        path = given
+    elif os.path.isdir(name):
+        path = name
+    elif recorded.get("kind") == "folder" or os.path.isabs(name):
+        raise ValueError(f"checkpoint {folder} retrieves with the encoder in {name}, which is not on this machine; "
+                         f"pass --encoder FOLDER holding it {hint}")
+    else:
+        path = hub_snapshot(name)
+        if path is None:
+            raise ValueError(f"checkpoint {folder} retrieves with the hub model {name}, which is not in this machine's "
+                             f"Hugging Face cache (the hub is not asked); pass --encoder FOLDER holding it {hint}")
+    if want is None:
+        return path, False
+    have = weights_sha256(path)
+    if have != want:
+        raise ValueError(f"checkpoint {folder} was trained with the retrieval encoder {name} {hint}, but the weights "
+                         f"in {path} differ (sha256 {str(have)[:12]}...); pass --encoder FOLDER with the original weights")
+    return path, True
+
+
+def _source_of(folder: Path, cfg, recorded: dict, given: Optional[str]) -> tuple[str, bool]:
+    """(English source path with its split selector, whether its content matched the recorded hash)."""
+    from .corpus import split_selector
+
+    want, split = recorded.get("sha256"), recorded.get("split")
+    if given:
+        path, given_split = split_selector(given)
+        split = given_split or split
+    elif recorded.get("path"):
+        path = recorded["path"]
+    else:
+        path, split = split_selector(cfg.data.resolve(cfg.data.source_train))
+    hint = f"(sha256 {want[:12]}...)" if want else ""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {folder} adapts from the English source {path}, which is not on this machine; "
+                         f"pass --source FILE with that corpus {hint}")
+    selected = f"{path}#{split}" if split else path
+    if want is None:
+        return selected, False
+    have = file_sha256(path)
+    if have != want:
+        raise ValueError(f"checkpoint {folder} was trained on the English source {recorded.get('path') or path} {hint}, "
+                         f"but {path} differs (sha256 {have[:12]}...); pass --source FILE with the original corpus")
+    return selected, True
+
+
+def adaptation_inputs(path: str | os.PathLike, encoder: Optional[str] = None,
+                      source: Optional[str] = None) -> AdaptationInputs:
+    """The checkpoint's settings, labels, retrieval encoder and English source, each found on this
+    machine and matched against the hashes it recorded (ValueError naming what to pass otherwise).
+    `encoder` and `source` replace the recorded locations, not the recorded content."""
+    from .config import config_from_dict
+
+    folder = Path(path).resolve()
+    info = read_info(folder)
+    try:
+        cfg = config_from_dict(info.get("config") or {})
+    except ValueError as err:
+        raise ValueError(f"checkpoint {folder}: the settings in {META_FILE} do not load with this version ({err}); "
+                         "train it again with this version") from None
+    recorded = info.get(PROVENANCE) or {}
+    enc, enc_ok = _encoder_of(folder, cfg, recorded.get("retrieval_encoder") or {}, encoder)
+    src, src_ok = _source_of(folder, cfg, recorded.get("source") or {}, source)
+    unchecked = [what for what, ok in ((f"retrieval encoder {enc}", enc_ok), (f"English source {src}", src_ok)) if not ok]
+    if unchecked:
+        logger.warning("checkpoint %s records no hash of its %s (saved before checkpoints recorded them): used "
+                       "unchecked", folder, " and ".join(unchecked))
+    return AdaptationInputs(str(folder), cfg, list(info["labels"]), enc, src, enc_ok and src_ok)

@@ -174,6 +174,20 @@ class ClusterConfig:
 
 
 @dataclass
+class TagConfig:
+    # Sentences per output shard: the unit written whole (atomically) and skipped when a run is
+    # started again with the same --out.
+    shard_size: int = 1000
+    # Shards read, retrieved and adapted at once: what bounds memory, whatever the input's size.
+    shards_in_flight: int = 2
+    # A longer sentence (a line without sentence ends) is cut into pieces of this many words, so
+    # that one line cannot fill an adapter's memory.
+    max_words: int = 256
+    # Seconds to wait for the actors to be placed and loaded before naming the resources missing.
+    start_timeout_s: float = 300.0
+
+
+@dataclass
 class MlflowConfig:
     tracking_uri: Optional[str] = None
     experiment: str = "metaner"
@@ -187,6 +201,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tag: TagConfig = field(default_factory=TagConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -507,6 +522,9 @@ def validate(cfg: Config) -> None:
     _check(c.zero_stage in (0, 1, 2), "cluster.zero_stage", "must be 0, 1 or 2")
     for key in ("num_embed_actors", "num_index_shards", "num_adapter_actors", "adapt_unit_size"):
         _check(getattr(c, key) >= 1, f"cluster.{key}", "must be at least 1")
+    for key in ("shard_size", "shards_in_flight", "max_words"):
+        _check(getattr(cfg.tag, key) >= 1, f"tag.{key}", "must be at least 1")
+    _check(cfg.tag.start_timeout_s > 0, "tag.start_timeout_s", "must be more than 0 seconds")
     _check_more(cfg)
 
 

@@ -35,12 +35,30 @@ def load_encoder(name_or_path: str | os.PathLike) -> nn.Module:
     from transformers import AutoModel
 
     name_or_path = os.fspath(name_or_path)
-    _local_folder(name_or_path, "encoder")
+    if _local_folder(name_or_path, "encoder") and is_checkpoint(name_or_path):
+        # A checkpoint's weights are the NerModel's (encoder.*, classifier.*): AutoModel would find
+        # none of its keys and start from random weights.
+        from .checkpoint import load_model
+
+        return load_model(name_or_path, load_tokenizer=False)[0].encoder
     try:
-        return AutoModel.from_pretrained(name_or_path)
+        encoder, info = AutoModel.from_pretrained(name_or_path, output_loading_info=True)
     except OSError as err:
         raise ValueError(f"cannot load the encoder {name_or_path!r} ({err}); set model.name_or_path to a "
                          "hub id or a folder holding config.json and the weights") from None
+    # The pooler is not used (tokens' states and [CLS] come from the last layer); anything else
+    # missing would be randomly initialised and silently give meaningless vectors and tags.
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith("pooler.")]
+    if missing:
+        raise ValueError(f"the encoder {name_or_path!r} lacks {len(missing)} of its weights ({', '.join(sorted(missing)[:3])}"
+                         f"{', ...' if len(missing) > 3 else ''}), which would start random; point model.name_or_path "
+                         "at a folder written by save_pretrained, or pass a metaner checkpoint as --checkpoint")
+    return encoder
+
+
+def is_checkpoint(folder: str | os.PathLike) -> bool:
+    """A metaner checkpoint folder (trainer.checkpoint), not a plain pretrained model's."""
+    return all(os.path.isfile(os.path.join(folder, f)) for f in ("metaner.json", "labels.json", "model.safetensors"))
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):

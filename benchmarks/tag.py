@@ -1,0 +1,190 @@
+"""Benchmark: tagging throughput (sentences/s) with 1 and 2 adapter actors, and peak memory as the
+input grows, on the demo checkpoint, in one run.
+
+    python benchmarks/tag.py [--quick] [--checkpoint DIR] [--sentences N] [--actors 1 2]
+                             [--memory 10000 100000] [--limit N]
+
+Input: raw text, one sentence per line, made from the synthetic templates of es, nl, de and fr
+(trainer.synthetic; deterministic), written to a file and read back as `metaner tag` reads it.
+Throughput: the job's stream (cluster.tag_stream: embedding actor, index shard, adapter actors,
+jobs/configs/tag.yaml's settings) with every actor started and warmed before the clock, then the
+same sentences through 1 and through 2 of the adapter actors; shards are written as the job writes
+them. Memory (not under --quick): for each input size a fresh stream tags the whole file, and the
+peak RSS (VmHWM) of the driver and of every actor is read at the end.
+
+Prints the machine, `rate` and `memory` lines and one `ratio <name> <value>` line per ratio:
+tag_actors2_vs_1 (higher is better), tag_peak_rss_<big>_over_<small> (1.0 is flat). Every process
+computes on one thread (OMP_NUM_THREADS=1).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0]) == _HERE:
+    sys.path.pop(0)  # benchmarks/retrieval.py would hide the `retrieval` package
+if os.path.dirname(_HERE) not in sys.path:
+    sys.path.insert(0, os.path.dirname(_HERE))
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+
+DEMO_CHECKPOINT = os.path.join(common.REPO, "outputs", "demo", "synthetic", "ours", "seed95", "best")
+DEFAULT_SENTENCES, QUICK_SENTENCES = 10000, 4000
+DEFAULT_MEMORY = [10_000, 100_000]
+LANGS = ("es", "nl", "de", "fr")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkpoint", default=DEMO_CHECKPOINT, help="checkpoint (default: the one `metaner demo` "
+                                                                       "writes, outputs/demo/synthetic/ours/seed95/best)")
+    parser.add_argument("--quick", action="store_true", help="throughput only, on fewer sentences: under 2 minutes")
+    parser.add_argument("--sentences", type=int, default=DEFAULT_SENTENCES, help="sentences timed per actor count")
+    parser.add_argument("--actors", type=int, nargs="*", default=[1, 2],
+                        help="adapter actor counts to time (none: memory only)")
+    parser.add_argument("--memory", type=int, nargs="*", default=None,
+                        help=f"input sizes whose peak RSS is compared (default {DEFAULT_MEMORY}; none with --quick)")
+    parser.add_argument("--limit", type=int, default=0, help="cap on sentences everywhere (smoke runs)")
+    parser.add_argument("overrides", nargs="*", help="settings over jobs/configs/tag.yaml's, e.g. cluster.adapt_unit_size=64")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.checkpoint, "metaner.json")):
+        raise SystemExit(f"{args.checkpoint} is not a checkpoint: run `metaner demo` first, or pass --checkpoint")
+    if args.memory is None:
+        args.memory = [] if args.quick else DEFAULT_MEMORY
+    n = QUICK_SENTENCES if args.quick else args.sentences
+    args.sentences = min(n, args.limit) if args.limit else n
+    args.memory = [min(m, args.limit * (i + 1)) if args.limit else m for i, m in enumerate(args.memory)]
+    return args
+
+
+def write_input(path: str, n: int) -> str:
+    """`n` raw sentences, one per line, written a thousand at a time (the generator keeps none)."""
+    from trainer.synthetic import make_sentences
+
+    with open(path, "w", encoding="utf-8") as fh:
+        for block in range(0, n, 1000):
+            lang = LANGS[(block // 1000) % len(LANGS)]
+            for s in make_sentences(lang, min(1000, n - block), seed=block):
+                fh.write(" ".join(s.words) + "\n")
+    return path
+
+
+def setup(args, actors: int):
+    """(config, checkpoint inputs, English source) as `metaner tag` sets them up."""
+    from jobs.common import CONFIGS
+    from jobs.tag import prepare
+    from trainer.config import load_config
+    from trainer.corpus import read_corpus
+
+    overrides = list(args.overrides) + [f"cluster.num_adapter_actors={actors}"]
+    ns = SimpleNamespace(checkpoint=args.checkpoint, encoder=None, source=None, lang=None, overrides=overrides)
+    cfg, found = prepare(load_config(os.path.join(CONFIGS, "tag.yaml"), overrides), ns)
+    return cfg, found, read_corpus(found.source).sentences
+
+
+def stream_items(path: str, cfg):
+    from jobs.tag import sentences
+    from trainer.textio import InputSet, shards
+
+    return shards(sentences(InputSet([path], format="text", max_words=cfg.tag.max_words)), cfg.tag.shard_size)
+
+
+def throughput(args, workdir: str) -> dict[int, float]:
+    """Sentences/s through the stream with each number of adapter actors in args.actors."""
+    from cluster.tag_stream import TagStream
+    from retrieval.cache import RetrievalCache
+    from trainer.textio import ShardWriter
+
+    cfg, found, source = setup(args, max(args.actors))
+    path = write_input(os.path.join(workdir, "throughput.txt"), args.sentences)
+    rates = {}
+    with TagStream(found.checkpoint, found.encoder, cfg, source, RetrievalCache(cfg.retrieval.cache_dir)) as stream:
+        everyone = stream.pool.actors
+        warm = write_input(os.path.join(workdir, "warm.txt"), 2 * cfg.cluster.adapt_unit_size * len(everyone))
+        stream.run(stream_items(warm, cfg), lambda shard: None)  # every actor's first call off the clock
+        for n in sorted(args.actors):
+            stream.pool.actors = everyone[:n]
+            writer = ShardWriter(os.path.join(workdir, f"actors{n}"))
+            write = lambda s: writer.write(s.number, s.first, s.sentences, s.wheres, s.tags)  # noqa: E731
+            _, seconds = common.timed(stream.run, stream_items(path, cfg), write)
+            rates[n] = args.sentences / seconds
+            print(f"rate tag actors={n} {rates[n]:.1f} sentences/s ({seconds:.1f} s for {args.sentences})", flush=True)
+        stream.pool.actors = everyone
+    return rates
+
+
+def _actor_peak(actor) -> int:
+    import ray
+
+    return ray.get(actor.__ray_call__.remote(lambda self: common.pid_peak_rss(os.getpid())))
+
+
+def memory(args, workdir: str, n: int) -> dict[str, int]:
+    """Peak RSS of the driver (over the run) and of each actor (over its life) tagging n sentences."""
+    from cluster.tag_stream import TagStream
+    from retrieval.cache import RetrievalCache
+    from trainer.textio import ShardWriter
+
+    cfg, found, source = setup(args, 2)
+    path = write_input(os.path.join(workdir, f"memory-{n}.txt"), n)
+    writer = ShardWriter(os.path.join(workdir, f"memory-{n}"))
+    with common.PeakMemory("cpu") as driver:
+        with TagStream(found.checkpoint, found.encoder, cfg, source,
+                       RetrievalCache(cfg.retrieval.cache_dir)) as stream:
+            _, seconds = common.timed(stream.run, stream_items(path, cfg),
+                                      lambda s: writer.write(s.number, s.first, s.sentences, s.wheres, s.tags))
+            actors = {"embed": stream.embedder.actors, "index": stream.index.shards, "adapter": stream.pool.actors}
+            peaks = {f"{kind}{i}": _actor_peak(a) for kind, group in actors.items() for i, a in enumerate(group)}
+    peaks["driver"] = driver.peak_rss
+    peaks["total"] = sum(peaks.values())
+    print(f"memory tag sentences={n} " + " ".join(f"{k}={common.mib(v)}" for k, v in peaks.items())
+          + f" ({n / seconds:.1f} sentences/s)", flush=True)
+    return peaks
+
+
+def run(args) -> dict[str, float]:
+    import torch
+
+    from cluster.runtime import init_ray
+
+    torch.set_num_threads(1)
+    common.quiet()
+    print(common.machine("cpu"), flush=True)
+    print(f"checkpoint {args.checkpoint}", flush=True)
+    init_ray(num_cpus=2, log_to_driver=False)
+    ratios: dict[str, float] = {}
+    with common.workdir() as workdir:
+        rates = throughput(args, workdir) if args.actors else {}
+        if len(rates) > 1:
+            lo, hi = min(rates), max(rates)
+            ratios[f"tag_actors{hi}_vs_{lo}"] = rates[hi] / rates[lo]
+        peaks = {n: memory(args, workdir, n) for n in args.memory}
+    if len(peaks) > 1:
+        small, big = min(peaks), max(peaks)
+        name = f"{_size(big)}_over_{_size(small)}"
+        ratios[f"tag_peak_rss_{name}"] = peaks[big]["total"] / peaks[small]["total"]
+        ratios[f"tag_driver_peak_rss_{name}"] = peaks[big]["driver"] / peaks[small]["driver"]
+    return ratios
+
+
+def _size(n: int) -> str:
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    common.print_ratios(run(parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
