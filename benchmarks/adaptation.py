@@ -182,7 +182,31 @@ def run(args) -> dict[str, float]:
             if len(args.actors) > 1 and not args.no_pool:
                 lo, hi = min(args.actors), max(args.actors)
                 ratios[f"adaptation_pool{hi}_vs_pool{lo}{suffix}"] = rates[f"pool{hi}"] / rates[f"pool{lo}"]
+        if not args.no_e5:
+            ratios.update(replication_setting(args, targets, pool))
     return ratios
+
+
+def replication_setting(args, targets, pool) -> dict[str, float]:
+    """Sentences/s of test-time adaptation on e5-small with 10 frozen layers (what the replication's
+    evaluation budget is planned from), in one process: batched and sequential."""
+    from trainer.adapt import adapt_many
+
+    if not os.path.isdir(args.e5):
+        print(f"note: replication setting skipped: no encoder at {args.e5} (--e5 PATH)", flush=True)
+        return {}
+    e5 = common.bundle("e5small", args.e5, num_frozen_layers=common.E5_FROZEN)
+    e5.cfg.model.prefix_cache_dir = ""
+    supports = supports_by_cls(e5, targets, pool, e5.cfg.retrieval.k, args.device)
+    model = e5.fresh_model(args.device).eval()
+    rates = {}
+    for name, batched in (("batched", True), ("sequential", False)):
+        adapt_many(model, e5.featurizer, targets[:WARMUP], supports[:WARMUP], e5.cfg, batched=batched)
+        _, seconds = common.timed(adapt_many, model, e5.featurizer, targets, supports, e5.cfg, batched=batched)
+        rates[name] = len(targets) / seconds
+        print(f"rate e5small {name} {rates[name]:.2f} sentences/s ({seconds:.2f} s; {common.E5_FROZEN} frozen layers, "
+              "frozen bottom computed in the timed run)", flush=True)
+    return {"adaptation_batched_vs_sequential_e5": rates["batched"] / rates["sequential"]}
 
 
 def main(argv=None) -> int:

@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.environ.get("METANER_DATA", os.path.join(REPO, "..", "shared", "data"))
 DEFAULT_MODEL = os.path.join(REPO, "..", "shared", "models", "bert-tiny-6l")
+# The replication setting (jobs/configs/replicate_cpu.yaml): multilingual-e5-small, 10 of 12 layers frozen.
+E5 = os.path.join(REPO, "..", "shared", "models", "me5-small-ner")
+E5_FROZEN = 10
 # The mid-size model, built on the fly: where the cost of copying weights and gradients
 # starts to matter next to the forward pass.
 MID_LAYERS, MID_HIDDEN, MID_HEADS = 4, 256, 4
@@ -37,6 +40,8 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="fewer sentences/steps: under 2 minutes on 2 cores")
     parser.add_argument("--limit", type=int, default=0, help="cap on sentences / tasks (smoke runs)")
     parser.add_argument("--no-mid", action="store_true", help="skip the mid-size model")
+    parser.add_argument("--e5", default=E5, help="the replication setting's encoder (default: ../shared/models/me5-small-ner)")
+    parser.add_argument("--no-e5", action="store_true", help="skip the replication setting")
     return parser
 
 

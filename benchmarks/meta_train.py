@@ -46,15 +46,13 @@ import copy  # noqa: E402
 import glob  # noqa: E402
 import logging  # noqa: E402
 import threading  # noqa: E402
-from typing import Sequence  # noqa: E402
+from typing import Optional, Sequence  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 
 DEFAULT_SOURCE, QUICK_SOURCE = 4000, 1000
 DEFAULT_STEPS, QUICK_STEPS = 4, 1
 SEED = 95
-E5 = os.path.join(common.REPO, "..", "shared", "models", "me5-small-ner")
-E5_FROZEN = 10  # jobs/configs/replicate_cpu.yaml
 # mBERT-base as the paper trains it (layers 4..11 of 12, hidden 768, intermediate 3072, 9 labels):
 # the size one gradient copy would have there, computed, not measured.
 MBERT_LAYER = 4 * (768 * 768 + 768) + 2 * 768 * 3072 + 3072 + 768 + 2 * 2 * 768
@@ -68,8 +66,6 @@ def parse_args(argv):
     parser.add_argument("--sources", type=int, default=DEFAULT_SOURCE,
                         help=f"English train sentences that make the task pool without --quick "
                              f"(0: all; default {DEFAULT_SOURCE})")
-    parser.add_argument("--e5", default=E5, help="the replication setting's encoder (default: ../shared/models/me5-small-ner)")
-    parser.add_argument("--no-e5", action="store_true", help="skip the replication setting")
     parser.add_argument("--no-distributed", action="store_true", help="skip the Ray Train + DeepSpeed runs")
     parser.add_argument("--workers", type=int, nargs="+", default=None,
                         help="DeepSpeed worker counts to time (default: 1 2, none with --quick)")
@@ -193,7 +189,9 @@ def distributed(b: common.Bundle, cfg, source, support, steps: int, workers: int
     # Fractional CPUs: Ray Train's own controller must still fit on the 2 CPUs given to Ray.
     cfg.cluster.cpus_per_worker = 0.5
     cfg.cluster.use_gpu = device == "cuda"
-    cfg.train.eval_every = cfg.train.checkpoint_every = steps
+    # One more step than timed: the workers' rate leaves out their first (compiling) step.
+    cfg.train.num_meta_steps = steps + 1
+    cfg.train.eval_every = cfg.train.checkpoint_every = steps + 1
     # The bottom of the source, kept on disk: computed before the first timed step by the first
     # run, read by the next, so that both rates are of meta-steps.
     cfg.model.prefix_cache_dir = os.path.join(workdir, "prefix")
@@ -266,49 +264,60 @@ def run(args) -> dict[str, float]:
         record = common.bundle("tiny6l", args.model)
         done = in_process(record, args, ("official", "sequential", "engine"), steps)
         runs = done["runs"]
-        if workers and not args.no_distributed:
-            from cluster.runtime import init_ray
-
-            init_ray(num_cpus=2, log_to_driver=False)
-            for n in workers:
-                runs[f"ds{n}"] = distributed(record, done["cfg"], done["source"], done["support"], steps, n,
-                                             args.device, workdir)
-        elif not workers:
-            print("note: distributed runs skipped (--quick without --workers)", flush=True)
         report(record.name, runs, steps, trainable_bytes(record.fresh_model("cpu")))
         rate = {k: r["tasks_per_s"] for k, r in runs.items()}
         ratios["meta_train_engine_vs_official"] = rate["engine"] / rate["official"]
         ratios["meta_train_sequential_vs_official"] = rate["sequential"] / rate["official"]
         ratios["meta_train_engine_vs_sequential"] = rate["engine"] / rate["sequential"]
-        ds = sorted(int(k[2:]) for k in rate if k.startswith("ds"))
-        for n in ds:
-            ratios[f"meta_train_ds{n}_vs_official"] = rate[f"ds{n}"] / rate["official"]
-        if len(ds) > 1:
-            ratios[f"meta_train_ds{ds[-1]}_vs_ds{ds[0]}"] = rate[f"ds{ds[-1]}"] / rate[f"ds{ds[0]}"]
         ratios["meta_grad_bytes_official_over_engine"] = runs["official"]["grad_bytes"] / runs["engine"]["grad_bytes"]
-        if not args.no_e5:
-            ratios.update(replication_setting(args, steps))
+        e5 = None if args.no_e5 else replication_setting(args, steps)
+        if e5 is not None:
+            ratios.update(e5["ratios"])
+        if workers and not args.no_distributed:
+            # On the replication setting where there is one: on the record's 0.3 MiB of weights a
+            # meta-step is too little work for a second worker to pay for its all-reduce.
+            ratios.update(distributed_runs(e5 or done, record if e5 is None else e5["bundle"], args, steps, workers,
+                                           workdir))
+        elif not workers:
+            print("note: distributed runs skipped (--quick without --workers)", flush=True)
     print(f"note: at mBERT-base size (8 trainable layers) one gradient copy is {common.mib(4 * MBERT_TRAINABLE)}; "
           f"the official loop holds 33 of them ({common.mib(33 * 4 * MBERT_TRAINABLE)}) at each meta-update "
           "(computed, not measured)", flush=True)
     return ratios
 
 
-def replication_setting(args, steps: int) -> dict[str, float]:
+def replication_setting(args, steps: int) -> Optional[dict]:
     """Engine against the per-task reference on e5-small with 10 frozen layers."""
     from benchmarks._official import trainable_bytes
 
     if not os.path.isdir(args.e5):
         print(f"note: replication setting skipped: no encoder at {args.e5} (--e5 PATH)", flush=True)
-        return {}
-    e5 = common.bundle("e5small", args.e5, num_frozen_layers=E5_FROZEN)
+        return None
+    e5 = common.bundle("e5small", args.e5, num_frozen_layers=common.E5_FROZEN)
     done = in_process(e5, args, ("sequential", "engine"), steps)
     report(e5.name, done["runs"], steps, trainable_bytes(e5.fresh_model("cpu")))
     count, size = whole_source_bytes(e5, args)
     print(f"memory e5small kept bottom for all of English train: {count} windows, {common.mib(size)} "
           "(float32 states of every position, computed from the windows)", flush=True)
     rate = {k: r["tasks_per_s"] for k, r in done["runs"].items()}
-    return {"meta_train_engine_vs_sequential_e5": rate["engine"] / rate["sequential"]}
+    return {**done, "bundle": e5, "ratios": {"meta_train_engine_vs_sequential_e5": rate["engine"] / rate["sequential"]}}
+
+
+def distributed_runs(done: dict, b: common.Bundle, args, steps: int, workers, workdir: str) -> dict[str, float]:
+    """The engine on 1, 2, ... DeepSpeed workers, against the in-process engine and each other."""
+    from cluster.runtime import init_ray
+
+    init_ray(num_cpus=2, log_to_driver=False)
+    runs = {f"ds{n}": distributed(b, done["cfg"], done["source"], done["support"], steps, n, args.device, workdir)
+            for n in workers}
+    report(b.name, runs, steps, 0)
+    suffix = "" if b.name == "tiny6l" else f"_{b.name.replace('small', '')}"
+    engine = done["runs"]["engine"]["tasks_per_s"]
+    out = {f"meta_train_{k}_vs_engine{suffix}": r["tasks_per_s"] / engine for k, r in runs.items()}
+    if len(workers) > 1:
+        lo, hi = min(workers), max(workers)
+        out[f"meta_train_ds{hi}_vs_ds{lo}"] = runs[f"ds{hi}"]["tasks_per_s"] / runs[f"ds{lo}"]["tasks_per_s"]
+    return out
 
 
 def main(argv=None) -> int:

@@ -89,7 +89,7 @@ class MetaTrainer:
         self.engine = TaskEngine(model, featurizer, cfg, self.bottom, seed, self.names)
         self.log = metrics_logger or NullLogger()
         self.step, self.best_f1, self.best_step = 0, -1.0, -1
-        self._done_tasks, self._seconds = 0, 0.0
+        self._done_tasks, self._seconds, self._warm = 0, 0.0, False
 
     # ------------------------------------------------------------------ one meta-step
 
@@ -134,10 +134,16 @@ class MetaTrainer:
         lrs = {"meta_lr": self.meta_lr(), "inner_lr": self.inner_lr()}
         self.apply(buffer)
         self.step += 1
-        self._seconds += time.perf_counter() - started
-        self._done_tasks += int(stats[2])
+        seconds = time.perf_counter() - started
+        # The first step of a process pays one-time work (compiling, filling the bottom of windows
+        # not kept yet): the running rate starts after it.
+        if self._warm:
+            self._seconds += seconds
+            self._done_tasks += int(stats[2])
+        self._warm = True
+        rate = self._done_tasks / self._seconds if self._seconds else int(stats[2]) / max(seconds, 1e-9)
         return {"support_loss": float(stats[0] / stats[2]), "meta_loss": float(stats[1] / stats[2]),
-                "tasks_per_s": self._done_tasks / max(self._seconds, 1e-9), **lrs}
+                "tasks_per_s": rate, **lrs}
 
     # ------------------------------------------------------------------ selection and the loop
 
