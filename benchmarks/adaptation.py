@@ -34,7 +34,6 @@ if os.path.dirname(_HERE) not in sys.path:
     sys.path.insert(0, os.path.dirname(_HERE))
 
 import copy  # noqa: E402
-import logging  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 
@@ -210,9 +209,7 @@ def replication_setting(args, targets, pool) -> dict[str, float]:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING)
-    common.print_ratios(run(parse_args(argv)))
-    return 0
+    return common.main(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -258,3 +258,10 @@ def mib(n: float) -> str:
 def print_ratios(ratios: dict[str, float]) -> None:
     for name, value in ratios.items():
         print(f"ratio {name} {value:.3f}", flush=True)
+
+
+def main(run: Callable, parse_args: Callable, argv=None) -> int:
+    """A benchmark script's entry point: run it and print its `ratio` lines."""
+    logging.basicConfig(level=logging.WARNING)
+    print_ratios(run(parse_args(argv)))
+    return 0

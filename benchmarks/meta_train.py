@@ -44,7 +44,6 @@ if os.path.dirname(_HERE) not in sys.path:
 
 import copy  # noqa: E402
 import glob  # noqa: E402
-import logging  # noqa: E402
 import threading  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
@@ -321,9 +320,7 @@ def distributed_runs(done: dict, b: common.Bundle, args, steps: int, workers, wo
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING)
-    common.print_ratios(run(parse_args(argv)))
-    return 0
+    return common.main(run, parse_args, argv)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ if os.path.dirname(_HERE) not in sys.path:
     sys.path.insert(0, os.path.dirname(_HERE))
 
 import argparse  # noqa: E402
-import logging  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 from benchmarks import common  # noqa: E402
@@ -181,9 +180,7 @@ def _size(n: int) -> str:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.WARNING)
-    common.print_ratios(run(parse_args(argv)))
-    return 0
+    return common.main(run, parse_args, argv)
 
 
 if __name__ == "__main__":

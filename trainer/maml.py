@@ -21,8 +21,8 @@ import torch
 from .features import Featurizer, Window
 from .losses import token_loss
 from .masking import mask_batch, mask_generator, masked_sides
-from .model import NerModel, trainable_parameters
-from .optim import BertAdam, make_optimizer, optimizer_step, param_groups, schedule_factor
+from .model import NerModel
+from .optim import BertAdam, make_optimizer, optimizer_step, ordered_groups, param_groups, schedule_factor
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +58,7 @@ class MetaLearner:
     def __init__(self, model: NerModel, featurizer: Featurizer, cfg, seed: int = 0):
         self.model, self.featurizer, self.cfg, self.seed = model, featurizer, cfg, seed
         train = cfg.train
-        named = trainable_parameters(model)
-        groups = param_groups(named, train.weight_decay, train.classifier_lr_scale)
-        by_id = {id(p): n for n, p in named}
-        # One order for everything: the inner optimiser's, so explicit gradients line up with it.
-        self.params = [p for g in groups for p in g["params"]]
-        self.names = [by_id[id(p)] for p in self.params]
+        groups, self.params, self.names = ordered_groups(model, cfg)
         self.meta_optimizer, self.scheduler = make_optimizer(groups, cfg, train.meta_lr, train.num_meta_steps)
         self.mask_support, self.mask_query = masked_sides(train.mask_on)
         self.step = 0

@@ -26,8 +26,8 @@ from .distributed import all_reduce_sum
 from .engine import TaskEngine
 from .features import Featurizer
 from .maml import Task, group_windows
-from .model import NerModel, evaluating, trainable_parameters
-from .optim import BertAdam, make_optimizer, optimizer_step, param_groups, schedule_factor
+from .model import NerModel, evaluating
+from .optim import BertAdam, make_optimizer, optimizer_step, ordered_groups, schedule_factor
 from .sampling import epoch_of, sample_task_batch, shard_tasks
 
 logger = logging.getLogger(__name__)
@@ -78,12 +78,7 @@ class MetaTrainer:
         self.source, self.support = source, support
         self.windows = group_windows(featurizer.encode(source))
         self.dev, self.dev_support = list(dev), list(dev_support)
-        named = trainable_parameters(model)
-        groups = param_groups(named, train.weight_decay, train.classifier_lr_scale)
-        by_id = {id(p): n for n, p in named}
-        # One order for everything: the optimiser's, so that gradient buffers line up with it.
-        self.params = [p for g in groups for p in g["params"]]
-        self.names = [by_id[id(p)] for p in self.params]
+        groups, self.params, self.names = ordered_groups(model, cfg)
         self.meta_optimizer, self.scheduler = make_optimizer(groups, cfg, train.meta_lr, train.num_meta_steps)
         self.bottom = FrozenBottom(model, featurizer) if bottom is None else bottom
         self.engine = TaskEngine(model, featurizer, cfg, self.bottom, seed, self.names)

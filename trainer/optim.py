@@ -173,6 +173,16 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]] | torch.
     return groups
 
 
+def ordered_groups(model: torch.nn.Module, cfg) -> tuple[list[dict], list[torch.nn.Parameter], list[str]]:
+    """(groups, params, names) of the model's trainable weights for `cfg.train`: one order for
+    everything, the optimiser's, so that explicit gradient buffers line up with it."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = param_groups(named, cfg.train.weight_decay, cfg.train.classifier_lr_scale)
+    by_id = {id(p): n for n, p in named}
+    params = [p for g in groups for p in g["params"]]
+    return groups, params, [by_id[id(p)] for p in params]
+
+
 def make_optimizer(params, cfg, lr: float, t_total: int):
     """(optimizer, scheduler) as `cfg.train.optimizer` says; the scheduler is None for BertAdam,
     which schedules itself. `params` are parameter groups or tensors."""
