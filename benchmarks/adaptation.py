@@ -40,6 +40,7 @@ from benchmarks import common  # noqa: E402
 # Sentences of the Spanish test set and of the English train set the supports come from.
 DEFAULT_TARGETS, QUICK_TARGETS, QUICK_POOL = 400, 48, 1000
 WARMUP = 2
+POOL_REPEATS = 3
 
 
 def parse_args(argv):
@@ -125,10 +126,12 @@ def pooled(b: common.Bundle, targets, supports, sizes, device: str, workdir: str
                       os.path.join(workdir, f"warm-{b.name}"), progress=False, pool=pool)
         for n in sorted(sizes):
             pool.actors = everyone[:n]
-            out, seconds[f"pool{n}"] = common.timed(adapt_targets, checkpoint, cfg, {"es": targets},
-                                                    {"es": supports}, os.path.join(workdir, f"pool{n}-{b.name}"),
-                                                    progress=False, pool=pool)
-            tags[f"pool{n}"] = out["es"]
+            # Best of POOL_REPEATS (each in a fresh folder, else the units would be found done): a
+            # run is under a second here, where one burst of another process's work decides it.
+            runs = [common.timed(adapt_targets, checkpoint, cfg, {"es": targets}, {"es": supports},
+                                 os.path.join(workdir, f"pool{n}-{b.name}-{r}"), progress=False, pool=pool)
+                    for r in range(POOL_REPEATS)]
+            tags[f"pool{n}"], seconds[f"pool{n}"] = runs[0][0]["es"], min(t for _, t in runs)
         pool.actors = everyone
     finally:
         pool.shutdown()
