@@ -40,8 +40,14 @@ def _finetune(config: dict, source, dev, seed: int, out_dir: str, run_id: str | 
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     featurizer = Featurizer(tokenizer, cfg.model.max_length, cfg.model.window_context, model.labels)
     log = MlflowLogger(uri, run_id=run_id) if run_id else NullLogger()
+    bottom = None
+    if cfg.model.prefix_cache_dir and cfg.train.mask_ratio == 0:
+        from trainer.bottom import FrozenBottom, keep_source
+
+        bottom = FrozenBottom(model, featurizer)
+        keep_source(bottom, cfg.model.prefix_cache_dir, featurizer.encode(source))
     stats = finetune(model, featurizer, source, cfg, seed=seed, num_steps=num_steps, dev=dev or None,
-                     metrics_logger=log)
+                     metrics_logger=log, bottom=bottom)
     folder = Path(out_dir) / "best"
     save_checkpoint(folder, model.cpu(), tokenizer=tokenizer, config=cfg, meta={"mode": "base", **stats})
     logger.info("base model: %s", stats)
@@ -68,5 +74,8 @@ def run_finetune(cfg, source, dev, seed: int, out_dir: str, run_id: str | None =
     cpus = finetune_cpus(c, [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]])
     task = ray.remote(_finetune).options(num_cpus=cpus, num_gpus=1 if c.use_gpu else 0,
                                          runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    return ray.get(task.remote(cfg.to_dict(), source, dev, seed, os.path.abspath(out_dir), run_id, tracking_uri,
+    config = cfg.to_dict()
+    if config["model"]["prefix_cache_dir"]:  # the task may run in another working directory
+        config["model"]["prefix_cache_dir"] = os.path.abspath(config["model"]["prefix_cache_dir"])
+    return ray.get(task.remote(config, source, dev, seed, os.path.abspath(out_dir), run_id, tracking_uri,
                                init_checkpoint, num_steps, max(1, int(cpus))))

@@ -90,33 +90,9 @@ def build_trainer(inputs: MetaTrainInputs, rank: int = 0, world_size: int = 1, m
 def prepare_source_bottom(trainer, folder: str, rank: int = 0, world_size: int = 1) -> None:
     """The frozen bottom of every English train window, from disk, or computed (each rank a share,
     merged by rank 0) and saved for every later run with the same frozen weights."""
-    import hashlib
+    from trainer.bottom import keep_source
 
-    from trainer.bottom import BottomStore
-    from trainer.distributed import barrier
-
-    store = BottomStore(folder, trainer.model, trainer.featurizer)
-    windows = [w for group in trainer.windows for w in group]
-    content = "source:" + hashlib.sha256(repr([w.input_ids for w in windows]).encode()).hexdigest()
-    states = store.load(content, trainer.bottom.device)
-    if not states:
-        mine = windows[rank::world_size]
-        trainer.bottom.fill(mine, progress=rank == 0)
-        part = {w.input_ids: trainer.bottom.states[w.input_ids] for w in mine}
-        if world_size > 1:
-            store.save(f"{content}:part{rank}of{world_size}", part)
-        barrier()
-        if rank == 0:
-            for other in range(1, world_size):
-                part.update(store.load(f"{content}:part{other}of{world_size}"))
-                store.path(f"{content}:part{other}of{world_size}").unlink(missing_ok=True)
-            store.path(f"{content}:part0of{world_size}").unlink(missing_ok=True)
-            store.save(content, part)
-        barrier()
-        states = store.load(content, trainer.bottom.device)
-    trainer.bottom.states.update(states)
-    logger.info("frozen bottom of %d source windows: %.1f MiB (%s)", len(states), trainer.bottom.nbytes() / 2 ** 20,
-                store.path(content))
+    keep_source(trainer.bottom, folder, [w for group in trainer.windows for w in group], rank, world_size)
 
 
 class DeepSpeedMetaTrainer:

@@ -18,6 +18,7 @@ JOBS = {
     "ablation": "jobs.ablation",
     "replicate": "jobs.replicate",
     "compare": "jobs.compare",
+    "results": "jobs.results",
     "low-resource": "jobs.low_resource",
     "predict": "jobs.predict",
     "tag": "jobs.tag",

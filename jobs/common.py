@@ -169,7 +169,7 @@ _NOT_RESULTS = ("mlflow.", "tag.", "cluster.address", "cluster.num_embed_actors"
                 "retrieval.cache_dir", "model.prefix_cache_dir", "train.output_dir", "train.seeds", "train.log_every",
                 "train.checkpoint_every", "train.task_chunk_size",
                 "data.root", "data.source_train", "data.source_dev", "data.target_files", "data.target_train_files",
-                "model.name_or_path")
+                "model.name_or_path", "model.init_checkpoint")
 _DIGESTS: dict = {}
 
 
@@ -207,9 +207,11 @@ def _model_digest(name_or_path: str) -> str:
     return hashlib.sha256(repr(listing).encode()).hexdigest()[:16]
 
 
-def inputs_record(cfg, seed: int, targets: Sequence[str] | None = None) -> dict:
+def inputs_record(cfg, seed: int, targets: Sequence[str] | None = None, parent: dict | None = None) -> dict:
     """{"hash", "values"}: what a seed's results depend on, as dotted keys (corpus files and the
-    model folder by content digest); `targets` default data.targets. Raises CorpusError naming a
+    model folder by content digest); `targets` default data.targets. `parent`: the record of the
+    work whose checkpoint this seed starts from or evaluates (the checkpoint may not exist yet);
+    without it a model.init_checkpoint folder counts by its content. Raises CorpusError naming a
     corpus file that cannot be read."""
     import hashlib
     import json
@@ -224,6 +226,10 @@ def inputs_record(cfg, seed: int, targets: Sequence[str] | None = None) -> dict:
         path, split = split_selector(d.resolve(relative))
         values[f"input.{name}"] = file_digest(path) + (f"#{split}" if split else "")
     values["input.model"] = _model_digest(cfg.model.name_or_path)
+    if parent is not None:
+        values["input.parent"] = parent["hash"]
+    elif cfg.model.init_checkpoint:
+        values["input.init_checkpoint"] = _model_digest(cfg.model.init_checkpoint)
     # The dev and target samples are drawn with the job's first seed, shared by every row.
     values["seed"], values["data_seed"] = seed, cfg.train.seeds[0]
     values = json.loads(json.dumps(values, sort_keys=True))

@@ -18,13 +18,14 @@ from .common import (RECORD, build_supports, check_record, inputs_record, load_d
                      write_record)
 from .evaluate import evaluate_one
 from .meta_train import train_one
-from .variants import VARIANTS, markdown_table, summarize, variant_config
+from .variants import REUSES, STARTS_FROM, VARIANTS, markdown_table, parent_of, summarize, variant_config, with_parents
 
 logger = logging.getLogger(__name__)
 
 
 def _done(folder: Path, record: dict) -> dict | None:
-    """A finished seed of an interrupted job: {"f1": {lang: F1}, "wall_s": seconds, "inputs": hash},
+    """A finished seed of an interrupted job: {"f1": {lang: F1}, "wall_s": seconds, "inputs": hash,
+    "checkpoint": folder, ...},
     reused only when made from the inputs of `record` (checked by check_record beforehand)."""
     path = folder / "scores.json"
     if not path.is_file():
@@ -36,83 +37,105 @@ def _done(folder: Path, record: dict) -> dict | None:
     if done.get("inputs") != record["hash"]:
         raise ValueError(f"{path} was made from other inputs than {folder / RECORD} records; "
                          f"delete {folder} to run the seed again")
+    if "checkpoint" not in done:  # written before scores named their checkpoint
+        done["checkpoint"] = str(folder / "best" if (folder / "best").is_dir() else folder / "final")
     return done
 
 
 def plan(cfg, variants: list[str], out: Path) -> dict:
-    """{(variant, seed): (config, record)}, every seed folder checked against its record before
-    anything starts: a folder holding another configuration's work stops the job here."""
+    """{(variant, seed): (config, record)} for `variants` and the parents they need, every seed
+    folder checked against its record before anything starts: a folder holding another
+    configuration's work stops the job here."""
+    from trainer.config import with_overrides
+
     planned = {}
-    for name in variants:
-        vcfg = variant_config(cfg, name)
+    for name in with_parents(variants):
+        vcfg, parent = variant_config(cfg, name), parent_of(name)
         for seed in vcfg.train.seeds:
-            record = inputs_record(vcfg, seed)
+            scfg = vcfg
+            if name in STARTS_FROM:
+                best = (out / parent / f"seed{seed}" / "best").resolve()
+                scfg = with_overrides(vcfg, [f"model.init_checkpoint={best}"])
+            record = inputs_record(scfg, seed, parent=planned[parent, seed][1] if parent else None)
             check_record(out / name / f"seed{seed}", record)
-            planned[name, seed] = (vcfg, record)
+            planned[name, seed] = (scfg, record)
     return planned
 
 
 def run_variants(cfg, variants: list[str], out: Path) -> dict:
     """Train and evaluate every variant for every seed; returns {variant: {lang: (mean, std)}}.
 
-    Resumable: a finished seed is read back, a training run continues from its last checkpoint,
-    an evaluation from its finished units. The table is rewritten after each variant.
+    Rows in REUSES evaluate their parent's checkpoint; rows in STARTS_FROM train from it; a
+    missing parent runs first. Resumable: a finished seed is read back, a training run continues
+    from its last checkpoint, an evaluation from its finished units. The tables are rewritten
+    after each variant.
     """
-    from cluster.report import PAPER_TABLE3
+    from cluster.report import PAPER
     from cluster.runtime import check_resources, init_ray
 
+    started = time.time()
     planned = plan(cfg, variants, out)
     init_ray(cfg.cluster.address)
-
     check_resources(cfg)
-    data_seed = cfg.train.seeds[0]  # one sample of dev and targets for every run, so rows compare
-    data = load_data(cfg, data_seed)
+    data = load_data(cfg, cfg.train.seeds[0])  # one sample of dev and targets for every row, so rows compare
     by_retrieval: dict[str, object] = {}  # variants that retrieve alike share their support sets
+    finished: dict = {}  # (variant, seed) -> scores.json of the seed
     table, wall = {}, {}
-    paper = {"ours": PAPER_TABLE3["ours"], "base": PAPER_TABLE3["base"]}
-    for name in variants:
+    for name in with_parents(variants):
         vcfg = planned[name, cfg.train.seeds[0]][0]
         key = json.dumps(vcfg.to_dict()["retrieval"], sort_keys=True)
         if key not in by_retrieval:
             by_retrieval[key] = build_supports(vcfg, data.source, {"dev": data.dev, **data.targets})
-        supports = by_retrieval[key]
-        per_seed, seconds = {}, []
-        with tracked_run(vcfg, name, {"variant": name}) as parent:
+        with tracked_run(vcfg, name, {"variant": name, "parent": parent_of(name) or ""}) as parent_run:
             for seed in vcfg.train.seeds:
-                folder, record = out / name / f"seed{seed}", planned[name, seed][1]
+                scfg, record = planned[name, seed]
+                folder = out / name / f"seed{seed}"
                 done = _done(folder, record)
                 if done is None:
                     write_record(folder, record)
-                    done = _train_and_evaluate(vcfg, name, seed, data, supports, parent, folder,
-                                               PAPER_TABLE3.get(name), record["hash"])
-                per_seed[seed] = done["f1"]
-                seconds.append(done["wall_s"])
-            table[name], wall[name] = summarize(per_seed), sum(seconds)
-            parent.log_metrics({f"f1_{k}_{stat}": v[i] for k, v in table[name].items()
-                                for i, stat in enumerate(("mean", "std"))})
-            parent.log_metrics({"wall_s": wall[name]})
-        text = markdown_table(table, paper, wall)
+                    reused = finished[REUSES[name], seed]["checkpoint"] if name in REUSES else None
+                    done = _train_and_evaluate(scfg, name, seed, data, by_retrieval[key], parent_run, folder,
+                                               PAPER.get(name), record["hash"], reused)
+                finished[name, seed] = done
+            per_seed = {seed: finished[name, seed]["f1"] for seed in vcfg.train.seeds}
+            table[name] = summarize(per_seed)
+            wall[name] = sum(finished[name, seed]["wall_s"] for seed in vcfg.train.seeds)
+            parent_run.log_metrics({f"f1_{k}_{stat}": v[i] for k, v in table[name].items()
+                                    for i, stat in enumerate(("mean", "std"))})
+            parent_run.log_metrics({"wall_s": wall[name]})
+        text = markdown_table(table, {k: PAPER[k] for k in table if k in PAPER}, wall)
         (out / "results.md").write_text(text, encoding="utf-8")
-        (out / "results.json").write_text(json.dumps({"f1": table, "wall_s": wall}, indent=1), encoding="utf-8")
+        _write_json(out / "results.json", {"f1": table, "wall_s": wall,
+                                           "job_wall_s": time.time() - started, "job_started": started})
     print(text)
     return table
 
 
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _train_and_evaluate(cfg, name: str, seed: int, data, supports, parent, folder: Path,
-                        paper: dict[str, float] | None, inputs: str) -> dict:
+                        paper: dict[str, float] | None, inputs: str, checkpoint: str | None = None) -> dict:
+    """Train (unless given the `checkpoint` to evaluate) and evaluate one seed of a row; its
+    scores, precision, recall, English-dev curve and wall time go to <folder>/scores.json."""
+    from trainer.checkpoint import dev_curve
+
     started = time.perf_counter()
     with parent.child(f"{name}-seed{seed}") as run:
         run.log_params({**cfg.flat(), "seed": seed, "variant": name})
-        checkpoint = train_one(cfg, seed, data, supports, run, folder)
+        if checkpoint is None:
+            checkpoint = train_one(cfg, seed, data, supports, run, folder)
         run.set_tags({"checkpoint": checkpoint})
         results = evaluate_one(cfg, checkpoint, data, supports, run, folder / "eval", paper)
         # Wall time of this process's work on the seed; a resumed seed counts only its last part.
         elapsed = time.perf_counter() - started
         run.log_metrics({"wall_s": elapsed})
-    done = {"f1": {lang: r["f1"] for lang, r in results.items()}, "wall_s": elapsed, "inputs": inputs}
-    tmp = folder / "scores.json.tmp"
-    tmp.write_text(json.dumps(done), encoding="utf-8")
-    os.replace(tmp, folder / "scores.json")
+    done = {metric: {lang: r[metric] for lang, r in results.items()} for metric in ("f1", "precision", "recall")}
+    done.update(wall_s=elapsed, inputs=inputs, checkpoint=checkpoint, dev_curve=dev_curve(checkpoint))
+    _write_json(folder / "scores.json", done)
     return done
 
 

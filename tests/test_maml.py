@@ -12,6 +12,7 @@ from trainer.features import Featurizer
 from trainer.finetune import finetune
 from trainer.losses import token_loss
 from trainer.maml import MetaLearner, Task, group_windows
+from trainer.model import build_model
 from trainer.model import NerModel, freeze, set_dropout, trainable_parameters
 
 BASE = ["train.schedule_inner_lr=false", "train.warmup_proportion=0.0", "train.num_inner_steps=2",
@@ -211,7 +212,9 @@ def test_finetune_learns_and_ends_on_the_best_dev_weights(tiny_bert, featurizer,
 
     result = finetune(model, featurizer, toy_corpus["en"][:40], cfg, seed=5, num_steps=40, dev=dev,
                       metrics_logger=Recorder())
-    assert [s for s, m in logged if "dev_f1" in m] == [0, 10, 20, 30, 39]
+    # Selection after every 10th update (and the last), counted as meta-training counts its steps.
+    assert [s for s, m in logged if "dev_f1" in m] == [10, 20, 30, 40]
+    assert [step for step, _ in result["dev_curve"]] == [10, 20, 30, 40]
     assert result["best_f1"] > start + 20.0
     assert evaluate(model, featurizer, dev)["f1"] == pytest.approx(result["best_f1"])
 
@@ -233,3 +236,25 @@ def test_resuming_from_saved_trainer_state_continues_identically(tiny_bert, feat
     resumed.meta_step(TASKS[1:2], source)
     for a, b in zip(learner.params, resumed.params):
         assert torch.equal(a, b)
+
+
+def test_finetune_over_the_kept_frozen_bottom_trains_as_the_whole_model(tiny_bert_no_dropout, toy_corpus):
+    """Without dropout the kept bottom changes nothing but the cost: the same losses and weights."""
+    from trainer.bottom import FrozenBottom
+    from trainer.model import load_tokenizer
+
+    cfg = load_config(None, ["train.meta_lr=0.002", "train.base_batch_size=8", "train.mask_ratio=0",
+                             "model.dropout=0", "model.num_frozen_layers=1"])
+    featurizer = Featurizer(load_tokenizer(tiny_bert_no_dropout), 32, 4)
+    runs = []
+    for kept in (False, True):
+        model = build_model(load_config(None, [f"model.name_or_path={tiny_bert_no_dropout}", "model.dropout=0",
+                                               "model.num_frozen_layers=1"]), seed=1)
+        bottom = FrozenBottom(model, featurizer) if kept else None
+        stats = finetune(model, featurizer, toy_corpus["en"][:40], cfg, seed=5, num_steps=6, bottom=bottom)
+        runs.append((stats["last_loss"], [p.detach().clone() for p in model.parameters()]))
+        if kept:
+            assert len(bottom) == len({w.input_ids for w in featurizer.encode(toy_corpus["en"][:40])})
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-4)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -99,6 +99,32 @@ def test_checkpoint_round_trip_is_exact(model, tiny_tokenizer, tmp_path):
     assert torch.equal(model(ids, torch.ones_like(ids)), loaded(ids, torch.ones_like(ids)))
 
 
+def test_training_can_start_from_a_trained_checkpoint(model, tiny_bert, tmp_path):
+    """model.init_checkpoint: every weight is the checkpoint's, the frozen layers follow the config,
+    and a checkpoint of another label set or encoder is refused, naming the key."""
+    from trainer.config import load_config
+    from trainer.model import build_model
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    folder = save_checkpoint(tmp_path / "trained", model)
+    cfg = load_config(None, [f"model.name_or_path={tiny_bert}", "model.num_frozen_layers=1",
+                             f"model.init_checkpoint={folder}"])
+    started = build_model(cfg, seed=9)
+    for (name, a), (_, b) in zip(model.state_dict().items(), started.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not started.encoder.encoder.layer[0].attention.self.query.weight.requires_grad
+    assert started.encoder.encoder.layer[1].attention.self.query.weight.requires_grad
+    other = save_checkpoint(tmp_path / "other", NerModel.from_pretrained(tiny_bert, ["O", "B-PER", "I-PER"], seed=3))
+    with pytest.raises(ValueError, match=r"model.init_checkpoint=.*other: its labels"):
+        build_model(load_config(None, [f"model.name_or_path={tiny_bert}", "model.num_frozen_layers=1",
+                                        f"model.init_checkpoint={other}"]))
+    with pytest.raises(ValueError, match=r"model.init_checkpoint=.*none: no such checkpoint folder"):
+        build_model(load_config(None, [f"model.name_or_path={tiny_bert}", "model.num_frozen_layers=1",
+                                        f"model.init_checkpoint={tmp_path / 'none'}"]))
+
+
 def test_a_different_label_set_is_refused_naming_both(model, tmp_path):
     folder = save_checkpoint(tmp_path / "ckpt", model)
     other = ["O", "B-PER", "I-PER"]

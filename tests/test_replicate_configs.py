@@ -38,6 +38,10 @@ def test_cpu_replication_differs_from_the_paper_scale_only_in_marked_reductions(
     assert full.model.name_or_path == "bert-base-multilingual-cased"
     assert (full.train.num_meta_steps, full.train.meta_batch_size, len(full.train.seeds)) == (3001, 32, 5)
     assert full.data.target_sample == 0
+    # The CPU budget: every meta-trained row sees English train (14,041 sentences) once as queries,
+    # 32 tasks a step as in the paper, English-dev selection at least every 50 steps.
+    assert cpu.train.meta_batch_size == 32 and cpu.train.num_meta_steps * 32 >= 14_041
+    assert cpu.train.eval_every <= 50 and cpu.data.target_sample >= 1000
     # Every corpus path is relative to the one data-root setting.
     for cfg in (cpu, full):
         assert not any(Path(p.partition("#")[0]).is_absolute() for p in cfg.data.target_files.values())

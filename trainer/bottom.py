@@ -194,3 +194,34 @@ class BottomStore:
         torch.save({k: v.cpu() for k, v in states.items()}, tmp)
         os.replace(tmp, path)
         return path
+
+
+def keep_source(bottom: FrozenBottom, folder: Union[str, os.PathLike], windows: Sequence[Window], rank: int = 0,
+                world_size: int = 1) -> None:
+    """Fill `bottom` with the states of the source `windows` (in `Featurizer.encode` order), read
+    from `folder` or computed and saved there for every later run with the same frozen weights
+    (meta-training and fine-tuning share them). With several ranks each computes a share and rank
+    0 merges them (call on every rank)."""
+    from .distributed import barrier
+
+    store = BottomStore(folder, bottom.model, bottom.featurizer)
+    content = "source:" + hashlib.sha256(repr([w.input_ids for w in windows]).encode()).hexdigest()
+    states = store.load(content, bottom.device)
+    if not states:
+        mine = windows[rank::world_size]
+        bottom.fill(mine, progress=rank == 0)
+        part = {w.input_ids: bottom.states[w.input_ids] for w in mine}
+        if world_size > 1:
+            store.save(f"{content}:part{rank}of{world_size}", part)
+        barrier()
+        if rank == 0:
+            for other in range(1, world_size):
+                part.update(store.load(f"{content}:part{other}of{world_size}"))
+                store.path(f"{content}:part{other}of{world_size}").unlink(missing_ok=True)
+            store.path(f"{content}:part0of{world_size}").unlink(missing_ok=True)
+            store.save(content, part)
+        barrier()
+        states = store.load(content, bottom.device)
+    bottom.states.update(states)
+    logger.info("frozen bottom of %d source windows: %.1f MiB (%s)", len(states), bottom.nbytes() / 2 ** 20,
+                store.path(content))

@@ -106,6 +106,25 @@ def read_info(path: str | os.PathLike) -> dict:
     return info
 
 
+def dev_curve(path: str | os.PathLike) -> list[list[float]]:
+    """[[step, English-dev F1], ...] of the training that wrote a checkpoint: from its `final`
+    sibling when there is one (a `best` checkpoint knows only the curve up to itself)."""
+    folder = Path(path)
+    final = folder.with_name("final")
+    info = read_info(final if final.is_dir() else folder)
+    return [list(point) for point in info.get("meta", {}).get("dev_curve", [])]
+
+
+def weights_file(path: str | os.PathLike) -> dict:
+    """The tensors of a checkpoint's weights file, or a clear error when it cannot be read."""
+    folder = Path(path)
+    try:
+        return load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"checkpoint {folder}: {WEIGHTS} cannot be read ({err}); it is damaged or cut short, "
+                         "save the checkpoint again") from None
+
+
 def load_model(path: str | os.PathLike, labels: Optional[Sequence[str]] = None,
                load_tokenizer: bool = True):
     """(model, tokenizer or None, info) from a checkpoint folder, frozen as it was saved.
@@ -123,11 +142,7 @@ def load_model(path: str | os.PathLike, labels: Optional[Sequence[str]] = None,
                          "load with the checkpoint's labels or train a new model")
     encoder = AutoModel.from_config(AutoConfig.from_pretrained(folder))
     model = NerModel(encoder, info["labels"], info.get("dropout", 0.1))
-    try:
-        state = load_file(str(folder / WEIGHTS))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"checkpoint {folder}: {WEIGHTS} cannot be read ({err}); it is damaged or cut short, "
-                         "save the checkpoint again") from None
+    state = weights_file(folder)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatch, e.g. labels.json edited to another label count

@@ -37,6 +37,10 @@ class ModelConfig:
     # every checkpoint with the same frozen weights: English train for meta-training, each
     # evaluation unit for adaptation; "" keeps them in memory only.
     prefix_cache_dir: str = ".metaner/prefix"
+    # A trained checkpoint folder whose weights (encoder and classifier) replace the pretrained
+    # encoder and the fresh head before training starts: meta-training on top of a fine-tuned
+    # English model. Its label set must be the one training uses.
+    init_checkpoint: Optional[str] = None
 
 
 @dataclass

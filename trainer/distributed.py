@@ -37,3 +37,14 @@ def barrier() -> None:
 
     if _active():
         dist.barrier()
+
+
+def all_gather_object(value) -> list:
+    """Every process's `value`, in rank order (picklable objects); `[value]` in a single process."""
+    import torch.distributed as dist
+
+    if not _active():
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from .adapt import evaluate
+from .bottom import FrozenBottom
 from .corpus import Sentence
 from .features import Featurizer
 from .losses import token_loss
@@ -34,10 +35,20 @@ def _batches(num_windows: int, batch_size: int, seed: int):
         epoch += 1
 
 
-def _train_step(model: NerModel, optimizer, scheduler, batch: dict, targets, train) -> float:
+def _logits(model: NerModel, batch: dict, windows, bottom: Optional[FrozenBottom]) -> torch.Tensor:
+    """The whole model's logits, or the trainable top's over the kept frozen bottom."""
+    if bottom is None:
+        return model(batch["input_ids"], batch["attention_mask"])
+    hidden = bottom.gather(windows, batch["input_ids"].shape[1])
+    return model(None, model.attention_mask_4d(batch["attention_mask"]), hidden_states=hidden,
+                 start_layer=bottom.num_layers)
+
+
+def _train_step(model: NerModel, optimizer, scheduler, batch: dict, targets, train, windows=None,
+                bottom: Optional[FrozenBottom] = None) -> float:
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    loss = token_loss(model(batch["input_ids"], batch["attention_mask"]), targets, train.lambda_max)
+    loss = token_loss(_logits(model, batch, windows, bottom), targets, train.lambda_max)
     if math.isfinite(loss.item()):
         loss.backward()
         optimizer_step(optimizer, scheduler, train.max_grad_norm)
@@ -46,10 +57,14 @@ def _train_step(model: NerModel, optimizer, scheduler, batch: dict, targets, tra
 
 def finetune(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentence], cfg, *, seed: int,
              num_steps: Optional[int] = None, dev: Optional[Sequence[Sentence]] = None, metrics_logger=None,
-             eval_batch_size: int = 32) -> dict:
+             eval_batch_size: int = 32, bottom: Optional[FrozenBottom] = None) -> dict:
     """Train in place; with `dev`, evaluate every `train.eval_every` steps and end on the best weights.
 
-    Returns {"steps", "last_loss", "best_f1", "best_step"}; `metrics_logger` is any object with
+    `bottom`: the frozen bottom of the source windows, kept (`trainer.bottom.keep_source`), so that
+    each step runs only the trainable top, as meta-training does (frozen layers then run without
+    dropout, as in meta-training). Unused when masking changes the inputs (train.mask_ratio > 0).
+
+    Returns {"steps", "last_loss", "best_f1", "best_step", "dev_curve": [[step, F1], ...]}; `metrics_logger` is any object with
     `log_metrics(dict, step)`.
     """
     train = cfg.train
@@ -57,6 +72,10 @@ def finetune(model: NerModel, featurizer: Featurizer, sentences: Sequence[Senten
     windows = featurizer.encode(sentences)
     if not windows:
         raise ValueError("finetune got no sentences to train on")
+    if bottom is not None and (not bottom.num_layers or train.mask_ratio > 0):
+        bottom = None
+    if bottom is not None:
+        bottom.fill(windows, progress=True)
     named = trainable_parameters(model)
     # The official no-meta scheme trains with the meta learning rate and schedule.
     optimizer, scheduler = make_optimizer(param_groups(named, train.weight_decay, train.classifier_lr_scale), cfg,
@@ -64,31 +83,36 @@ def finetune(model: NerModel, featurizer: Featurizer, sentences: Sequence[Senten
     device = next(model.parameters()).device
     best = {"best_f1": -1.0, "best_step": -1}
     best_state = None
+    curve: list = []
     loss_value = float("nan")
     batches = _batches(len(windows), train.base_batch_size, seed)
     for step in range(num_steps):
         epoch, idx = next(batches)
-        batch = featurizer.collate([windows[i] for i in idx])
+        chosen = [windows[i] for i in idx]
+        batch = featurizer.collate(chosen)
         batch = mask_batch(batch, featurizer.mask_id, train.mask_ratio, mask_generator(seed, epoch, salt=step + 2),
                            featurizer.label2id.get("O", 0))
         batch = {k: v.to(device) for k, v in batch.items()}
-        loss_value = _train_step(model, optimizer, scheduler, batch, featurizer.loss_labels(batch), train)
+        loss_value = _train_step(model, optimizer, scheduler, batch, featurizer.loss_labels(batch), train, chosen, bottom)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"fine-tuning step {step}: loss is {loss_value}; lower train.meta_lr")
         if metrics_logger is not None:
             metrics_logger.log_metrics({"train_loss": loss_value}, step)
         if (step + 1) % 10 == 0 or step + 1 == num_steps:
             logger.info("fine-tuning step %d/%d  loss %.4f", step + 1, num_steps, loss_value)
-        if dev and (step % train.eval_every == 0 or step == num_steps - 1):
+        # Selection after every eval_every-th update, counted as meta-training counts its steps,
+        # so that English-dev curves of both modes share their x axis.
+        if dev and ((step + 1) % train.eval_every == 0 or step == num_steps - 1):
             f1 = evaluate(model, featurizer, dev, eval_batch_size)["f1"]
+            curve.append([step + 1, f1])
             if metrics_logger is not None:
-                metrics_logger.log_metrics({"dev_f1": f1}, step)
+                metrics_logger.log_metrics({"dev_f1": f1}, step + 1)
             if f1 > best["best_f1"]:
-                best = {"best_f1": f1, "best_step": step}
+                best = {"best_f1": f1, "best_step": step + 1}
                 best_state = {n: p.detach().clone() for n, p in named}
     if best_state is not None:
         with torch.no_grad():
             for n, p in named:
                 p.copy_(best_state[n])
     model.eval()
-    return {"steps": num_steps, "last_loss": loss_value, **best}
+    return {"steps": num_steps, "last_loss": loss_value, **best, "dev_curve": curve}

@@ -22,7 +22,7 @@ import torch
 
 from .bottom import FrozenBottom
 from .corpus import Sentence
-from .distributed import all_reduce_sum
+from .distributed import all_gather_object, all_reduce_sum
 from .engine import TaskEngine
 from .features import Featurizer
 from .maml import Task, group_windows
@@ -84,6 +84,7 @@ class MetaTrainer:
         self.engine = TaskEngine(model, featurizer, cfg, self.bottom, seed, self.names)
         self.log = metrics_logger or NullLogger()
         self.step, self.best_f1, self.best_step = 0, -1.0, -1
+        self.curve: list[tuple[int, float]] = []  # (step, English-dev F1) of every selection
         self._done_tasks, self._seconds, self._warm = 0, 0.0, False
 
     # ------------------------------------------------------------------ one meta-step
@@ -143,17 +144,29 @@ class MetaTrainer:
     # ------------------------------------------------------------------ selection and the loop
 
     def evaluate(self) -> float:
-        """English-dev F1 of the current weights, adapted to each sentence as at test time."""
-        from .adapt import adapt_many, evaluate
+        """English-dev F1 of the current weights, adapted to each sentence as at test time.
+
+        Every rank adapts its share of dev (call on every rank): selection costs 1/world_size of
+        its single-process time instead of keeping the other ranks waiting. The F1 is the same on
+        every rank.
+        """
+        from .adapt import adapt_many, predict
         from .scoring import score
 
         if not self.dev:
             return float("nan")
+        mine = list(range(self.rank, len(self.dev), self.world_size))
+        sentences = [self.dev[i] for i in mine]
         with evaluating(self.model):
             if not self.cfg.adapt.enabled:
-                return evaluate(self.model, self.featurizer, self.dev, self.cfg.adapt.batch_size)["f1"]
-            tags = adapt_many(self.model, self.featurizer, self.dev, self.dev_support, self.cfg, bottom=self.bottom)
-        return score([list(s.tags) for s in self.dev], tags)["f1"]
+                tags = predict(self.model, self.featurizer, sentences, self.cfg.adapt.batch_size)
+            else:
+                tags = adapt_many(self.model, self.featurizer, sentences, [self.dev_support[i] for i in mine],
+                                  self.cfg, bottom=self.bottom)
+        merged: list = [None] * len(self.dev)
+        for r, part in enumerate(all_gather_object(tags)):
+            merged[r::self.world_size] = part
+        return score([list(s.tags) for s in self.dev], merged)["f1"]
 
     def prepare(self, progress: bool = False) -> None:
         """The frozen bottom of every source window, computed now (a no-op for those kept already).
@@ -166,7 +179,7 @@ class MetaTrainer:
     def fit(self, on_best: Optional[Callable[["MetaTrainer"], None]] = None,
             on_checkpoint: Optional[Callable[["MetaTrainer", dict], None]] = None) -> dict:
         """Meta-train from `self.step` to `train.num_meta_steps`; dev selection every `eval_every`
-        steps (rank 0), `on_best` when the dev score improves, `on_checkpoint` every
+        steps (every rank adapts its share of dev), `on_best` (rank 0) when the dev score improves, `on_checkpoint` every
         `checkpoint_every` steps and at the end. Returns the last metrics."""
         train = self.cfg.train
         metrics: dict = {}
@@ -175,10 +188,11 @@ class MetaTrainer:
             metrics = self.train_step()
             last = self.step == train.num_meta_steps
             if self.step % train.eval_every == 0 or last:
-                metrics["dev_f1"] = self.evaluate() if self.rank == 0 else float("nan")
-                if self.rank == 0 and metrics["dev_f1"] > self.best_f1:
+                metrics["dev_f1"] = self.evaluate()
+                self.curve.append((self.step, metrics["dev_f1"]))
+                if metrics["dev_f1"] > self.best_f1:
                     self.best_f1, self.best_step = metrics["dev_f1"], self.step
-                    if on_best is not None:
+                    if on_best is not None and self.rank == 0:
                         on_best(self)
             self.log.log_metrics(metrics, step=self.step)
             if self.rank == 0 and (self.step % train.log_every == 0 or last):
@@ -197,6 +211,7 @@ class MetaTrainer:
 
         values = config_fingerprint(self.cfg)
         return {"step": self.step, "best_f1": self.best_f1, "best_step": self.best_step, "seed": self.seed,
+                "curve": [list(point) for point in self.curve],
                 "config": json.dumps(values, sort_keys=True), "config_hash": fingerprint_hash(values),
                 "model": {n: p.detach().cpu().clone() for n, p in zip(self.names, self.params)},
                 "optimizer": self.meta_optimizer.state_dict() if with_optimizer else None,
@@ -241,6 +256,7 @@ class MetaTrainer:
             set_rng_state(state["rng"])
         self.step, self.best_f1 = int(state["step"]), float(state.get("best_f1", -1.0))
         self.best_step = int(state.get("best_step", -1))
+        self.curve = [(int(step), float(f1)) for step, f1 in state.get("curve", [])]
 
     def save(self, folder, tokenizer=None, with_optimizer: bool = True) -> Path:
         """A checkpoint folder: the whole model (safetensors), tokenizer, config, and the trainer state."""
@@ -249,7 +265,8 @@ class MetaTrainer:
         state = self.state_dict(with_optimizer)
         state.pop("model")  # the weights file holds them
         return save_checkpoint(folder, self.model, tokenizer=tokenizer, config=self.cfg,
-                               meta={"step": self.step, "best_f1": self.best_f1, "mode": "meta"}, trainer_state=state)
+                               meta={"step": self.step, "best_f1": self.best_f1, "best_step": self.best_step,
+                                     "mode": "meta", "dev_curve": [list(p) for p in self.curve]}, trainer_state=state)
 
     def load(self, folder, force: bool = False, optimizer_elsewhere: bool = False) -> None:
         """Continue from a folder written by `save` (weights and trainer state)."""

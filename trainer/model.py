@@ -238,5 +238,32 @@ def build_model(cfg, labels: Optional[Sequence[str]] = None, seed: Optional[int]
 
     labels = labels_for(cfg.train.loss_positions) if labels is None else labels
     model = NerModel.from_pretrained(cfg.model.name_or_path, labels, cfg.model.dropout, seed)
+    if cfg.model.init_checkpoint:
+        start_from(model, cfg.model.init_checkpoint)
     freeze(model, cfg.model.num_frozen_layers, cfg.model.freeze_embeddings, cfg.model.freeze_pooler)
     return model
+
+
+def start_from(model: NerModel, folder: str | os.PathLike) -> None:
+    """Replace every weight of `model` by a trained checkpoint's (model.init_checkpoint).
+
+    The model is built from the pretrained encoder first, so that its architecture, dropout and
+    frozen layers follow the config; the checkpoint must hold the same encoder and label set.
+    """
+    from .checkpoint import read_info, weights_file
+
+    where = f"model.init_checkpoint={folder}"
+    if not os.path.isdir(folder):
+        raise ValueError(f"{where}: no such checkpoint folder; train it first or give another folder")
+    info = read_info(folder)
+    if list(info["labels"]) != list(model.labels):
+        raise ValueError(f"{where}: its labels {info['labels']} differ from the ones training uses "
+                         f"{list(model.labels)} (train.loss_positions); start from a checkpoint trained alike")
+    state = weights_file(folder)
+    mine = model.state_dict()
+    wrong = sorted(set(mine) ^ set(state)) or sorted(k for k in mine if mine[k].shape != state[k].shape)
+    if wrong:
+        raise ValueError(f"{where}: its weights do not fit model.name_or_path's encoder ({wrong[:3]} differ); "
+                         "start from a checkpoint of the same encoder")
+    model.load_state_dict(state)
+    logger.info("weights from %s", folder)
