@@ -51,7 +51,9 @@ def test_one_and_two_workers_and_single_process_agree(ray_local, tiny_bert_no_dr
     from cluster.tracking import MlflowLogger
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    weights, runs = {}, {}
+    from trainer.checkpoint import dev_curve
+
+    weights, runs, curves = {}, {}, {}
     for workers in (1, 2):
         cfg = _cfg(tiny_bert_no_dropout, **{"cluster.num_workers": workers,
                                              "model.prefix_cache_dir": str(tmp_path / "prefix")})
@@ -61,6 +63,11 @@ def test_one_and_two_workers_and_single_process_agree(ray_local, tiny_bert_no_dr
         result = run_meta_training(inputs, cfg, str(tmp_path / "ray"), f"w{workers}", max_failures=0)
         assert result.error is None
         weights[workers] = load_file(str(tmp_path / f"out{workers}" / "final" / "model.safetensors"))
+        curves[workers] = dev_curve(tmp_path / f"out{workers}" / "final")
+    # Each rank adapts its share of English dev: the selection scores do not depend on how many.
+    assert [step for step, _ in curves[1]] == [step for step, _ in curves[2]] and curves[1]
+    for (_, a), (_, b) in zip(curves[1], curves[2]):
+        assert a == pytest.approx(b, abs=1e-6)
     client = mlflow.MlflowClient(tracking_uri=uri)
     for workers, run_id in runs.items():
         # Only rank 0 logs: one value per meta-step, whatever the number of workers.
