@@ -65,7 +65,7 @@ def f1_table(rows: dict, paper: dict) -> str:
         lines.append(f"| {PAPER_ROWS.get(name, name)} | {len(seeds)} | " + " | ".join(cells) + " |")
         if name in paper:
             ref = [paper[name][lang] for lang in langs]
-            lines.append(f"| *paper (mBERT)* | 5 | " + " | ".join(f"*{v:.2f}*" for v in ref)
+            lines.append("| *paper (mBERT)* | 5 | " + " | ".join(f"*{v:.2f}*" for v in ref)
                          + f" | *{statistics.fmean(ref):.2f}* |")
     return "\n".join(lines) + "\n"
 

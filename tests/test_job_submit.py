@@ -1,5 +1,4 @@
 """`ray job submit` of the embedded demo to a real local head, as a user on a cluster would."""
-import json
 import os
 import shutil
 import socket

@@ -6,10 +6,7 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -50,8 +47,6 @@ def _read_parts(out: Path) -> list[dict]:
 
 def _reference(trained: Path, words: list[list[str]], unspaced: bool = False) -> list[list[str]]:
     """Tags from one process, no Ray: exact retrieval over the whole source, then the Adapter."""
-    from dataclasses import replace
-
     from retrieval.embed import Embedder
     from retrieval.tasks import target_support
     from trainer.adapt import AdaptItem, Adapter
