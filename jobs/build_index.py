@@ -11,15 +11,12 @@ import time
 
 import numpy as np
 
-from .common import build_supports, load_data, main_guard, parse
+from .common import build_supports, load_data, main_guard, parse, start_cluster
 
 
 def run(argv=None) -> int:
-    from cluster.runtime import check_resources, init_ray
-
     cfg, args = parse(argv, "build_index")
-    init_ray(cfg.cluster.address)
-    check_resources(cfg, ("retrieval",))
+    start_cluster(cfg, ("retrieval",))
     data = load_data(cfg, cfg.train.seeds[0])
     started = time.perf_counter()
     supports = build_supports(cfg, data.source, {"dev": data.dev, **data.targets})

@@ -107,6 +107,22 @@ def load_data(cfg, seed: int, targets: Sequence[str] | None = None) -> Data:
     return Data(source, dev, tests, files)
 
 
+def start_cluster(cfg, phases: Sequence[str] | None = None) -> None:
+    """Start (or join) Ray once the model is known to resolve, then refuse actors the cluster
+    cannot place together (`phases` as cluster.runtime.check_resources takes them; default all)."""
+    from cluster.runtime import check_resources, init_ray
+    from trainer.config import ConfigError, hub_problems
+
+    problems = hub_problems(cfg.model.name_or_path)
+    if problems:
+        raise ConfigError(problems)
+    init_ray(cfg.cluster.address)
+    if phases is None:
+        check_resources(cfg)
+    else:
+        check_resources(cfg, tuple(phases))
+
+
 # ------------------------------------------------------------------------------- retrieval
 
 

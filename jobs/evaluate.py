@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .common import Data, Supports, build_supports, load_data, main_guard, parse, tracked_run
+from .common import Data, Supports, build_supports, load_data, main_guard, parse, start_cluster, tracked_run
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +71,6 @@ def _checkpoint_of(args) -> str:
 
 def run(argv=None) -> int:
     from cluster.report import PAPER_TABLE3
-    from cluster.runtime import check_resources, init_ray
-
     def arguments(p):
         group = p.add_mutually_exclusive_group(required=True)
         group.add_argument("--checkpoint", help="checkpoint folder")
@@ -83,8 +81,7 @@ def run(argv=None) -> int:
     checkpoint = _checkpoint_of(args)
     seed = args.seed if args.seed is not None else cfg.train.seeds[0]
     data = load_data(cfg, seed)  # a corpus that cannot be read stops the job before Ray starts
-    init_ray(cfg.cluster.address)
-    check_resources(cfg, ("retrieval", "adapt"))
+    start_cluster(cfg, ("retrieval", "adapt"))
     supports = build_supports(cfg, data.source, data.targets)
     with tracked_run(cfg, "evaluate", {"checkpoint": checkpoint}) as tracked:
         results = evaluate_one(cfg, checkpoint, data, supports, tracked, args.out, PAPER_TABLE3["ours"])

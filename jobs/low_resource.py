@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .common import build_supports, load_data, main_guard, parse, sample, tracked_run
+from .common import build_supports, load_data, main_guard, parse, start_cluster, sample, tracked_run
 from .variants import summarize, variant_config
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ def _one(vcfg, name: str, checkpoint: str, lang: str, train_sample: list, test: 
 
 
 def run(argv=None) -> int:
-    from cluster.runtime import check_resources, init_ray
     from trainer.corpus import read_corpus
 
     from .meta_train import train_one
@@ -49,8 +48,7 @@ def run(argv=None) -> int:
         logger.warning("%s has no entry in data.target_train_files: skipped", lang)
     pools = {lang: read_corpus(d.resolve(d.target_train_files[lang]), misc_to_o=lang in d.misc_to_o).sentences
              for lang in langs}
-    init_ray(cfg.cluster.address)
-    check_resources(cfg)
+    start_cluster(cfg)
     supports = build_supports(cfg, data.source, {"dev": data.dev})
     scores: dict = {}
     with tracked_run(cfg, "low_resource") as tracked:

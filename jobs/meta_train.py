@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from .common import (Data, Supports, build_supports, check_record, inputs_record, load_data, main_guard, parse,
-                     tracked_run, write_record)
+                     start_cluster, tracked_run, write_record)
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +37,12 @@ def train_one(cfg, seed: int, data: Data, supports: Supports, run, out: Path) ->
 
 
 def run(argv=None) -> int:
-    from cluster.runtime import check_resources, init_ray
-
     cfg, args = parse(argv, "meta_train")
     # A seed folder holding another configuration's training is refused before Ray starts.
     records = {seed: inputs_record(cfg, seed, targets=[]) for seed in cfg.train.seeds}
     for seed, record in records.items():
         check_record(args.out / f"seed{seed}", record)
-    init_ray(cfg.cluster.address)
-    check_resources(cfg, ("retrieval", "train"))
+    start_cluster(cfg, ("retrieval", "train"))
     for seed in cfg.train.seeds:
         write_record(args.out / f"seed{seed}", records[seed])
         data = load_data(cfg, seed, targets=[])

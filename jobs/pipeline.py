@@ -14,8 +14,8 @@ import os
 import time
 from pathlib import Path
 
-from .common import (RECORD, build_supports, check_record, inputs_record, load_data, main_guard, parse, tracked_run,
-                     write_record)
+from .common import (RECORD, build_supports, check_record, inputs_record, load_data, main_guard, parse,
+                     start_cluster, tracked_run, write_record)
 from .evaluate import evaluate_one
 from .meta_train import train_one
 from .variants import REUSES, STARTS_FROM, VARIANTS, markdown_table, parent_of, summarize, variant_config, with_parents
@@ -71,12 +71,9 @@ def run_variants(cfg, variants: list[str], out: Path) -> dict:
     after each variant.
     """
     from cluster.report import PAPER
-    from cluster.runtime import check_resources, init_ray
-
     started = time.time()
     planned = plan(cfg, variants, out)
-    init_ray(cfg.cluster.address)
-    check_resources(cfg)
+    start_cluster(cfg)
     data = load_data(cfg, cfg.train.seeds[0])  # one sample of dev and targets for every row, so rows compare
     by_retrieval: dict[str, object] = {}  # variants that retrieve alike share their support sets
     finished: dict = {}  # (variant, seed) -> scores.json of the seed

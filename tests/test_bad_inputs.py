@@ -491,6 +491,41 @@ def test_a_missing_model_folder_names_model_name_or_path(tmp_path):
             load(missing)
 
 
+def _hub_cache(root, repo: str, config: str) -> None:
+    """A Hugging Face cache as the hub client writes it: refs/main naming a snapshot with config.json."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (folder / "snapshots" / ("0" * 40) / "config.json").write_text(config)
+
+
+def test_a_hub_id_must_resolve_before_the_cluster_starts(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from trainer.config import hub_problems
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    _hub_cache(tmp_path / "hub", "someone/ner-encoder", '{"num_hidden_layers": 4}')
+    _hub_cache(tmp_path / "hub", "someone/broken", "{not json")
+    assert hub_problems("someone/ner-encoder") == []  # cached: no network needed
+    assert hub_problems(str(tmp_path)) == []  # a folder is check_environment's to check
+    [broken] = hub_problems("someone/broken")
+    assert broken.startswith("model.name_or_path: ") and "config.json cannot be read as JSON" in broken
+    [offline] = hub_problems("someone/not-cached")
+    assert "'someone/not-cached' is not in the local Hugging Face cache" in offline and "HF_HUB_OFFLINE" in offline
+
+
+def test_a_job_on_a_hub_id_that_cannot_resolve_stops_in_one_line_before_ray(tmp_path):
+    out = tmp_path / "out"
+    result = _job(["jobs.meta_train", "--out", str(out), "model.name_or_path=someone/not-cached",
+                   f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", *_synthetic_overrides(tmp_path / "data")],
+                  env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
+    _one_clear_line(result, "model.name_or_path: 'someone/not-cached' is not in the local Hugging Face cache")
+    assert "Ray" not in result.stderr
+
+
 def test_a_folder_without_tokenizer_files_is_refused(tmp_path, tiny_bert):
     from retrieval.embed import Embedder
     from trainer.model import load_tokenizer

@@ -627,12 +627,42 @@ def _encoder_config(folder: str) -> tuple[dict | None, str | None]:
     return data, None
 
 
+def hub_problems(name_or_path: str) -> list[str]:
+    """Whether a hub id in model.name_or_path resolves, asked only where a job is about to use it
+    (building a Config stays offline and instant): the local Hugging Face cache first, where its
+    config.json must be readable; if it is not there, the hub itself unless HF_HUB_OFFLINE is set,
+    within 10 seconds. Local paths are checked by check_environment; they give []."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    name = os.path.expanduser(name_or_path)
+    if os.path.isabs(name) or name.startswith(".") or os.path.exists(name):
+        return []
+    key = "model.name_or_path"
+    cached = huggingface_hub.try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        problem = _encoder_config(os.path.dirname(cached))[1]
+        return [f"{key}: {problem}"] if problem else []
+    if constants.HF_HUB_OFFLINE:
+        return [f"{key}: {name!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                "HF_HUB_OFFLINE is set; download it where the hub can be reached, or give a model folder"]
+    try:
+        huggingface_hub.model_info(name, timeout=10)
+    except huggingface_hub.errors.RepositoryNotFoundError:
+        return [f"{key}: no model {name!r} on the Hugging Face hub (or it is private); check the id or give a folder"]
+    except Exception as err:  # no network, a proxy, a rate limit: loading would fail the same way later
+        return [f"{key}: {name!r} is not in the local Hugging Face cache and the hub cannot be reached "
+                f"({type(err).__name__}); give a model folder, or run where the hub can be reached"]
+    return []
+
+
 def check_environment(cfg: Config) -> list[str]:
     """Problems with what the configuration points at (read-only: nothing is started or written).
 
     The tracking URI's store, and the model: a local folder must hold config.json, whose layer
     count and position limit bound model.num_frozen_layers and model.max_length; anything else
-    must be a well-formed hub id (the hub itself is not asked: jobs run offline).
+    must be a well-formed hub id (whether it resolves is asked by `hub_problems`, where a job is
+    about to start its cluster).
     """
     problems = []
     if cfg.mlflow.tracking_uri is not None:
