@@ -223,12 +223,14 @@ def _model_digest(name_or_path: str) -> str:
     return hashlib.sha256(repr(listing).encode()).hexdigest()[:16]
 
 
-def inputs_record(cfg, seed: int, targets: Sequence[str] | None = None, parent: dict | None = None) -> dict:
+def inputs_record(cfg, seed: int, targets: Sequence[str] | None = None, parent: dict | None = None,
+                  extra_files: dict[str, str] | None = None) -> dict:
     """{"hash", "values"}: what a seed's results depend on, as dotted keys (corpus files and the
     model folder by content digest); `targets` default data.targets. `parent`: the record of the
     work whose checkpoint this seed starts from or evaluates (the checkpoint may not exist yet);
-    without it a model.init_checkpoint folder counts by its content. Raises CorpusError naming a
-    corpus file that cannot be read."""
+    without it a model.init_checkpoint folder counts by its content. `extra_files`: more corpus
+    files the work reads, {name: path under data.root}. Raises CorpusError naming a corpus file
+    that cannot be read."""
     import hashlib
     import json
 
@@ -237,7 +239,8 @@ def inputs_record(cfg, seed: int, targets: Sequence[str] | None = None, parent: 
     d = cfg.data
     values = {k: v for k, v in cfg.flat().items() if not k.startswith(_NOT_RESULTS)}
     files = {"source_train": d.source_train, "source_dev": d.source_dev,
-             **{f"target.{lang}": d.target_files[lang] for lang in (d.targets if targets is None else targets)}}
+             **{f"target.{lang}": d.target_files[lang] for lang in (d.targets if targets is None else targets)},
+             **(extra_files or {})}
     for name, relative in files.items():
         path, split = split_selector(d.resolve(relative))
         values[f"input.{name}"] = file_digest(path) + (f"#{split}" if split else "")

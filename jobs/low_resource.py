@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .common import build_supports, load_data, main_guard, parse, start_cluster, sample, tracked_run
+from .common import (build_supports, check_record, inputs_record, load_data, main_guard, parse, sample, start_cluster,
+                     tracked_run, write_record)
 from .variants import summarize, variant_config
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,18 @@ def _one(vcfg, name: str, checkpoint: str, lang: str, train_sample: list, test: 
     return score_language(lang, test, predictions[lang], out)["f1"]
 
 
+def _records(cfg, langs: list[str], out: Path) -> dict:
+    """{(model, seed): record}; a seed folder holding work of another configuration or of other
+    corpora (target training files included) stops the job here."""
+    files = {f"target_train.{lang}": cfg.data.target_train_files[lang] for lang in langs}
+    records = {}
+    for seed in cfg.train.seeds:
+        for name in ("base", "ours"):
+            records[name, seed] = inputs_record(variant_config(cfg, name), seed, extra_files=files)
+            check_record(out / name / f"seed{seed}", records[name, seed])
+    return records
+
+
 def run(argv=None) -> int:
     from trainer.corpus import read_corpus
 
@@ -42,8 +55,9 @@ def run(argv=None) -> int:
 
     cfg, args = parse(argv, "low_resource")
     d = cfg.data
+    langs = [lang for lang in d.targets if lang in d.target_train_files]
+    records = _records(cfg, langs, args.out)
     data = load_data(cfg, cfg.train.seeds[0])  # a corpus that cannot be read stops the job before Ray starts
-    langs = [lang for lang in data.targets if lang in d.target_train_files]
     for lang in set(data.targets) - set(langs):
         logger.warning("%s has no entry in data.target_train_files: skipped", lang)
     pools = {lang: read_corpus(d.resolve(d.target_train_files[lang]), misc_to_o=lang in d.misc_to_o).sentences
@@ -56,6 +70,7 @@ def run(argv=None) -> int:
             for name in ("base", "ours"):
                 vcfg = variant_config(cfg, name)
                 folder = args.out / name / f"seed{seed}"
+                write_record(folder, records[name, seed])
                 with tracked.child(f"{name}-seed{seed}") as run:
                     checkpoint = train_one(vcfg, seed, data, supports, run, folder)
                     for fraction in d.low_resource_fractions:

@@ -777,6 +777,25 @@ def test_a_seed_folder_made_with_other_inputs_stops_the_job_naming_the_differenc
     assert "use another --out, or delete" in result.stderr and "Ray" not in result.stderr
 
 
+def test_low_resource_refuses_a_folder_made_from_other_target_training_data(tmp_path):
+    """Table 6's seed folders carry a record too: changing a target's training file is named."""
+    from jobs.common import CONFIGS, inputs_record, write_record
+    from jobs.variants import variant_config
+    from trainer.config import load_config
+
+    common = _synthetic_overrides(tmp_path / "data") + ["data.targets=[es]", "data.target_train_files.es=es/test.txt",
+                                                        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
+    out = tmp_path / "out"
+    cfg = load_config(CONFIGS / "low_resource.yaml", common)
+    record = inputs_record(variant_config(cfg, "base"), 95, extra_files={"target_train.es": "es/test.txt"})
+    write_record(out / "base" / "seed95", record)
+    (tmp_path / "data" / "es" / "train.txt").write_text((tmp_path / "data" / "es" / "test.txt").read_text() + "\nX O\n")
+    result = _job(["jobs.low_resource", "--out", str(out), *common, "data.target_train_files.es=es/train.txt"],
+                  env={"HF_HUB_OFFLINE": "1"})
+    _one_clear_line(result, f"{out / 'base' / 'seed95'} holds work made with other inputs: input.target_train.es was ")
+    assert "Ray" not in result.stderr
+
+
 def test_finished_rows_are_reused_only_for_the_same_inputs(tmp_path):
     from jobs.common import write_record
     from jobs.pipeline import _done, plan
