@@ -177,7 +177,7 @@ class OfficialLearner:
             self.load_gradients(names, g)
         self.opt.step()
         self.step += 1
-        return {"query_loss": sum(meta_loss) / len(meta_loss)}
+        return {"meta_loss": sum(meta_loss) / len(meta_loss)}
 
     # ------------------------------------------------------------------ test-time adaptation
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .common import (build_supports, check_record, inputs_record, load_data, main_guard, parse, sample, start_cluster,
                      tracked_run, write_record)
-from .variants import summarize, variant_config
+from .variants import mean_std, summarize, variant_config
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,7 @@ def run(argv=None) -> int:
         for (name, fraction), per_seed in scores.items():
             row = summarize(per_seed)
             tracked.log_metrics({f"f1_{name}_{fraction:g}_{k}_mean": v[0] for k, v in row.items()})
-            lines.append(f"| {name} | {fraction:g} | " + " | ".join(f"{row[k][0]:.2f} ± {row[k][1]:.2f}"
-                                                                for k in langs + ["avg"]) + " |")
+            lines.append(f"| {name} | {fraction:g} | " + " | ".join(mean_std(row[k]) for k in langs + ["avg"]) + " |")
     text = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(text, encoding="utf-8")

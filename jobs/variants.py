@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import statistics
+from typing import Sequence
 
 from trainer.config import Config, with_overrides
 
@@ -68,12 +69,18 @@ def variant_config(cfg: Config, name: str) -> Config:
     return with_overrides(cfg, VARIANTS[name])
 
 
-def summarize(per_seed: dict[int, dict[str, float]]) -> dict[str, tuple[float, float]]:
-    """(mean, std) of F1 per language and of the average over languages, across seeds."""
+def summarize(per_seed: dict[int, dict[str, float]]) -> dict[str, tuple[float, float, int]]:
+    """(mean, std, number of seeds) of F1 per language and of the average over languages."""
     langs = list(next(iter(per_seed.values())))
     rows = {lang: [scores[lang] for scores in per_seed.values()] for lang in langs}
     rows["avg"] = [sum(scores.values()) / len(scores) for scores in per_seed.values()]
-    return {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in rows.items()}
+    return {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)) for k, v in rows.items()}
+
+
+def mean_std(value: Sequence) -> str:
+    """"51.00 ± 1.41" over several seeds; "51.00 (n=1)" for one, whose spread is unknown, not 0."""
+    mean, std, n = (tuple(value) + (2,))[:3]
+    return f"{mean:.2f} (n=1)" if n == 1 else f"{mean:.2f} ± {std:.2f}"
 
 
 def markdown_table(results: dict[str, dict[str, tuple[float, float]]], paper: dict[str, dict[str, float]],
@@ -85,7 +92,7 @@ def markdown_table(results: dict[str, dict[str, tuple[float, float]]], paper: di
             + "---|" * (len(langs) + 1 + timed) + "\n")
     lines = []
     for name, row in results.items():
-        cells = [f"{row[k][0]:.2f} ± {row[k][1]:.2f}" for k in langs + ["avg"]]
+        cells = [mean_std(row[k]) for k in langs + ["avg"]]
         if timed:
             cells.append(f"{wall_s.get(name, 0.0) / 60:.1f} min")
         lines.append(f"| {PAPER_ROWS.get(name, name)} (this run) | " + " | ".join(cells) + " |")

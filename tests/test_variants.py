@@ -31,7 +31,7 @@ def test_each_variant_changes_only_its_own_keys():
 def test_table_has_mean_std_paper_rows_and_wall_time():
     per_seed = {1: {"es": 50.0, "nl": 60.0}, 2: {"es": 52.0, "nl": 58.0}}
     row = summarize(per_seed)
-    assert row["es"] == (51.0, pytest.approx(1.4142, abs=1e-4)) and row["avg"][0] == 55.0
+    assert row["es"] == (51.0, pytest.approx(1.4142, abs=1e-4), 2) and row["avg"][0] == 55.0
     text = markdown_table({"ours": row, "no_both": row}, {"ours": {"es": 76.75, "nl": 80.44}},
                           {"ours": 600.0, "no_both": 90.0})
     lines = text.splitlines()
@@ -40,6 +40,8 @@ def test_table_has_mean_std_paper_rows_and_wall_time():
     assert lines[3].startswith("| Ours (paper, mBERT) | 76.75 | 80.44 | 78.59")
     assert lines[4].startswith("| w/o max loss & masking (this run)") and lines[4].endswith("1.5 min |")
     assert all(line.count("|") == lines[0].count("|") for line in lines)
+    one = markdown_table({"ours": summarize({1: {"es": 50.0, "nl": 60.0}})}, {})
+    assert "| Ours (this run) | 50.00 (n=1) | 60.00 (n=1) | 55.00 (n=1) |" in one
 
 
 def test_parents_run_before_the_rows_that_need_their_checkpoints():

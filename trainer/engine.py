@@ -242,9 +242,9 @@ class TaskEngine:
 
     def meta_gradient(self, tasks, source, epoch: int, inner_lr: float) -> tuple[list[torch.Tensor], dict]:
         """Sum over `tasks` of the query gradients at the support-adapted weights, one tensor per
-        name in `names` order, and the summed losses {"support_loss", "query_loss", "tasks"}."""
+        name in `names` order, and the summed losses {"support_loss", "meta_loss", "tasks"}."""
         buffer = {n: torch.zeros_like(p) for n, p in zip(self.names, self.params)}
-        totals = {"support_loss": 0.0, "query_loss": 0.0, "tasks": float(len(tasks))}
+        totals = {"support_loss": 0.0, "meta_loss": 0.0, "tasks": float(len(tasks))}
         if tasks:
             # Chunks of similar support length: each is padded to its longest window.
             order = sorted(tasks, key=lambda t: max(len(w) for i in t.support for w in source[i]))
@@ -261,7 +261,7 @@ class TaskEngine:
                         for n, g in grads.items():
                             buffer[n].add_(g)
                         totals["support_loss"] += float(support_loss.sum())
-                        totals["query_loss"] += float(query_loss.sum())
+                        totals["meta_loss"] += float(query_loss.sum())
             finally:
                 self.model.train(was_training)
         if not all(math.isfinite(v) for v in totals.values()):

@@ -97,7 +97,7 @@ def finetune(model: NerModel, featurizer: Featurizer, sentences: Sequence[Senten
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"fine-tuning step {step}: loss is {loss_value}; lower train.meta_lr")
         if metrics_logger is not None:
-            metrics_logger.log_metrics({"train_loss": loss_value}, step)
+            metrics_logger.log_metrics({"train_loss": loss_value}, step + 1)
         if (step + 1) % 10 == 0 or step + 1 == num_steps:
             logger.info("fine-tuning step %d/%d  loss %.4f", step + 1, num_steps, loss_value)
         # Selection after every eval_every-th update, counted as meta-training counts its steps,

@@ -119,7 +119,7 @@ class MetaLearner:
                     p.copy_(s)
             self.model.train(was_training)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
-        return grads, {"support_loss": support_loss.item(), "query_loss": query_loss.item()}
+        return grads, {"support_loss": support_loss.item(), "meta_loss": query_loss.item()}
 
     def accumulate(self, grads: Sequence[torch.Tensor]) -> None:
         """Add one task's gradients into the parameters' `.grad`."""
@@ -136,7 +136,7 @@ class MetaLearner:
         """Add the sum of the tasks' query gradients to `.grad`; mean losses of the batch."""
         if not tasks:
             raise ValueError("meta_gradient needs at least one task")
-        totals = {"support_loss": 0.0, "query_loss": 0.0}
+        totals = {"support_loss": 0.0, "meta_loss": 0.0}
         for task in tasks:
             grads, stats = self.task_gradients(task, source, epoch)
             self.accumulate(grads)

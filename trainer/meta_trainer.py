@@ -125,7 +125,7 @@ class MetaTrainer:
         """Meta-step `self.step + 1`: gradients, the update, and the batch's mean losses."""
         started = time.perf_counter()
         buffer, totals = self.meta_gradient(self.step)
-        stats = all_reduce_sum(torch.tensor([totals["support_loss"], totals["query_loss"], totals["tasks"]],
+        stats = all_reduce_sum(torch.tensor([totals["support_loss"], totals["meta_loss"], totals["tasks"]],
                                             dtype=torch.float64))
         lrs = {"meta_lr": self.meta_lr(), "inner_lr": self.inner_lr()}
         self.apply(buffer)
