@@ -126,7 +126,13 @@ class AdapterPool:
         return ray.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in self.actors])
 
     def run(self, units: Sequence[Unit], store: UnitStore, progress: bool = True) -> None:
-        """Run every unit not yet in `store`, at most two in flight per actor."""
+        """Run every unit not yet in `store`, at most two in flight per actor.
+
+        Why not ray.util.ActorPool: each result must be saved the moment it arrives (resume loses
+        nothing), and ActorPool's map yields results in submission order, or unordered without
+        saying which unit a result belongs to; its submit/get_next_unordered pair would need the
+        same bookkeeping of which unit is where as this loop, one call at a time.
+        """
         import ray
         from tqdm.auto import tqdm
 
