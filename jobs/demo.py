@@ -80,10 +80,25 @@ def run(argv=None) -> int:
     cfg = with_overrides(cfg, [f"model.name_or_path={tiny_model(out / 'model', cfg)}",
                                f"retrieval.cache_dir={out / 'cache'}", f"model.prefix_cache_dir={out / 'prefix'}"])
     run_variants(cfg, ["base", "ours"], out)
+    print(_where(cfg, out))
+    return 0
+
+
+def _where(cfg, out: Path) -> str:
+    """Where the demo's results went, and what to run next."""
+    from cluster.tracking import tracking_uri
+
     seed = out / "ours" / f"seed{cfg.train.seeds[0]}"
     checkpoint = seed / "best" if (seed / "best").is_dir() else seed / "final"
-    print(f"\nTag text with this run's model:\n  metaner tag --checkpoint {_shown(checkpoint)} --input PATH")
-    return 0
+    uri = tracking_uri(cfg.mlflow.tracking_uri)
+    ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" if uri.startswith("sqlite") else uri
+    return "\n".join([
+        "", f"Results table:   {_shown(out / 'results.md')}",
+        f"Predictions:     {_shown(seed / 'eval')}/predictions.<lang>.txt (and of base/, conlleval format)",
+        f"Charts:          {_shown(seed / 'eval')}/*.png",
+        f"MLflow:          {uri} (experiment {cfg.mlflow.experiment})",
+        "Next:", f"  metaner results {_shown(out)}          # the tables, decompositions and intervals",
+        f"  {ui}", f"  metaner tag --checkpoint {_shown(checkpoint)} --input PATH   # tag text with this run's model"])
 
 
 def _shown(path: Path) -> str:

@@ -121,3 +121,18 @@ def test_evaluation_counts_split_entities_of_unspaced_targets(tmp_path, e5_token
     assert boundary_loss(str(tmp_path), load_config(), {"zh": toy_corpus["zh"][:3]}) == {}
     metrics = language_metrics({"f1": 1.0, "precision": 1.0, "recall": 1.0, "per_type": {}, "entities_split": 1})
     assert metrics["entities_split"] == 1
+
+
+def test_the_demo_ends_by_saying_where_everything_is_and_what_to_run_next(tmp_path):
+    from jobs.common import CONFIGS
+    from jobs.demo import _where
+    from trainer.config import load_config
+
+    cfg = load_config(CONFIGS / "demo.yaml", [f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])
+    (tmp_path / "ours" / "seed95" / "best").mkdir(parents=True)
+    text = _where(cfg, tmp_path)
+    assert f"Results table:   {tmp_path / 'results.md'}" in text
+    assert f"{tmp_path / 'ours' / 'seed95' / 'eval'}/predictions.<lang>.txt" in text
+    assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'm.db'}" in text and "metaner-demo" in text
+    assert f"metaner results {tmp_path}" in text
+    assert f"metaner tag --checkpoint {tmp_path / 'ours' / 'seed95' / 'best'} --input PATH" in text
