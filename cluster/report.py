@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -67,9 +68,12 @@ def f1_chart(scores: dict[str, float], path: str | os.PathLike, title: str, pape
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = range(len(langs))
     shift = 0.2 if paper is not None else 0.0
-    ax.bar([i - shift for i in x], [scores[lang] for lang in langs], width=0.4, label="this run")
+    ours = ax.bar([i - shift for i in x], [scores[lang] for lang in langs], width=0.4, label="this run")
+    ax.bar_label(ours, fmt="%.1f", fontsize=7)
     if paper is not None:
-        ax.bar([i + shift for i in x], [paper.get(lang, 0.0) for lang in langs], width=0.4, label="paper (mBERT)")
+        theirs = ax.bar([i + shift for i in x], [paper.get(lang, 0.0) for lang in langs], width=0.4,
+                        label="paper (mBERT)")
+        ax.bar_label(theirs, fmt="%.1f", fontsize=7)
     ax.set_xticks(list(x), langs)
     ax.set_ylabel("F1")
     ax.set_ylim(0, 110)  # room above the bars for the legend
@@ -82,8 +86,11 @@ def f1_chart(scores: dict[str, float], path: str | os.PathLike, title: str, pape
 
 
 def log_evaluation(parent, results: dict[str, dict], checkpoint: str, test_files: dict[str, str],
-                   out_dir: str | os.PathLike, paper: dict[str, float] | None = None) -> dict[str, float]:
-    """One child run per language under `parent`; the average and the chart on the parent."""
+                   out_dir: str | os.PathLike, paper: dict[str, float] | None = None,
+                   label: str = "") -> dict[str, float]:
+    """One child run per language under `parent`; the average and the chart on the parent.
+
+    `label` (e.g. "ours, seed 95, me5-small-ner") names the chart in its title and file name."""
     for lang, result in results.items():
         with parent.child(f"eval-{lang}") as child:
             child.log_params({"language": lang, "test_file": test_files.get(lang, ""), "checkpoint": checkpoint})
@@ -93,6 +100,8 @@ def log_evaluation(parent, results: dict[str, dict], checkpoint: str, test_files
     summary = {f"f1_{lang}": v for lang, v in f1.items()}
     summary["f1_avg"] = sum(f1.values()) / len(f1)
     parent.log_metrics(summary)
-    chart = f1_chart(f1, Path(out_dir) / "f1_per_language.png", "F1 per target language", paper)
+    name = "f1_" + re.sub(r"[^A-Za-z0-9.-]+", "_", label).strip("_") if label else "f1_per_language"
+    chart = f1_chart(f1, Path(out_dir) / f"{name}.png", "F1 per target language" + (f": {label}" if label else ""),
+                     paper)
     parent.log_artifact(chart)
     return summary

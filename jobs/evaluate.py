@@ -13,9 +13,10 @@ logger = logging.getLogger(__name__)
 
 
 def evaluate_one(cfg, checkpoint: str, data: Data, supports: Supports, run, out: Path,
-                 paper: dict[str, float] | None = None) -> dict:
+                 paper: dict[str, float] | None = None, label: str = "") -> dict:
     """Predictions through the adapter pool, scores per language, a child run per language;
-    `paper`: the paper's F1 of the same row, drawn beside this run's in the chart."""
+    `paper`: the paper's F1 of the same row, drawn beside this run's in the chart; `label` names
+    the chart (row, seed, encoder)."""
     from cluster.adapt_pool import adapt_targets
     from cluster.report import log_evaluation, score_language
 
@@ -33,7 +34,7 @@ def evaluate_one(cfg, checkpoint: str, data: Data, supports: Supports, run, out:
                for lang in data.targets}
     for lang, counts in boundary_loss(checkpoint, cfg, data.targets).items():
         results[lang]["entities_split"] = counts["entities_split"]
-    log_evaluation(run, results, checkpoint, data.test_files, out, paper)
+    log_evaluation(run, results, checkpoint, data.test_files, out, paper, label)
     return results
 
 
@@ -84,7 +85,8 @@ def run(argv=None) -> int:
     start_cluster(cfg, ("retrieval", "adapt"))
     supports = build_supports(cfg, data.source, data.targets)
     with tracked_run(cfg, "evaluate", {"checkpoint": checkpoint}) as tracked:
-        results = evaluate_one(cfg, checkpoint, data, supports, tracked, args.out, PAPER_TABLE3["ours"])
+        label = f"{Path(checkpoint).resolve().parent.name}, {Path(cfg.model.name_or_path).name}"
+        results = evaluate_one(cfg, checkpoint, data, supports, tracked, args.out, PAPER_TABLE3["ours"], label)
     for lang, r in results.items():
         split = f"  ({r['entities_split']} gold entities split by pieces)" if "entities_split" in r else ""
         print(f"{lang}  F1 {r['f1']:6.2f}  P {r['precision']:6.2f}  R {r['recall']:6.2f}{split}")

@@ -126,7 +126,8 @@ def _train_and_evaluate(cfg, name: str, seed: int, data, supports, parent, folde
         if checkpoint is None:
             checkpoint = train_one(cfg, seed, data, supports, run, folder)
         run.set_tags({"checkpoint": checkpoint})
-        results = evaluate_one(cfg, checkpoint, data, supports, run, folder / "eval", paper)
+        label = f"{name}, seed {seed}, {Path(cfg.model.name_or_path).name}"
+        results = evaluate_one(cfg, checkpoint, data, supports, run, folder / "eval", paper, label)
         # Wall time of this process's work on the seed; a resumed seed counts only its last part.
         elapsed = time.perf_counter() - started
         run.log_metrics({"wall_s": elapsed})

@@ -32,6 +32,11 @@ def test_evaluation_run_has_one_child_per_language_and_a_chart(tmp_path, toy_cor
     assert "f1_per_language.png" in [a.path for a in client.list_artifacts(parent.run_id)]
     assert (tmp_path / "f1_per_language.png").read_bytes()[:4] == b"\x89PNG"
     assert set(PAPER_TABLE3["ours"]) == {"es", "nl", "de", "fr", "zh"}
+    # A labelled evaluation names its chart by row, seed and encoder.
+    other = MlflowLogger(uri, "eval", run_name="labelled")
+    log_evaluation(other, results, "ckpt/path", {}, tmp_path, label="ours, seed 95, me5-small-ner")
+    other.close()
+    assert (tmp_path / "f1_ours_seed_95_me5-small-ner.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_predicted_misc_is_not_scored_where_the_target_has_no_misc(tmp_path):
