@@ -122,7 +122,7 @@ def bundle(name: str, path: str, num_frozen_layers: Optional[int] = None) -> Bun
 def mid_bundle(texts: Sequence[Sequence[str]], workdir: str) -> Bundle:
     """A mid-size random BERT with its own vocabulary of `texts`; its top two layers train, as the
     paper's freezing leaves them on the model of record."""
-    from trainer.tiny import build_tiny_bert
+    from jobs.tiny import build_tiny_bert
 
     path = build_tiny_bert(os.path.join(workdir, "mid"), texts, num_layers=MID_LAYERS, hidden=MID_HIDDEN,
                            heads=MID_HEADS, vocab_size=3000, seed=0)

@@ -5,7 +5,7 @@ input grows, on the demo checkpoint, in one run.
                              [--memory 10000 100000] [--limit N]
 
 Input: raw text, one sentence per line, made from the synthetic templates of es, nl, de and fr
-(trainer.synthetic; deterministic), written to a file and read back as `metaner tag` reads it.
+(jobs.synthetic; deterministic), written to a file and read back as `metaner tag` reads it.
 Throughput: the job's stream (cluster.tag_stream: embedding actor, index shard, adapter actors,
 jobs/configs/tag.yaml's settings) with every actor started and warmed before the clock, then the
 same sentences through 1 and through 2 of the adapter actors, best of --repeats (2) runs each;
@@ -68,7 +68,7 @@ def parse_args(argv):
 
 def write_input(path: str, n: int) -> str:
     """`n` raw sentences, one per line, written a thousand at a time (the generator keeps none)."""
-    from trainer.synthetic import make_sentences
+    from jobs.synthetic import make_sentences
 
     with open(path, "w", encoding="utf-8") as fh:
         for block in range(0, n, 1000):

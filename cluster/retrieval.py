@@ -7,6 +7,7 @@ machine); starting it implicitly would bind the machine's external address.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -166,3 +167,35 @@ class ShardedIndexSpec:
         """`options`: max_restarts, start_timeout_s."""
         return ShardedIndex(xb, num_shards=self.num_shards, spec=self.spec, num_cpus=self.num_cpus,
                             num_gpus=self.num_gpus, **options)
+
+
+# --------------------------------------------------------------- support sets of a job
+
+
+@dataclass
+class Supports:
+    """Support ids: `source[i]` those of English sentence i's pseudo task, `sets[name][i]` those of
+    sentence i of a named set (English dev, a target test set); `sentences` turns ids into the
+    support sentences."""
+    source: object  # np.ndarray [n_source, K]: the pseudo task of each source sentence
+    sets: dict  # name -> np.ndarray [n, K] of source ids
+
+    def sentences(self, name: str, source: list) -> list[list]:
+        return [[source[j] for j in row] for row in self.sets[name]]
+
+
+def build_supports(cfg, source: list, sets: dict[str, list], encoder=None, tokenizer=None,
+                   source_tasks: bool = True) -> Supports:
+    """Pseudo tasks of the source (unless `source_tasks` is false) and support ids of every named
+    set of sentences, on embedding and index actors (cached on disk: a second run encodes nothing)."""
+    from retrieval.cache import RetrievalCache
+    from retrieval.tasks import build_pseudo_tasks, retrieve_support
+
+    r = cfg.retrieval
+    cache = RetrievalCache(r.cache_dir)
+    index = ShardedIndexSpec.from_config(cfg)
+    with ShardedEmbedder.from_config(cfg, encoder, tokenizer) as embedder:
+        support = build_pseudo_tasks(source, embedder, k=r.k, cache=cache, index=index) if source_tasks else None
+        out = {name: retrieve_support(q, source, embedder, k=r.k, drop_top1=r.drop_top1_for_targets,
+                                      cache=cache, index=index) for name, q in sets.items()}
+    return Supports(support, out)

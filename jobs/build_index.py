@@ -11,7 +11,9 @@ import time
 
 import numpy as np
 
-from .common import build_supports, load_data, main_guard, parse, start_cluster
+from cluster.retrieval import build_supports
+
+from .common import load_data, main_guard, parse, start_cluster
 
 
 def run(argv=None) -> int:
@@ -22,10 +24,10 @@ def run(argv=None) -> int:
     supports = build_supports(cfg, data.source, {"dev": data.dev, **data.targets})
     args.out.mkdir(parents=True, exist_ok=True)
     np.save(args.out / "source_support.npy", supports.source)
-    for name, ids in supports.queries.items():
+    for name, ids in supports.sets.items():
         np.save(args.out / f"support.{name}.npy", ids)
-    print(f"{len(data.source)} source tasks and {sum(len(v) for v in supports.queries.values())} query "
-          f"support sets in {time.perf_counter() - started:.1f} s; cache {cfg.retrieval.cache_dir}, "
+    print(f"{len(data.source)} source tasks and the support sets of {sum(len(v) for v in supports.sets.values())} "
+          f"dev and target sentences in {time.perf_counter() - started:.1f} s; cache {cfg.retrieval.cache_dir}, "
           f"arrays in {args.out}")
     return 0
 

@@ -123,36 +123,6 @@ def start_cluster(cfg, phases: Sequence[str] | None = None) -> None:
         check_resources(cfg, tuple(phases))
 
 
-# ------------------------------------------------------------------------------- retrieval
-
-
-@dataclass
-class Supports:
-    source: object  # np.ndarray [n_source, K]: the pseudo task of each source sentence
-    queries: dict  # name -> np.ndarray [n, K] of source ids
-
-    def sentences(self, name: str, source: list) -> list[list]:
-        return [[source[j] for j in row] for row in self.queries[name]]
-
-
-def build_supports(cfg, source: list, queries: dict[str, list], encoder=None, tokenizer=None,
-                   source_tasks: bool = True) -> Supports:
-    """Pseudo tasks of the source (unless `source_tasks` is false) and support ids of every query
-    set, on embedding and index actors (cached on disk: a second run encodes nothing)."""
-    from cluster.retrieval import ShardedEmbedder, ShardedIndexSpec
-    from retrieval.cache import RetrievalCache
-    from retrieval.tasks import build_pseudo_tasks, retrieve_support
-
-    r = cfg.retrieval
-    cache = RetrievalCache(r.cache_dir)
-    index = ShardedIndexSpec.from_config(cfg)
-    with ShardedEmbedder.from_config(cfg, encoder, tokenizer) as embedder:
-        support = build_pseudo_tasks(source, embedder, k=r.k, cache=cache, index=index) if source_tasks else None
-        out = {name: retrieve_support(q, source, embedder, k=r.k, drop_top1=r.drop_top1_for_targets,
-                                      cache=cache, index=index) for name, q in queries.items()}
-    return Supports(support, out)
-
-
 # ---------------------------------------------------------------------------------- MLflow
 
 

@@ -23,7 +23,7 @@ SIZES = {"train": 240, "valid": 40, "test": 40}
 
 def synthetic_data(root: Path) -> dict[str, str]:
     """Write the synthetic corpora under `root` (same layout as the paper's files)."""
-    from trainer.synthetic import make_sentences, write_corpus
+    from jobs.synthetic import make_sentences, write_corpus
 
     write_corpus(root / "en/train.txt", make_sentences("en", SIZES["train"], seed=0))
     write_corpus(root / "en/valid.txt", make_sentences("en", SIZES["valid"], seed=1))
@@ -35,7 +35,7 @@ def synthetic_data(root: Path) -> dict[str, str]:
 def tiny_model(folder: Path, cfg) -> str:
     """A 2-layer BERT whose vocabulary is trained on the demo's own corpora."""
     from trainer.corpus import read_corpus
-    from trainer.tiny import build_tiny_bert
+    from jobs.tiny import build_tiny_bert
 
     if (folder / "config.json").is_file():
         return str(folder)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .common import Data, Supports, build_supports, load_data, main_guard, parse, start_cluster, tracked_run
+from cluster.retrieval import Supports, build_supports
+
+from .common import Data, load_data, main_guard, parse, start_cluster, tracked_run
 
 logger = logging.getLogger(__name__)
 

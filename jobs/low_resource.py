@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .common import (build_supports, check_record, inputs_record, load_data, main_guard, parse, sample, start_cluster,
+from cluster.retrieval import build_supports
+
+from .common import (check_record, inputs_record, load_data, main_guard, parse, sample, start_cluster,
                      tracked_run, write_record)
 from .variants import mean_std, summarize, variant_config
 

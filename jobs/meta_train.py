@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .common import (Data, Supports, build_supports, check_record, inputs_record, load_data, main_guard, parse,
+from cluster.retrieval import Supports, build_supports
+
+from .common import (Data, check_record, inputs_record, load_data, main_guard, parse,
                      start_cluster, tracked_run, write_record)
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,9 @@ import os
 import time
 from pathlib import Path
 
-from .common import (RECORD, build_supports, check_record, inputs_record, load_data, main_guard, parse,
+from cluster.retrieval import build_supports
+
+from .common import (RECORD, check_record, inputs_record, load_data, main_guard, parse,
                      start_cluster, tracked_run, write_record)
 from .evaluate import evaluate_one
 from .meta_train import train_one

@@ -33,7 +33,7 @@ def data_root() -> Path:
 @pytest.fixture(scope="session")
 def toy_corpus():
     """Synthetic English train and per-language test sentences (deterministic)."""
-    from trainer.synthetic import TEMPLATES, make_sentences
+    from jobs.synthetic import TEMPLATES, make_sentences
 
     return {lang: make_sentences(lang, 60 if lang == "en" else 20, seed=1) for lang in TEMPLATES}
 
@@ -42,7 +42,7 @@ def toy_corpus():
 def tiny_bert(tmp_path_factory, toy_corpus) -> str:
     """A 2-layer, hidden-64 BERT with a WordPiece vocabulary trained on the toy corpus, saved and
     reloadable with from_pretrained offline."""
-    from trainer.tiny import build_tiny_bert
+    from jobs.tiny import build_tiny_bert
 
     texts = [s.words for sentences in toy_corpus.values() for s in sentences]
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), texts, num_layers=2, hidden=64, vocab_size=500)
@@ -51,7 +51,7 @@ def tiny_bert(tmp_path_factory, toy_corpus) -> str:
 @pytest.fixture(scope="session")
 def tiny_bert_no_dropout(tmp_path_factory, toy_corpus) -> str:
     """The same tiny BERT with every dropout off, for exact equivalence tests."""
-    from trainer.tiny import build_tiny_bert
+    from jobs.tiny import build_tiny_bert
 
     texts = [s.words for sentences in toy_corpus.values() for s in sentences]
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert-nodrop"), texts, num_layers=2, hidden=64,
@@ -129,7 +129,7 @@ def trained_checkpoint(tiny_bert_no_dropout, toy_corpus, tmp_path_factory) -> Pa
     from trainer.checkpoint import save_checkpoint
     from trainer.config import load_config
     from trainer.model import build_model
-    from trainer.synthetic import write_corpus
+    from jobs.synthetic import write_corpus
 
     root = tmp_path_factory.mktemp("trained")
     write_corpus(root / "en.txt", toy_corpus["en"])

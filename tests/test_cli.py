@@ -70,7 +70,7 @@ def test_a_relative_model_folder_reaches_workers_as_an_absolute_path(tmp_path, m
 def test_load_data_marks_the_unspaced_targets(tmp_path, toy_corpus):
     from jobs.common import load_data
     from trainer.config import load_config
-    from trainer.synthetic import write_corpus
+    from jobs.synthetic import write_corpus
 
     for name in ("en/train.txt", "en/valid.txt"):
         write_corpus(tmp_path / name, toy_corpus["en"])

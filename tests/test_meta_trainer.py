@@ -117,7 +117,7 @@ from trainer.config import load_config
 from trainer.features import Featurizer
 from trainer.meta_trainer import MetaTrainer
 from trainer.model import build_model, load_tokenizer
-from trainer.synthetic import make_sentences
+from jobs.synthetic import make_sentences
 cfg = load_config(None, ["model.name_or_path={tiny_bert_no_dropout}", "model.num_frozen_layers=1",
                          "train.meta_batch_size=4", "train.num_meta_steps=2", "train.eval_every=2"])
 model = build_model(cfg, seed=1)

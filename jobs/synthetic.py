@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 
-from .corpus import Sentence
+from trainer.corpus import Sentence
 
 NAMES = {
     "PER": ["Anna Berg", "Carlos Ruiz", "Jan de Vries", "Marie Dubois", "Li Wei", "John Smith",
