@@ -83,3 +83,39 @@ def test_unspaced_languages_default_to_chinese_and_can_be_emptied():
     # Another unspaced script is a target like any other once it has a test file.
     cfg = load_config(overrides=["data.target_files.ja=raw/ja.tsv", "data.unspaced_languages=[zh, ja]"])
     assert cfg.data.unspaced_languages == ["zh", "ja"]
+
+
+def test_a_file_includes_shared_blocks_first_and_overrides_them(tmp_path):
+    """`include:` files (relative to the including file) apply first; the file itself wins; errors
+    name the included file and who included it; a loop is refused."""
+    from trainer.config import ConfigError
+
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "gpu.yaml").write_text("cluster:\n  num_workers: 4\n  use_gpu: true\n")
+    (tmp_path / "job.yaml").write_text("# job\ninclude: shared/gpu.yaml\ncluster:\n  num_workers: 8\n")
+    cfg = load_config(tmp_path / "job.yaml")
+    assert (cfg.cluster.num_workers, cfg.cluster.use_gpu) == (8, True)
+    (tmp_path / "shared" / "bad.yaml").write_text("cluster:\n  num_workers: many\n")
+    (tmp_path / "job2.yaml").write_text("include: [shared/gpu.yaml, shared/bad.yaml]\n")
+    with pytest.raises(ConfigError, match=r"shared/bad.yaml \(included by .*job2.yaml\):2: .*num_workers"):
+        load_config(tmp_path / "job2.yaml")
+    (tmp_path / "job3.yaml").write_text("include: shared/none.yaml\n")
+    with pytest.raises(ConfigError, match=r"shared/none.yaml \(included by .*job3.yaml\) does not exist"):
+        load_config(tmp_path / "job3.yaml")
+    (tmp_path / "loop.yaml").write_text("include: loop.yaml\n")
+    with pytest.raises(ConfigError, match=r"loop.yaml .* includes itself"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "job4.yaml").write_text("include: {a: 1}\n")
+    with pytest.raises(ConfigError, match=r"job4.yaml:1: include: give a file name or a list"):
+        load_config(tmp_path / "job4.yaml")
+
+
+def test_the_paper_scale_jobs_share_one_gpu_cluster_block():
+    from pathlib import Path
+
+    configs = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+    shared = load_config(configs / "shared" / "gpu_cluster.yaml").cluster
+    for name in ("pipeline", "ablation", "replicate", "meta_train", "evaluate", "build_index", "low_resource"):
+        text = (configs / f"{name}.yaml").read_text()
+        assert "include: shared/gpu_cluster.yaml" in text and "\ncluster:" not in text, name
+        assert load_config(configs / f"{name}.yaml").cluster == shared, name

@@ -414,7 +414,8 @@ def with_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file at `path`, then each `a.b=value` override, then checks.
+    """Defaults, then the YAML file at `path` (after the files it names under `include:`, relative
+    to it, in order), then each `a.b=value` override, then checks.
 
     Raises ConfigError (a ValueError) listing every problem, one line each: values (types,
     ranges, finite numbers, choices, repeats), then, when those are fine, what they point at
@@ -422,25 +423,40 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     """
     cfg, problems = Config(), []
     if path is not None:
-        name = f"config file {path}"
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError([f"{name} does not exist"]) from None
-        except (OSError, UnicodeDecodeError) as err:
-            reason = getattr(err, "strerror", None) or str(err)
-            raise ConfigError([f"{name} cannot be read ({reason}); give a readable UTF-8 YAML file"]) from None
-        data, lines = _load_yaml(text, name)
-        data = {} if data is None else data
-        if not isinstance(data, dict):
-            raise ConfigError([f"{name}: expected a mapping of sections at the top level"])
-        found: Problems = []
-        _apply(cfg, data, "", found)
-        for key, message in found:
-            where = f"{name}:{lines[key]}" if key in lines else name
-            problems.append((key, f"{where}: {message}"))
+        _apply_file(cfg, Path(path), problems)
     _override(cfg, overrides, problems)
     return _finish(cfg, problems, environment=True)
+
+
+def _apply_file(cfg: Config, path: Path, problems: Problems, chain: tuple[Path, ...] = ()) -> None:
+    """Apply one YAML file onto `cfg`, the files it includes first: a block shared by several job
+    files (the GPU cluster) is written once, and a key set again here overrides it."""
+    name = f"config file {path}" + (f" (included by {chain[-1]})" if chain else "")
+    if path.resolve() in chain:
+        raise ConfigError([f"{name} includes itself ({' -> '.join(map(str, chain + (path,)))}); remove the loop"])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{name} does not exist"]) from None
+    except (OSError, UnicodeDecodeError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise ConfigError([f"{name} cannot be read ({reason}); give a readable UTF-8 YAML file"]) from None
+    data, lines = _load_yaml(text, name)
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError([f"{name}: expected a mapping of sections at the top level"])
+    includes = data.pop("include", [])
+    includes = [includes] if isinstance(includes, str) else includes
+    if not isinstance(includes, list) or not all(isinstance(i, str) and i for i in includes):
+        raise ConfigError([f"{name}:{lines.get('include', 1)}: include: give a file name or a list of file names, "
+                           "relative to this file"])
+    for included in includes:
+        _apply_file(cfg, path.parent / included, problems, chain + (path.resolve(),))
+    found: Problems = []
+    _apply(cfg, data, "", found)
+    for key, message in found:
+        where = f"{name}:{lines[key]}" if key in lines else name
+        problems.append((key, f"{where}: {message}"))
 
 
 _PROBLEMS: contextvars.ContextVar[Optional[Problems]] = contextvars.ContextVar("config_problems", default=None)
