@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from trainer.config import ACTOR_MAX_RESTARTS
+
 logger = logging.getLogger(__name__)
 
 
@@ -102,7 +104,7 @@ class UnitStore:
 class AdapterPool:
     """`num_adapter_actors` Adapter actors, each loading the checkpoint once."""
 
-    def __init__(self, checkpoint: str, cfg, max_restarts: int = 3):
+    def __init__(self, checkpoint: str, cfg, max_restarts: int = ACTOR_MAX_RESTARTS):
         import ray
 
         from trainer.adapt import Adapter

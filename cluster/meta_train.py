@@ -20,6 +20,8 @@ from typing import Optional
 
 import numpy as np
 
+from trainer.config import CHECKPOINTS_KEPT, TRAIN_MAX_FAILURES
+
 logger = logging.getLogger(__name__)
 
 
@@ -261,7 +263,7 @@ def latest_checkpoint(storage_path: str, name: str):
 
 
 def run_meta_training(inputs: MetaTrainInputs, cfg, storage_path: str, name: str, resume: bool = True,
-                      max_failures: int = 2):
+                      max_failures: int = TRAIN_MAX_FAILURES):
     """Meta-train on `cfg.cluster.num_workers` Ray Train workers; returns Ray Train's Result.
 
     A worker that dies is replaced and the group resumes from the last checkpoint (up to
@@ -286,7 +288,7 @@ def run_meta_training(inputs: MetaTrainInputs, cfg, storage_path: str, name: str
                                                            **({"GPU": 1} if c.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
                              failure_config=FailureConfig(max_failures=max_failures),
                              worker_runtime_env={"env_vars": _worker_env()}),
         resume_from_checkpoint=resume_from,

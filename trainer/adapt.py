@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch.func import grad, vmap
 
+from .config import EVAL_BATCH_SIZE
 from .corpus import Sentence, content_key
 from .features import IGNORE, Featurizer, Window, labelled_predictions
 from .losses import token_loss
@@ -78,7 +79,7 @@ def _window_predictions(model: NerModel, featurizer: Featurizer, windows: Sequen
 
 
 def predict(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentence],
-            batch_size: int = 32) -> list[list[str]]:
+            batch_size: int = EVAL_BATCH_SIZE) -> list[list[str]]:
     """Tags of each sentence in eval mode, windows merged back into words."""
     if not sentences:
         return []
@@ -86,7 +87,8 @@ def predict(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentenc
     return featurizer.merge(sentences, windows, _window_predictions(model, featurizer, windows, batch_size))
 
 
-def evaluate(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentence], batch_size: int = 32) -> dict:
+def evaluate(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentence],
+             batch_size: int = EVAL_BATCH_SIZE) -> dict:
     """conlleval-style scores of the model's predictions on gold-tagged sentences."""
     predicted = predict(model, featurizer, sentences, batch_size)
     return score([list(s.tags) for s in sentences], predicted)

@@ -18,6 +18,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .config import EVAL_BATCH_SIZE
 from .features import FEATURES_VERSION, IGNORE, Featurizer, Window
 from .model import NerModel, evaluating
 
@@ -50,7 +51,7 @@ class FrozenBottom:
     """
 
     def __init__(self, model: NerModel, featurizer: Featurizer, states: Optional[States] = None,
-                 batch_size: int = 32):
+                 batch_size: int = EVAL_BATCH_SIZE):
         self.model, self.featurizer, self.batch_size = model, featurizer, batch_size
         self.num_layers = model.num_frozen_prefix()
         self.states: States = {} if states is None else states

@@ -20,6 +20,13 @@ import yaml
 
 LANGUAGES = ("en", "es", "nl", "de", "fr", "zh")
 
+# Settings of the machinery rather than of the method: not in the YAML files, and not part of any
+# record or checkpoint fingerprint (they change how work is carried, never what it computes).
+EVAL_BATCH_SIZE = 32  # windows per forward pass when labelling without adaptation, or filling the frozen bottom
+ACTOR_MAX_RESTARTS = 3  # an adapter actor that dies is restarted this many times, its unit retried
+TRAIN_MAX_FAILURES = 2  # a Ray Train worker group that fails is restarted from its last checkpoint this often
+CHECKPOINTS_KEPT = 2  # Ray Train checkpoints kept per training run
+
 
 @dataclass
 class ModelConfig:

@@ -22,6 +22,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from .config import ModelConfig
 from .corpus import LABELS, Sentence, entity_spans
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ def vocabulary(tokenizer) -> str:
 class Featurizer:
     """Tokenise with a fast Hugging Face tokenizer and cut sentences into labelled windows."""
 
-    def __init__(self, tokenizer, max_length: int = 128, context: int = 32, labels: Sequence[str] = LABELS):
+    def __init__(self, tokenizer, max_length: int = ModelConfig.max_length, context: int = ModelConfig.window_context,
+                 labels: Sequence[str] = LABELS):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("a fast tokenizer is needed for word alignment; load it with AutoTokenizer(use_fast=True)")
         if not 0 <= context <= (max_length - 2) // 2:

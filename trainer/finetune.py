@@ -15,6 +15,7 @@ import torch
 
 from .adapt import evaluate
 from .bottom import FrozenBottom
+from .config import EVAL_BATCH_SIZE
 from .corpus import Sentence
 from .features import Featurizer
 from .losses import token_loss
@@ -57,7 +58,7 @@ def _train_step(model: NerModel, optimizer, scheduler, batch: dict, targets, tra
 
 def finetune(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentence], cfg, *, seed: int,
              num_steps: Optional[int] = None, dev: Optional[Sequence[Sentence]] = None, metrics_logger=None,
-             eval_batch_size: int = 32, bottom: Optional[FrozenBottom] = None) -> dict:
+             eval_batch_size: int = EVAL_BATCH_SIZE, bottom: Optional[FrozenBottom] = None) -> dict:
     """Train in place; with `dev`, evaluate every `train.eval_every` steps and end on the best weights.
 
     `bottom`: the frozen bottom of the source windows, kept (`trainer.bottom.keep_source`), so that
@@ -98,7 +99,7 @@ def finetune(model: NerModel, featurizer: Featurizer, sentences: Sequence[Senten
             raise FloatingPointError(f"fine-tuning step {step}: loss is {loss_value}; lower train.meta_lr")
         if metrics_logger is not None:
             metrics_logger.log_metrics({"train_loss": loss_value}, step + 1)
-        if (step + 1) % 10 == 0 or step + 1 == num_steps:
+        if (step + 1) % train.log_every == 0 or step + 1 == num_steps:
             logger.info("fine-tuning step %d/%d  loss %.4f", step + 1, num_steps, loss_value)
         # Selection after every eval_every-th update, counted as meta-training counts its steps,
         # so that English-dev curves of both modes share their x axis.

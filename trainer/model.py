@@ -9,6 +9,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from .config import ModelConfig
 from .corpus import LABELS
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class NerModel(nn.Module):
     `dropout` is the head's; the encoder keeps the dropout of its own config (BERT's 0.1).
     """
 
-    def __init__(self, encoder: nn.Module, labels: Sequence[str] = LABELS, dropout: float = 0.1,
+    def __init__(self, encoder: nn.Module, labels: Sequence[str] = LABELS, dropout: float = ModelConfig.dropout,
                  seed: Optional[int] = None):
         super().__init__()
         if not labels:
@@ -102,7 +103,7 @@ class NerModel(nn.Module):
             self.classifier.bias.zero_()
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, labels: Sequence[str] = LABELS, dropout: float = 0.1,
+    def from_pretrained(cls, name_or_path: str, labels: Sequence[str] = LABELS, dropout: float = ModelConfig.dropout,
                         seed: Optional[int] = None) -> "NerModel":
         """Load the encoder from a hub id or a local folder and add a fresh classifier."""
         return cls(load_encoder(name_or_path), labels, dropout, seed)
