@@ -140,3 +140,12 @@ def trained_checkpoint(tiny_bert_no_dropout, toy_corpus, tmp_path_factory) -> Pa
     save_checkpoint(root / "best", build_model(cfg, seed=3), tokenizer=AutoTokenizer.from_pretrained(tiny_bert_no_dropout),
                     config=cfg)
     return root
+
+
+def set_dropout(model, p: float) -> None:
+    """Set every dropout of the model, encoder included (`NerModel`'s own `dropout` is the head's only)."""
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from trainer.bottom import FrozenBottom
+from conftest import set_dropout
 from trainer.config import load_config
 from trainer.engine import TaskEngine
 from trainer.features import Featurizer, labels_for
 from trainer.maml import MetaLearner, Task, group_windows
-from trainer.model import NerModel, freeze, set_dropout
+from trainer.model import NerModel, freeze
 
 BASE = ["train.schedule_inner_lr=false", "train.warmup_proportion=0.0", "train.num_inner_steps=2",
         "train.inner_lr=0.001", "train.meta_lr=0.002", "train.lambda_max=2.0", "train.num_meta_steps=50",

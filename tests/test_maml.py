@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from conftest import set_dropout
 from trainer.config import load_config
 from trainer.corpus import LABELS
 from trainer.features import Featurizer
@@ -13,7 +14,7 @@ from trainer.finetune import finetune
 from trainer.losses import token_loss
 from trainer.maml import MetaLearner, Task, group_windows
 from trainer.model import build_model
-from trainer.model import NerModel, freeze, set_dropout, trainable_parameters
+from trainer.model import NerModel, freeze, trainable_parameters
 
 BASE = ["train.schedule_inner_lr=false", "train.warmup_proportion=0.0", "train.num_inner_steps=2",
         "train.inner_lr=0.001", "train.meta_lr=0.002", "train.lambda_max=2.0", "train.mask_ratio=0.0",

@@ -186,13 +186,6 @@ def attention(model: "NerModel", implementation: str) -> Iterator[None]:
         config._attn_implementation = before
 
 
-def set_dropout(model: nn.Module, p: float) -> None:
-    """Set every dropout of the model, encoder included (`NerModel`'s own `dropout` is the head's only)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = p
-
-
 def encoder_layers(encoder: nn.Module) -> nn.ModuleList:
     """The list of transformer blocks of BERT/XLM-R style (encoder.layer) or DistilBERT (transformer.layer)."""
     for path in ("encoder.layer", "transformer.layer", "layers", "layer"):
