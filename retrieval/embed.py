@@ -166,16 +166,13 @@ class Embedder:
         # Batches of similar length waste little on padding; rows go back to input order below.
         order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
         out = np.empty((len(windows), width), dtype=np.float32)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                starts = range(0, len(order), self.batch_size)
-                for start in tqdm(starts, desc="embed", unit="batch", disable=not self.progress):
-                    rows = order[start:start + self.batch_size]
-                    out[rows] = self._pool(self.featurizer.collate([windows[i] for i in rows]))
-        finally:
-            self.model.train(was_training)
+        from trainer.model import evaluating
+
+        with evaluating(self.model), torch.no_grad():
+            starts = range(0, len(order), self.batch_size)
+            for start in tqdm(starts, desc="embed", unit="batch", disable=not self.progress):
+                rows = order[start:start + self.batch_size]
+                out[rows] = self._pool(self.featurizer.collate([windows[i] for i in rows]))
         return out
 
     __call__ = embed

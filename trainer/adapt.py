@@ -28,7 +28,7 @@ from .config import EVAL_BATCH_SIZE
 from .corpus import Sentence, content_key
 from .features import IGNORE, Featurizer, Window, labelled_predictions
 from .losses import token_loss
-from .model import NerModel, attention, trainable_parameters
+from .model import NerModel, attention, evaluating, in_mode, trainable_parameters
 from .bottom import BottomStore, FrozenBottom
 from .engine import VMAP_ATTENTION, Top, quiet_vmap, stack
 from .optim import BertAdam, batched_bertadam_step, param_groups
@@ -65,16 +65,11 @@ def _to(batch: dict, device: torch.device) -> dict:
 def _window_predictions(model: NerModel, featurizer: Featurizer, windows: Sequence[Window],
                         batch_size: int) -> list[list[int]]:
     out: list[list[int]] = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(windows), batch_size):
-                batch = _to(featurizer.collate(windows[start:start + batch_size]), _device(model))
-                logits = model(batch["input_ids"], batch["attention_mask"])
-                out.extend(labelled_predictions(logits, batch["labels"]))
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        for start in range(0, len(windows), batch_size):
+            batch = _to(featurizer.collate(windows[start:start + batch_size]), _device(model))
+            logits = model(batch["input_ids"], batch["attention_mask"])
+            out.extend(labelled_predictions(logits, batch["labels"]))
     return out
 
 
@@ -99,33 +94,33 @@ def evaluate(model: NerModel, featurizer: Featurizer, sentences: Sequence[Senten
 
 def _adapted_sequential(model: NerModel, featurizer: Featurizer, sentence: Sentence,
                         support: Sequence[Sentence], s: AdaptSettings) -> tuple[list[str], list[torch.Tensor]]:
-    """Tags and per-window logits of `sentence` after adapting in place; weights restored."""
+    """Tags and per-window logits of `sentence` after adapting in place; weights and mode restored
+    (the step runs in the mode given, the labelling in eval mode)."""
     named = trainable_parameters(model)
     groups = param_groups(named, s.weight_decay, s.classifier_lr_scale)
     params = [p for g in groups for p in g["params"]]
     saved = [p.detach().clone() for p in params]
-    was_training = model.training
-    try:
-        if s.num_adapt_steps > 0 and support:
-            batch = _to(featurizer.collate(featurizer.encode(support)), _device(model))
-            # A fresh optimiser each sentence: the first step is ~3.16 * adapt_lr * sign(g).
-            optimizer = BertAdam(groups, lr=s.adapt_lr, max_grad_norm=s.max_grad_norm)
-            for _ in range(s.num_adapt_steps):
-                logits = model(batch["input_ids"], batch["attention_mask"])
-                loss = token_loss(logits, featurizer.loss_labels(batch), s.lambda_max)
-                optimizer.step_with(torch.autograd.grad(loss, params, allow_unused=True))
-        windows = featurizer.encode([sentence])
-        target = _to(featurizer.collate(windows), _device(model))
-        model.eval()
-        with torch.no_grad():
-            logits = model(target["input_ids"], target["attention_mask"])
-        tags = featurizer.merge([sentence], windows, labelled_predictions(logits, target["labels"]))[0]
-        return tags, [logits[i, : len(w)] for i, w in enumerate(windows)]
-    finally:
-        with torch.no_grad():
-            for p, v in zip(params, saved):
-                p.copy_(v)
-        model.train(was_training)
+    with in_mode(model, None):
+        try:
+            if s.num_adapt_steps > 0 and support:
+                batch = _to(featurizer.collate(featurizer.encode(support)), _device(model))
+                # A fresh optimiser each sentence: the first step is ~3.16 * adapt_lr * sign(g).
+                optimizer = BertAdam(groups, lr=s.adapt_lr, max_grad_norm=s.max_grad_norm)
+                for _ in range(s.num_adapt_steps):
+                    logits = model(batch["input_ids"], batch["attention_mask"])
+                    loss = token_loss(logits, featurizer.loss_labels(batch), s.lambda_max)
+                    optimizer.step_with(torch.autograd.grad(loss, params, allow_unused=True))
+            windows = featurizer.encode([sentence])
+            target = _to(featurizer.collate(windows), _device(model))
+            model.eval()
+            with torch.no_grad():
+                logits = model(target["input_ids"], target["attention_mask"])
+            tags = featurizer.merge([sentence], windows, labelled_predictions(logits, target["labels"]))[0]
+            return tags, [logits[i, : len(w)] for i, w in enumerate(windows)]
+        finally:
+            with torch.no_grad():
+                for p, v in zip(params, saved):
+                    p.copy_(v)
 
 
 def adapt_and_predict(model: NerModel, featurizer: Featurizer, sentence: Sentence,

@@ -31,7 +31,7 @@ from .features import IGNORE, Featurizer, Window
 from .losses import token_loss
 from .maml import Task
 from .masking import mask_batch, mask_generator, masked_sides
-from .model import NerModel, attention
+from .model import NerModel, attention, in_mode
 from .optim import batched_bertadam_step
 
 logger = logging.getLogger(__name__)
@@ -249,21 +249,16 @@ class TaskEngine:
             # Chunks of similar support length: each is padded to its longest window.
             order = sorted(tasks, key=lambda t: max(len(w) for i in t.support for w in source[i]))
             size = self.chunk_size(len(order))
-            was_training = self.model.training
-            self.model.train()
-            try:
-                with attention(self.model, VMAP_ATTENTION):
-                    prepared = [self._prepare(task, source, epoch) for task in order]
-                    fresh = self._masked_states(prepared)
-                    for start in range(0, len(order), size):
-                        grads, support_loss, query_loss = self.chunk_gradient(
-                            order[start:start + size], prepared[start:start + size], fresh, inner_lr)
-                        for n, g in grads.items():
-                            buffer[n].add_(g)
-                        totals["support_loss"] += float(support_loss.sum())
-                        totals["meta_loss"] += float(query_loss.sum())
-            finally:
-                self.model.train(was_training)
+            with in_mode(self.model, True), attention(self.model, VMAP_ATTENTION):
+                prepared = [self._prepare(task, source, epoch) for task in order]
+                fresh = self._masked_states(prepared)
+                for start in range(0, len(order), size):
+                    grads, support_loss, query_loss = self.chunk_gradient(
+                        order[start:start + size], prepared[start:start + size], fresh, inner_lr)
+                    for n, g in grads.items():
+                        buffer[n].add_(g)
+                    totals["support_loss"] += float(support_loss.sum())
+                    totals["meta_loss"] += float(query_loss.sum())
         if not all(math.isfinite(v) for v in totals.values()):
             raise FloatingPointError("a loss of the meta-batch is not finite")
         return [buffer[n] for n in self.names], totals

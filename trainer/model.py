@@ -163,14 +163,21 @@ class NerModel(nn.Module):
 
 
 @contextmanager
-def evaluating(module: nn.Module) -> Iterator[nn.Module]:
-    """`module` in eval mode for the block; its mode before is restored after, also on errors."""
+def in_mode(module: nn.Module, training: Optional[bool]) -> Iterator[nn.Module]:
+    """`module` in train (True) or eval (False) mode for the block, or left as it is (None); the
+    mode it had before is restored after, also on errors."""
     was_training = module.training
-    module.eval()
+    if training is not None:
+        module.train(training)
     try:
         yield module
     finally:
         module.train(was_training)
+
+
+def evaluating(module: nn.Module):
+    """`module` in eval mode for the block (see `in_mode`)."""
+    return in_mode(module, False)
 
 
 @contextmanager
