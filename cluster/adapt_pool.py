@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from trainer.config import ACTOR_MAX_RESTARTS
+from trainer.paths import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +94,7 @@ class UnitStore:
         return {p.stem for p in self.folder.glob("*.json")}
 
     def save(self, unit_id: str, tags: dict[int, list[str]]) -> None:
-        tmp = self._path(unit_id).with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({str(k): v for k, v in tags.items()}), encoding="utf-8")
-        os.replace(tmp, self._path(unit_id))
+        write_atomic(self._path(unit_id), json.dumps({str(k): v for k, v in tags.items()}))
 
     def load(self, unit_id: str) -> dict[int, list[str]]:
         return {int(k): v for k, v in json.loads(self._path(unit_id).read_text(encoding="utf-8")).items()}

@@ -256,7 +256,6 @@ def write_record(folder: Path, record: dict) -> None:
     """Mark `folder` as holding the work of `record`'s inputs (atomically)."""
     import json
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"{RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, folder / RECORD)
+    from trainer.paths import write_atomic
+
+    write_atomic(folder / RECORD, json.dumps(record, indent=1, sort_keys=True))

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 from cluster.retrieval import build_supports
+from trainer.paths import write_atomic
 
 from .common import (RECORD, check_record, inputs_record, load_data, main_guard, parse,
                      start_cluster, tracked_run, write_record)
@@ -111,9 +111,7 @@ def run_variants(cfg, variants: list[str], out: Path) -> dict:
 
 
 def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(value, indent=1))
 
 
 def _train_and_evaluate(cfg, name: str, seed: int, data, supports, parent, folder: Path,

@@ -10,6 +10,7 @@ import os
 import random
 
 from trainer.corpus import Sentence
+from trainer.paths import atomic_file
 
 NAMES = {
     "PER": ["Anna Berg", "Carlos Ruiz", "Jan de Vries", "Marie Dubois", "Li Wei", "John Smith",
@@ -67,10 +68,7 @@ def make_sentences(lang: str, n: int, seed: int = 0) -> list[Sentence]:
 
 def write_corpus(path: str | os.PathLike, sentences: list[Sentence]) -> None:
     """Two-column `word TAG` file, blank line between sentences (the paper's processed format)."""
-    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_file(path) as fh:
         for s in sentences:
             fh.writelines(f"{w} {t}\n" for w, t in zip(s.words, s.tags))
             fh.write("\n")
-    os.replace(tmp, path)

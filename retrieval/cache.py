@@ -14,10 +14,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from trainer.paths import atomic_file, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -38,21 +39,6 @@ def corpus_hash(sentences: Sequence[Any]) -> str:
 
 def key_hash(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class RetrievalCache:
@@ -82,9 +68,9 @@ class RetrievalCache:
         return array
 
     def save(self, path: str, array: np.ndarray, parts: dict[str, Any]) -> None:
-        _atomic_write(path, lambda fh: np.save(fh, array, allow_pickle=False))
-        note = json.dumps(parts, sort_keys=True, indent=1, default=str).encode()
-        _atomic_write(path[:-len(".npy")] + ".json", lambda fh: fh.write(note))
+        with atomic_file(path, "wb") as fh:
+            np.save(fh, array, allow_pickle=False)
+        write_atomic(path[:-len(".npy")] + ".json", json.dumps(parts, sort_keys=True, indent=1, default=str))
 
     def get_or_compute(self, kind: str, parts: dict[str, Any], rows: int, dtype,
                        compute: Callable[[], np.ndarray]) -> np.ndarray:

@@ -74,3 +74,19 @@ def test_per_type_and_all_o():
 def test_length_mismatch_is_an_error():
     with pytest.raises(ValueError, match="sentence 0"):
         score([["O", "O"]], [["O"]])
+
+
+def test_files_are_written_whole_or_not_at_all(tmp_path):
+    """The one atomic-write helper that records, shards, units, caches and predictions use."""
+    from trainer.paths import atomic_file, write_atomic
+
+    path = tmp_path / "sub" / "out.json"
+    write_atomic(path, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(path) as fh:
+            fh.write("half of the new")
+            raise RuntimeError("killed while writing")
+    assert path.read_text() == "old" and sorted(p.name for p in path.parent.iterdir()) == ["out.json"]
+    with atomic_file(path, "wb") as fh:
+        fh.write(b"new")
+    assert path.read_bytes() == b"new" and len(list(path.parent.iterdir())) == 1

@@ -21,6 +21,7 @@ import torch
 from .config import EVAL_BATCH_SIZE
 from .features import FEATURES_VERSION, IGNORE, Featurizer, Window
 from .model import NerModel, evaluating
+from .paths import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -190,10 +191,8 @@ class BottomStore:
 
     def save(self, content: str, states: States) -> Path:
         path = self.path(content)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({k: v.cpu() for k, v in states.items()}, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path, "wb") as fh:
+            torch.save({k: v.cpu() for k, v in states.items()}, fh)
         return path
 
 

@@ -1,9 +1,13 @@
-"""Output folders that fail at once, naming the setting, when they cannot be created or written."""
+"""Output folders that fail at once, naming the setting, when they cannot be created or written;
+and files written whole or not at all."""
 from __future__ import annotations
 
 import errno
 import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Iterator
 
 
 def make_output_dir(path: str | os.PathLike, setting: str) -> Path:
@@ -24,3 +28,34 @@ def make_output_dir(path: str | os.PathLike, setting: str) -> Path:
                   errno.ENOSPC: "no space left"}.get(err.errno, err.strerror or str(err))
         raise ValueError(f"{setting}: cannot write to the folder {folder} ({reason}); choose a writable folder") from None
     return folder
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
+    """An open file that replaces `path` whole when the block ends without error.
+
+    A reader, or a run resumed after a kill, sees the old content or the new one, never half of
+    it: the data goes to a uniquely named hidden file beside `path` (same file system, so the
+    rename is atomic), flushed to disk before the rename; on an error that file is removed and
+    `path` is left as it was. The folder is created if missing.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, text: str) -> None:
+    """`text` (UTF-8) as the whole content of `path`, atomically (see `atomic_file`)."""
+    with atomic_file(path) as fh:
+        fh.write(text)

@@ -44,14 +44,14 @@ def score(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict:
 def write_conll(path: str | os.PathLike, words: Iterable[Sequence[str]], gold: Iterable[Sequence[str]],
                 pred: Iterable[Sequence[str]]) -> None:
     """`token gold pred` per line, a blank line after each sentence (conlleval's input)."""
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
+    from .paths import atomic_file
+
+    with atomic_file(path) as fh:
         for ws, gs, ps in zip(words, gold, pred):
             for w, g, p in zip(ws, gs, ps):
                 # conlleval splits on whitespace: a token holding a space would shift the columns.
                 fh.write(f"{''.join(w.split()) or '_'} {g} {p}\n")
             fh.write("\n")
-    os.replace(tmp, path)
 
 
 # Labels of the official Meta-Cross code's output that are no entity tags: read as O only when

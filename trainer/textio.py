@@ -331,12 +331,9 @@ class ShardWriter:
         return counts
 
     def _atomic(self, path: Path, text: str) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        from .paths import write_atomic
+
+        write_atomic(path, text)
 
     def counts(self, number: int) -> tuple[int, Counter]:
         """Sentences and entities per type of a shard already written (read back a line at a time)."""
