@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from trainer.adapt import (AdaptItem, Adapter, AdaptSettings, _adapted_batched, _adapted_sequential, _encode_groups,
-                           adapt_and_predict, adapt_many, predict)
+                           adapt_and_predict, adapt_many)
 from trainer.checkpoint import save_checkpoint
 from trainer.config import load_config
 from trainer.corpus import LABELS, Sentence
 from trainer.features import Featurizer
+from trainer.predict import predict
 from trainer.model import NerModel, freeze, trainable_parameters
 from trainer.optim import BertAdam, batched_bertadam_step, param_groups
 

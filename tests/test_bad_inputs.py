@@ -311,7 +311,7 @@ def tiny_model(tiny_bert, tiny_tokenizer):
 
 
 def test_a_2000_word_sentence_is_windowed_and_every_word_predicted_once(tmp_path, tiny_model):
-    from trainer.adapt import predict
+    from trainer.predict import predict
 
     model, featurizer = tiny_model
     words = [f"Paris{i % 7}" if i % 5 == 0 else "the" for i in range(2000)]
@@ -327,7 +327,7 @@ def test_a_2000_word_sentence_is_windowed_and_every_word_predicted_once(tmp_path
 
 
 def test_punctuation_only_and_invisible_words_are_read_and_predicted(tmp_path, tiny_model):
-    from trainer.adapt import predict
+    from trainer.predict import predict
 
     model, featurizer = tiny_model
     # "\u200b" (zero-width space) is no whitespace to str.split but tokenises to nothing.

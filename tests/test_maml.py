@@ -201,7 +201,7 @@ def test_finetune_learns_and_ends_on_the_best_dev_weights(tiny_bert, featurizer,
     cfg = load_config(None, ["train.warmup_proportion=0.1", "train.meta_lr=0.002", "train.base_batch_size=8",
                              "train.eval_every=10", "train.mask_ratio=0.2"])
     model = _model(tiny_bert, double=False)
-    from trainer.adapt import evaluate
+    from trainer.predict import evaluate
 
     dev = toy_corpus["en"][40:60]
     start = evaluate(model, featurizer, dev)["f1"]

@@ -1,4 +1,4 @@
-"""Prediction, and test-time adaptation: one BertAdam step on a sentence's support set, then predict.
+"""Test-time adaptation: one BertAdam step on a sentence's support set, then predict.
 
 Each target sentence is adapted from the same meta weights. The sequential path steps the model in
 place with a fresh optimiser and restores the trainable parameters exactly afterwards. The batched
@@ -24,15 +24,14 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch.func import grad, vmap
 
-from .config import EVAL_BATCH_SIZE
 from .corpus import Sentence, content_key
 from .features import IGNORE, Featurizer, Window, labelled_predictions
 from .losses import token_loss
-from .model import NerModel, attention, evaluating, in_mode, trainable_parameters
+from .model import NerModel, attention, in_mode, trainable_parameters
 from .bottom import BottomStore, FrozenBottom
 from .engine import VMAP_ATTENTION, Top, quiet_vmap, stack
 from .optim import BertAdam, batched_bertadam_step, param_groups
-from .scoring import score
+from .predict import device_of, predict, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -51,44 +50,6 @@ class AdaptSettings:
                    cfg.train.max_grad_norm, cfg.adapt.lambda_max, cfg.train.classifier_lr_scale)
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-# ---------------------------------------------------------------- plain prediction
-
-
-def _window_predictions(model: NerModel, featurizer: Featurizer, windows: Sequence[Window],
-                        batch_size: int) -> list[list[int]]:
-    out: list[list[int]] = []
-    with evaluating(model), torch.no_grad():
-        for start in range(0, len(windows), batch_size):
-            batch = _to(featurizer.collate(windows[start:start + batch_size]), _device(model))
-            logits = model(batch["input_ids"], batch["attention_mask"])
-            out.extend(labelled_predictions(logits, batch["labels"]))
-    return out
-
-
-def predict(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentence],
-            batch_size: int = EVAL_BATCH_SIZE) -> list[list[str]]:
-    """Tags of each sentence in eval mode, windows merged back into words."""
-    if not sentences:
-        return []
-    windows = featurizer.encode(sentences)
-    return featurizer.merge(sentences, windows, _window_predictions(model, featurizer, windows, batch_size))
-
-
-def evaluate(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentence],
-             batch_size: int = EVAL_BATCH_SIZE) -> dict:
-    """conlleval-style scores of the model's predictions on gold-tagged sentences."""
-    predicted = predict(model, featurizer, sentences, batch_size)
-    return score([list(s.tags) for s in sentences], predicted)
-
-
 # ---------------------------------------------------------------- sequential adaptation
 
 
@@ -103,7 +64,7 @@ def _adapted_sequential(model: NerModel, featurizer: Featurizer, sentence: Sente
     with in_mode(model, None):
         try:
             if s.num_adapt_steps > 0 and support:
-                batch = _to(featurizer.collate(featurizer.encode(support)), _device(model))
+                batch = to_device(featurizer.collate(featurizer.encode(support)), device_of(model))
                 # A fresh optimiser each sentence: the first step is ~3.16 * adapt_lr * sign(g).
                 optimizer = BertAdam(groups, lr=s.adapt_lr, max_grad_norm=s.max_grad_norm)
                 for _ in range(s.num_adapt_steps):
@@ -111,7 +72,7 @@ def _adapted_sequential(model: NerModel, featurizer: Featurizer, sentence: Sente
                     loss = token_loss(logits, featurizer.loss_labels(batch), s.lambda_max)
                     optimizer.step_with(torch.autograd.grad(loss, params, allow_unused=True))
             windows = featurizer.encode([sentence])
-            target = _to(featurizer.collate(windows), _device(model))
+            target = to_device(featurizer.collate(windows), device_of(model))
             model.eval()
             with torch.no_grad():
                 logits = model(target["input_ids"], target["attention_mask"])
@@ -267,7 +228,7 @@ class Adapter:
         else:
             supports = [list(i.support) for i in items]
             content = self.content(items)
-            states = self.store.load(content, _device(self.model)) if self.store else {}
+            states = self.store.load(content, device_of(self.model)) if self.store else {}
             bottom = FrozenBottom(self.model, self.featurizer, dict(states))
             tags = adapt_many(self.model, self.featurizer, sentences, supports, self.cfg, bottom=bottom)
             if self.store and len(bottom) > len(states):

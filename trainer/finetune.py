@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .adapt import evaluate
+from .predict import evaluate
 from .bottom import FrozenBottom
 from .config import EVAL_BATCH_SIZE
 from .corpus import Sentence

@@ -150,7 +150,8 @@ class MetaTrainer:
         its single-process time instead of keeping the other ranks waiting. The F1 is the same on
         every rank.
         """
-        from .adapt import adapt_many, predict
+        from .adapt import adapt_many
+        from .predict import predict
         from .scoring import score
 
         if not self.dev:

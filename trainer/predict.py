@@ -1,0 +1,48 @@
+"""Labelling without adaptation: a model's tags for sentences (eval mode, windows merged back into
+words), and their conlleval scores. Training (selection on dev) and test time share it."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .config import EVAL_BATCH_SIZE
+from .corpus import Sentence
+from .features import Featurizer, Window, labelled_predictions
+from .model import NerModel, evaluating
+from .scoring import score
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _window_predictions(model: NerModel, featurizer: Featurizer, windows: Sequence[Window],
+                        batch_size: int) -> list[list[int]]:
+    out: list[list[int]] = []
+    with evaluating(model), torch.no_grad():
+        for start in range(0, len(windows), batch_size):
+            batch = to_device(featurizer.collate(windows[start:start + batch_size]), device_of(model))
+            logits = model(batch["input_ids"], batch["attention_mask"])
+            out.extend(labelled_predictions(logits, batch["labels"]))
+    return out
+
+
+def predict(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentence],
+            batch_size: int = EVAL_BATCH_SIZE) -> list[list[str]]:
+    """Tags of each sentence in eval mode, windows merged back into words."""
+    if not sentences:
+        return []
+    windows = featurizer.encode(sentences)
+    return featurizer.merge(sentences, windows, _window_predictions(model, featurizer, windows, batch_size))
+
+
+def evaluate(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentence],
+             batch_size: int = EVAL_BATCH_SIZE) -> dict:
+    """conlleval-style scores of the model's predictions on gold-tagged sentences."""
+    predicted = predict(model, featurizer, sentences, batch_size)
+    return score([list(s.tags) for s in sentences], predicted)
