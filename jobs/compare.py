@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .tables import markdown
+
 
 def predictions(out: Path, seed: int | None = None) -> dict[str, dict[str, Path]]:
     """{row: {lang: predictions file}} of `seed` (default: the lowest seed) of each row."""
@@ -45,7 +47,7 @@ def compare(out: Path, against: str, resamples: int, seed: int = 0, run_seed: in
     if against not in rows:
         which = "" if run_seed is None else f" for seed {run_seed}"
         raise ValueError(f"{out} has no evaluated row {against!r}{which}; rows found: {', '.join(rows) or 'none'}")
-    lines = [f"| row | lang | F1 | std over resamples | minus {against} | 95 % interval |", "|---|---|---|---|---|---|"]
+    table = []
     for lang in rows[against]:
         _, gold, reference = read_conll(rows[against][lang])
         preds = {against: reference}
@@ -63,8 +65,8 @@ def compare(out: Path, against: str, resamples: int, seed: int = 0, run_seed: in
             ref = _f1(gold, preds[against])
             cells = [name, lang, f"{point:.2f}", f"{f1.std():.2f}"]
             cells += ["—", "—"] if name == against else [f"{point - ref:+.2f}", f"[{lo:+.2f}, {hi:+.2f}]"]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            table.append(cells)
+    return markdown(["row", "lang", "F1", "std over resamples", f"minus {against}", "95 % interval"], table)
 
 
 def _f1(gold, pred) -> float:

@@ -18,6 +18,7 @@ from cluster.retrieval import build_supports
 
 from .common import (check_record, inputs_record, load_data, main_guard, parse, sample, start_cluster,
                      tracked_run, write_record)
+from .tables import markdown
 from .variants import mean_std, summarize, variant_config
 
 logger = logging.getLogger(__name__)
@@ -82,12 +83,12 @@ def run(argv=None) -> int:
                                       seed, folder / f"{fraction:g}" / lang)
                             run.log_metrics({f"f1_{lang}_{fraction:g}": f1})
                             scores.setdefault((name, fraction), {}).setdefault(seed, {})[lang] = f1
-        lines = ["| model | fraction | " + " | ".join(langs) + " | avg |", "|---|---|" + "---|" * (len(langs) + 1)]
+        rows = []
         for (name, fraction), per_seed in scores.items():
             row = summarize(per_seed)
             tracked.log_metrics({f"f1_{name}_{fraction:g}_{k}_mean": v[0] for k, v in row.items()})
-            lines.append(f"| {name} | {fraction:g} | " + " | ".join(mean_std(row[k]) for k in langs + ["avg"]) + " |")
-    text = "\n".join(lines) + "\n"
+            rows.append([name, f"{fraction:g}", *(mean_std(row[k]) for k in langs + ["avg"])])
+    text = markdown(["model", "fraction", *langs, "avg"], rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.md").write_text(text, encoding="utf-8")
     print(text)

@@ -16,6 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from .tables import markdown
 from .variants import PAPER_ROWS
 
 # Differences that take the method apart: (name, row, minus row).
@@ -59,34 +60,31 @@ def _per_seed(seeds: dict[int, dict], metric: str, lang: str) -> list[float]:
 
 def f1_table(rows: dict, paper: dict) -> str:
     langs = _langs(rows)
-    lines = ["| row | seeds | " + " | ".join(langs) + " | avg |", "|---|---|" + "---|" * (len(langs) + 1)]
+    out = []
     for name, seeds in rows.items():
-        cells = [_stats(_per_seed(seeds, "f1", lang)) for lang in langs + ["avg"]]
-        lines.append(f"| {PAPER_ROWS.get(name, name)} | {len(seeds)} | " + " | ".join(cells) + " |")
+        out.append([PAPER_ROWS.get(name, name), len(seeds), *(_stats(_per_seed(seeds, "f1", lang)) for lang in langs + ["avg"])])
         if name in paper:
             ref = [paper[name][lang] for lang in langs]
-            lines.append("| *paper (mBERT)* | 5 | " + " | ".join(f"*{v:.2f}*" for v in ref)
-                         + f" | *{statistics.fmean(ref):.2f}* |")
-    return "\n".join(lines) + "\n"
+            out.append(["*paper (mBERT)*", 5, *(f"*{v:.2f}*" for v in ref), f"*{statistics.fmean(ref):.2f}*"])
+    return markdown(["row", "seeds", *langs, "avg"], out)
 
 
 def precision_recall_table(rows: dict) -> str:
     langs = _langs(rows)
-    lines = ["| row | " + " | ".join(f"{lang} P / R" for lang in langs) + " | avg P / R |",
-             "|---|" + "---|" * (len(langs) + 1)]
+    out = []
     for name, seeds in rows.items():
         if not all("precision" in s for s in seeds.values()):
             continue
-        cells = [f"{statistics.fmean(_per_seed(seeds, 'precision', lang)):.1f} / "
-                 f"{statistics.fmean(_per_seed(seeds, 'recall', lang)):.1f}" for lang in langs + ["avg"]]
-        lines.append(f"| {PAPER_ROWS.get(name, name)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        out.append([PAPER_ROWS.get(name, name), *(f"{statistics.fmean(_per_seed(seeds, 'precision', lang)):.1f} / "
+                                                   f"{statistics.fmean(_per_seed(seeds, 'recall', lang)):.1f}"
+                                                   for lang in langs + ["avg"])])
+    return markdown(["row", *(f"{lang} P / R" for lang in langs), "avg P / R"], out)
 
 
 def decomposition_table(rows: dict) -> str:
     """Each difference per seed first (paired by seed), then its mean ± std over seeds."""
     langs = _langs(rows)
-    lines = ["| effect | = | " + " | ".join(langs) + " | avg |", "|---|---|" + "---|" * (len(langs) + 1)]
+    out = []
     for title, a, b in DECOMPOSITIONS:
         if a not in rows or b not in rows:
             continue
@@ -96,8 +94,8 @@ def decomposition_table(rows: dict) -> str:
             diffs = [_per_seed({s: rows[a][s]}, "f1", lang)[0] - _per_seed({s: rows[b][s]}, "f1", lang)[0]
                      for s in seeds]
             cells.append(_stats(diffs, signed=True) if diffs else "—")
-        lines.append(f"| {title} | {PAPER_ROWS.get(a, a)} − {PAPER_ROWS.get(b, b)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        out.append([title, f"{PAPER_ROWS.get(a, a)} − {PAPER_ROWS.get(b, b)}", *cells])
+    return markdown(["effect", "=", *langs, "avg"], out)
 
 
 def curves(rows: dict) -> dict[str, dict[int, list[float]]]:
@@ -118,11 +116,9 @@ def curve_table(rows: dict) -> str:
     if not by_row:
         return ""
     steps = sorted({step for points in by_row.values() for step in points})
-    lines = ["| row | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---|" * len(steps)]
-    for name, points in by_row.items():
-        cells = [f"{statistics.fmean(points[s]):.1f}" if s in points else "—" for s in steps]
-        lines.append(f"| {PAPER_ROWS.get(name, name)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    out = [[PAPER_ROWS.get(name, name), *(f"{statistics.fmean(points[s]):.1f}" if s in points else "—" for s in steps)]
+           for name, points in by_row.items()]
+    return markdown(["row", *map(str, steps)], out)
 
 
 def curve_chart(rows: dict, path: Path) -> Path:
@@ -147,11 +143,9 @@ def curve_chart(rows: dict, path: Path) -> Path:
 
 
 def wall_table(rows: dict) -> str:
-    lines = ["| row | " + "wall per seed (min) | total (min) |", "|---|---|---|"]
-    for name, seeds in rows.items():
-        per = ", ".join(f"{seed}: {s['wall_s'] / 60:.1f}" for seed, s in seeds.items())
-        lines.append(f"| {PAPER_ROWS.get(name, name)} | {per} | {sum(s['wall_s'] for s in seeds.values()) / 60:.1f} |")
-    return "\n".join(lines) + "\n"
+    out = [[PAPER_ROWS.get(name, name), ", ".join(f"{seed}: {s['wall_s'] / 60:.1f}" for seed, s in seeds.items()),
+            f"{sum(s['wall_s'] for s in seeds.values()) / 60:.1f}"] for name, seeds in rows.items()]
+    return markdown(["row", "wall per seed (min)", "total (min)"], out)
 
 
 def page(out: Path, chart: Path | None = None, resamples: int = 1000) -> str:

@@ -6,6 +6,8 @@ from typing import Sequence
 
 from trainer.config import Config, with_overrides
 
+from .tables import markdown
+
 _BASE = ["train.mode=base", "train.lambda_max=0", "train.mask_ratio=0"]
 
 # Table 3 and 4 of the paper, and the rows that take the method apart. Each variant changes only
@@ -88,19 +90,14 @@ def markdown_table(results: dict[str, dict[str, tuple[float, float]]], paper: di
     """Rows per variant (mean ± std over seeds) with the paper's mBERT row beside each."""
     langs = [k for k in next(iter(results.values())) if k != "avg"]
     timed = wall_s is not None
-    head = ("| variant | " + " | ".join(langs) + " | avg |" + (" wall |" if timed else "") + "\n|---|"
-            + "---|" * (len(langs) + 1 + timed) + "\n")
-    lines = []
+    rows = []
     for name, row in results.items():
         cells = [mean_std(row[k]) for k in langs + ["avg"]]
-        if timed:
-            cells.append(f"{wall_s.get(name, 0.0) / 60:.1f} min")
-        lines.append(f"| {PAPER_ROWS.get(name, name)} (this run) | " + " | ".join(cells) + " |")
+        rows.append([f"{PAPER_ROWS.get(name, name)} (this run)", *cells]
+                    + ([f"{wall_s.get(name, 0.0) / 60:.1f} min"] if timed else []))
         if name in paper:
-            ref = paper[name]
-            vals = [ref.get(k) for k in langs]
+            vals = [paper[name].get(k) for k in langs]
             avg = sum(v for v in vals if v is not None) / max(1, sum(v is not None for v in vals))
-            lines.append(f"| {PAPER_ROWS.get(name, name)} (paper, mBERT) | "
-                         + " | ".join("—" if v is None else f"{v:.2f}" for v in vals) + f" | {avg:.2f} |"
-                         + (" |" if timed else ""))
-    return head + "\n".join(lines) + "\n"
+            rows.append([f"{PAPER_ROWS.get(name, name)} (paper, mBERT)", *("—" if v is None else f"{v:.2f}" for v in vals),
+                         f"{avg:.2f}"] + ([""] if timed else []))
+    return markdown(["variant", *langs, "avg"] + (["wall"] if timed else []), rows)
