@@ -61,6 +61,17 @@ def main_guard(run: Callable[[Optional[Sequence[str]]], int]) -> Callable:
     return main
 
 
+def print_or_fail(make: Callable[[], str]) -> int:
+    """Print what `make` returns; a bad input or path ends in one `error:` line and exit status 2
+    (the read-only commands: results, compare)."""
+    try:
+        print(make(), end="")
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 # ------------------------------------------------------------------------------------- data
 
 

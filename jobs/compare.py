@@ -10,16 +10,18 @@ its difference from the reference row with a 95 % paired-bootstrap interval.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
+from .common import print_or_fail
 from .tables import markdown
 
 
 def predictions(out: Path, seed: int | None = None) -> dict[str, dict[str, Path]]:
     """{row: {lang: predictions file}} of `seed` (default: the lowest seed) of each row."""
+    if not out.is_dir():
+        raise ValueError(f"{out}: no such folder; give the --out folder of a pipeline, ablation or replicate job")
     rows = {}
     for folder in sorted(p for p in out.iterdir() if p.is_dir()):
         if seed is None:  # the lowest seed: seed95 before seed495, whatever the string order
@@ -83,12 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=None,
                         help="training seed whose predictions compare (default: each row's lowest)")
     args = parser.parse_args(argv)
-    try:
-        print(compare(args.out, args.against, args.resamples, run_seed=args.seed), end="")
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return print_or_fail(lambda: compare(args.out, args.against, args.resamples, run_seed=args.seed))
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
+from .common import print_or_fail
 from .tables import markdown
 from .variants import PAPER_ROWS
 
@@ -29,6 +29,8 @@ def read_rows(out: Path) -> dict[str, dict[int, dict]]:
     """{row: {seed: scores.json}} of every finished seed under `out`, rows in the job's order."""
     from .replicate import ROWS
 
+    if not out.is_dir():
+        raise ValueError(f"{out}: no such folder; give the --out folder of a replicate, pipeline or ablation job")
     found = {}
     for folder in sorted(p for p in out.iterdir() if p.is_dir()):
         seeds = {}
@@ -179,12 +181,7 @@ def main(argv=None) -> int:
     parser.add_argument("--chart", type=Path, default=None, help="write the English-dev curves here (PNG)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000)")
     args = parser.parse_args(argv)
-    try:
-        print(page(args.out, args.chart, args.resamples), end="")
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return print_or_fail(lambda: page(args.out, args.chart, args.resamples))
 
 
 if __name__ == "__main__":

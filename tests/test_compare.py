@@ -41,3 +41,13 @@ def test_compare_prints_each_row_against_the_reference(tmp_path):
     assert compare(tmp_path, "base", 200) == compare(tmp_path, "base", 200, run_seed=95)  # lowest, not "seed495"
     with pytest.raises(ValueError, match="for seed 7"):
         compare(tmp_path, "base", 10, run_seed=7)
+
+
+def test_results_and_compare_name_a_missing_folder_in_one_line(tmp_path, capsys):
+    from jobs.compare import main as compare_main
+    from jobs.results import main as results_main
+
+    for main in (compare_main, results_main):
+        assert main([str(tmp_path / "none")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path / 'none'}: no such folder; give the --out folder") and err.count("\n") == 1

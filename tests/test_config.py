@@ -96,18 +96,15 @@ def test_a_file_includes_shared_blocks_first_and_overrides_them(tmp_path):
     cfg = load_config(tmp_path / "job.yaml")
     assert (cfg.cluster.num_workers, cfg.cluster.use_gpu) == (8, True)
     (tmp_path / "shared" / "bad.yaml").write_text("cluster:\n  num_workers: many\n")
-    (tmp_path / "job2.yaml").write_text("include: [shared/gpu.yaml, shared/bad.yaml]\n")
-    with pytest.raises(ConfigError, match=r"shared/bad.yaml \(included by .*job2.yaml\):2: .*num_workers"):
-        load_config(tmp_path / "job2.yaml")
-    (tmp_path / "job3.yaml").write_text("include: shared/none.yaml\n")
-    with pytest.raises(ConfigError, match=r"shared/none.yaml \(included by .*job3.yaml\) does not exist"):
-        load_config(tmp_path / "job3.yaml")
-    (tmp_path / "loop.yaml").write_text("include: loop.yaml\n")
-    with pytest.raises(ConfigError, match=r"loop.yaml .* includes itself"):
-        load_config(tmp_path / "loop.yaml")
-    (tmp_path / "job4.yaml").write_text("include: {a: 1}\n")
-    with pytest.raises(ConfigError, match=r"job4.yaml:1: include: give a file name or a list"):
-        load_config(tmp_path / "job4.yaml")
+    cases = {"job2.yaml": ("include: [shared/gpu.yaml, shared/bad.yaml]\n",
+                           r"shared/bad.yaml \(included by .*job2.yaml\):2: .*num_workers"),
+             "job3.yaml": ("include: shared/none.yaml\n", r"shared/none.yaml \(included by .*job3.yaml\) does not exist"),
+             "loop.yaml": ("include: loop.yaml\n", r"loop.yaml .* includes itself"),
+             "job4.yaml": ("include: {a: 1}\n", r"job4.yaml:1: include: give a file name or a list")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(tmp_path / name)
 
 
 def test_the_paper_scale_jobs_share_one_gpu_cluster_block():
