@@ -108,13 +108,14 @@ def test_unit_store_keeps_finished_units_valid_after_a_kill(tmp_path):
 
     folder = tmp_path / "units"
     proc = _start(_UNIT_WRITER, str(folder))
-    _interrupt_when(proc, lambda: len(list(folder.glob("*.json"))) >= 3 and any(folder.glob("*.json.tmp")),
+    # Killed while a unit is half written (trainer.paths.atomic_file: a hidden .<name>.<random>.tmp).
+    _interrupt_when(proc, lambda: len(list(folder.glob("*.json"))) >= 3 and any(folder.glob(".*.json.*.tmp")),
                     signal.SIGKILL)
     store = UnitStore(folder)
     done = store.done()
     assert len(done) >= 3
     # A file still being written is never taken for a finished unit.
-    (folder / "es-999999.json.tmp").write_text('{"0": ["O"')
+    (folder / ".es-999999.json.k2x9.tmp").write_text('{"0": ["O"')
     assert store.done() == done and not any(d.endswith(".tmp") or ".json" in d for d in done)
     for unit_id in done:
         tags = store.load(unit_id)
