@@ -16,8 +16,11 @@ logger = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
-def parse(argv: Optional[Sequence[str]], job: str, add_arguments: Callable | None = None):
-    """(cfg, args) from `--config FILE` (default jobs/configs/<job>.yaml) and `section.key=value`s."""
+def parse(argv: Optional[Sequence[str]], job: str, add_arguments: Callable | None = None,
+          model_from_config: bool = True):
+    """(cfg, args) from `--config FILE` (default jobs/configs/<job>.yaml) and `section.key=value`s,
+    everything checked before --out is created: with `model_from_config` (the job uses the model
+    the config names, not one it builds or finds in a checkpoint), that a hub id resolves."""
     from trainer.config import load_config
 
     parser = argparse.ArgumentParser(prog=f"metaner {job.replace('_', '-')}",
@@ -34,7 +37,7 @@ def parse(argv: Optional[Sequence[str]], job: str, add_arguments: Callable | Non
         cfg.model.name_or_path = os.path.abspath(cfg.model.name_or_path)
     args.out = Path(args.out or Path(cfg.train.output_dir) / job)
     from cluster.tracking import check_reachable, tracking_uri
-    from trainer.config import ConfigError, tracking_uri_problems
+    from trainer.config import ConfigError, hub_problems, tracking_uri_problems
     from trainer.paths import make_output_dir
 
     if cfg.mlflow.tracking_uri is None and os.environ.get("MLFLOW_TRACKING_URI"):
@@ -43,6 +46,9 @@ def parse(argv: Optional[Sequence[str]], job: str, add_arguments: Callable | Non
         if problems:
             raise ConfigError([f"MLFLOW_TRACKING_URI: {p}" for p in problems])
     check_reachable(tracking_uri(cfg.mlflow.tracking_uri))  # before any work, naming the URI
+    problems = hub_problems(cfg.model.name_or_path) if model_from_config else []
+    if problems:
+        raise ConfigError(problems)
     make_output_dir(args.out, "--out")
     return cfg, args
 
@@ -119,14 +125,10 @@ def load_data(cfg, seed: int, targets: Sequence[str] | None = None) -> Data:
 
 
 def start_cluster(cfg, phases: Sequence[str] | None = None) -> None:
-    """Start (or join) Ray once the model is known to resolve, then refuse actors the cluster
-    cannot place together (`phases` as cluster.runtime.check_resources takes them; default all)."""
+    """Start (or join) Ray, then refuse actors the cluster cannot place together (`phases` as
+    cluster.runtime.check_resources takes them; default all)."""
     from cluster.runtime import check_resources, init_ray
-    from trainer.config import ConfigError, hub_problems
 
-    problems = hub_problems(cfg.model.name_or_path)
-    if problems:
-        raise ConfigError(problems)
     init_ray(cfg.cluster.address)
     if phases is None:
         check_resources(cfg)

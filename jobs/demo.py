@@ -61,7 +61,7 @@ def run(argv=None) -> int:
     def arguments(p):
         p.add_argument("--data", default=None, help="a real data root (e.g. ../shared/data) instead of synthetic corpora")
 
-    cfg, args = parse(argv, "demo", arguments)
+    cfg, args = parse(argv, "demo", arguments, model_from_config=False)
     root = Path(args.data).resolve() if args.data else None
     if root and not root.is_dir():
         raise ValueError(f"--data {args.data}: no such folder; give the data root (e.g. ../shared/data)")

@@ -23,7 +23,7 @@ def run(argv=None) -> int:
         p.add_argument("--text", action="append", default=[], help="a sentence (repeatable)")
         p.add_argument("--file", help="a file with one sentence per line")
 
-    job_cfg, args = parse(argv, "predict", arguments)
+    job_cfg, args = parse(argv, "predict", arguments, model_from_config=False)
     lines = [t.replace("\n", " ").strip() for t in args.text if t.strip()]
     if not lines and not args.file:
         raise ValueError("nothing to label: give --text SENTENCE or --file FILE with one sentence per line")

@@ -171,7 +171,7 @@ def run(argv=None) -> int:
         p.add_argument("--text-field", default="text", help="JSONL field holding the text or a list of words")
         p.add_argument("--conll", action="store_true", help="also write part-*.conll (word TAB tag)")
 
-    job_cfg, args = parse(argv, "tag", arguments)
+    job_cfg, args = parse(argv, "tag", arguments, model_from_config=False)
     cfg, found = prepare(job_cfg, args)
     inputs, total = open_input(args.input, cfg, args, args.text_field)
     work = record(cfg, found, inputs, args.conll)

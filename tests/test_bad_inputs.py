@@ -517,13 +517,13 @@ def test_a_hub_id_must_resolve_before_the_cluster_starts(tmp_path, monkeypatch):
     assert "'someone/not-cached' is not in the local Hugging Face cache" in offline and "HF_HUB_OFFLINE" in offline
 
 
-def test_a_job_on_a_hub_id_that_cannot_resolve_stops_in_one_line_before_ray(tmp_path):
+def test_a_job_on_a_hub_id_that_cannot_resolve_stops_in_one_line_before_any_work(tmp_path):
     out = tmp_path / "out"
     result = _job(["jobs.meta_train", "--out", str(out), "model.name_or_path=someone/not-cached",
                    f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", *_synthetic_overrides(tmp_path / "data")],
                   env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")})
     _one_clear_line(result, "model.name_or_path: 'someone/not-cached' is not in the local Hugging Face cache")
-    assert "Ray" not in result.stderr
+    assert "Ray" not in result.stderr and not out.exists()  # refused before --out is created
 
 
 def test_a_folder_without_tokenizer_files_is_refused(tmp_path, tiny_bert):
@@ -758,10 +758,17 @@ def _synthetic_overrides(root: Path) -> list[str]:
             + [f"data.target_files.{lang}={path}" for lang, path in files.items()])
 
 
+def _model_folder(root: Path) -> str:
+    """A folder that passes the model checks (config.json), for jobs stopped before any model loads."""
+    (root / "model").mkdir(exist_ok=True)
+    (root / "model" / "config.json").write_text('{"num_hidden_layers": 12}')
+    return f"model.name_or_path={root / 'model'}"
+
+
 def test_a_missing_corpus_stops_the_pipeline_before_ray_starts(tmp_path):
     started = time.monotonic()
     result = _job(["jobs.pipeline", "--out", str(tmp_path / "out"), f"data.root={tmp_path / 'none'}",
-                   f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])
+                   f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", _model_folder(tmp_path)])
     _one_clear_line(result, f"{tmp_path / 'none'}/meta-cross/en/train.txt: no such file. Check the path")
     assert "Ray" not in result.stderr and time.monotonic() - started < 60
 
@@ -772,7 +779,7 @@ def test_a_seed_folder_made_with_other_inputs_stops_the_job_naming_the_differenc
     (out / "ours" / "seed95" / "inputs.json").write_text(json.dumps({"hash": "0", "values": {"train.meta_lr": 1.0}}))
     (out / "ours" / "seed95" / "scores.json").write_text(json.dumps({"f1": {"es": 99.0}, "wall_s": 1}))
     result = _job(["jobs.pipeline", "--out", str(out), f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
-                   *_synthetic_overrides(tmp_path / "data")])
+                   *_synthetic_overrides(tmp_path / "data"), _model_folder(tmp_path)])
     _one_clear_line(result, f"{out / 'ours' / 'seed95'} holds work made with other inputs: ")
     assert "use another --out, or delete" in result.stderr and "Ray" not in result.stderr
 
@@ -784,7 +791,8 @@ def test_low_resource_refuses_a_folder_made_from_other_target_training_data(tmp_
     from trainer.config import load_config
 
     common = _synthetic_overrides(tmp_path / "data") + ["data.targets=[es]", "data.target_train_files.es=es/test.txt",
-                                                        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]
+                                                        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}",
+                                                        _model_folder(tmp_path)]
     out = tmp_path / "out"
     cfg = load_config(CONFIGS / "low_resource.yaml", common)
     record = inputs_record(variant_config(cfg, "base"), 95, extra_files={"target_train.es": "es/test.txt"})

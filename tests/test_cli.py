@@ -63,6 +63,15 @@ def test_a_relative_model_folder_reaches_workers_as_an_absolute_path(tmp_path, m
     (tmp_path / "models" / "enc" / "config.json").write_text('{"num_hidden_layers": 12}')  # checked by load_config
     cfg, _ = parse(["--out", "o", "model.name_or_path=models/enc"], "meta_train")
     assert cfg.model.name_or_path == str(tmp_path / "models" / "enc")
+    # A hub id stays as it is (here found in a local Hugging Face cache, as the job requires).
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--bert-base-multilingual-cased" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"num_hidden_layers": 12}')
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     hub, _ = parse(["--out", "o", "model.name_or_path=bert-base-multilingual-cased"], "meta_train")
     assert hub.model.name_or_path == "bert-base-multilingual-cased"
 
