@@ -19,6 +19,7 @@ def _finetune(config: dict, source, dev, seed: int, out_dir: str, run_id: str | 
 
     torch.set_num_threads(threads)
 
+    from trainer.bottom import FrozenBottom
     from trainer.checkpoint import save_checkpoint
     from trainer.config import config_from_dict
     from trainer.features import Featurizer
@@ -40,14 +41,9 @@ def _finetune(config: dict, source, dev, seed: int, out_dir: str, run_id: str | 
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     featurizer = Featurizer(tokenizer, cfg.model.max_length, cfg.model.window_context, model.labels)
     log = MlflowLogger(uri, run_id=run_id) if run_id else NullLogger()
-    bottom = None
-    if cfg.model.prefix_cache_dir and cfg.train.mask_ratio == 0:
-        from trainer.bottom import FrozenBottom, keep_source
-
-        bottom = FrozenBottom(model, featurizer)
-        keep_source(bottom, cfg.model.prefix_cache_dir, featurizer.encode(source))
+    bottom = FrozenBottom(model, featurizer) if cfg.model.prefix_cache_dir else None
     stats = finetune(model, featurizer, source, cfg, seed=seed, num_steps=num_steps, dev=dev or None,
-                     metrics_logger=log, bottom=bottom)
+                     metrics_logger=log, bottom=bottom, bottom_store=cfg.model.prefix_cache_dir)
     folder = Path(out_dir) / "best"
     save_checkpoint(folder, model.cpu(), tokenizer=tokenizer, config=cfg, meta={"mode": "base", **stats})
     logger.info("base model: %s", stats)

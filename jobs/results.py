@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .common import print_or_fail
 from .tables import markdown
-from .variants import PAPER_ROWS
+from .variants import PAPER_ROWS, REUSES
 
 # Differences that take the method apart: (name, row, minus row).
 DECOMPOSITIONS = [("meta-training effect", "ours", "base_adapt"), ("adaptation effect", "ours", "ours_noadapt"),
@@ -108,7 +108,7 @@ def curves(rows: dict) -> dict[str, dict[int, list[float]]]:
         for scores in seeds.values():
             for step, f1 in scores.get("dev_curve", []):
                 points.setdefault(int(step), []).append(float(f1))
-        if points and name not in ("base_adapt", "ours_noadapt"):
+        if points and name not in REUSES:
             out[name] = dict(sorted(points.items()))
     return out
 

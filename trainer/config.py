@@ -650,6 +650,11 @@ def _encoder_config(folder: str) -> tuple[dict | None, str | None]:
     return data, None
 
 
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id: absolute, relative with a dot, or existing here."""
+    return os.path.isabs(name) or name.startswith(".") or os.path.exists(name)
+
+
 def hub_problems(name_or_path: str) -> list[str]:
     """Whether a hub id in model.name_or_path resolves, asked only where a job is about to use it
     (building a Config stays offline and instant): the local Hugging Face cache first, where its
@@ -659,7 +664,7 @@ def hub_problems(name_or_path: str) -> list[str]:
     from huggingface_hub import constants
 
     name = os.path.expanduser(name_or_path)
-    if os.path.isabs(name) or name.startswith(".") or os.path.exists(name):
+    if _looks_local(name):
         return []
     key = "model.name_or_path"
     cached = huggingface_hub.try_to_load_from_cache(name, "config.json")
@@ -692,8 +697,7 @@ def check_environment(cfg: Config) -> list[str]:
         problems += [f"mlflow.tracking_uri: {p}" for p in tracking_uri_problems(cfg.mlflow.tracking_uri)]
     m = cfg.model
     name = os.path.expanduser(m.name_or_path)
-    looks_local = os.path.isabs(name) or name.startswith(".") or os.path.exists(name)
-    if not looks_local:
+    if not _looks_local(name):
         if not (_HUB_ID.match(name) and len(name) <= 96 and "--" not in name and ".." not in name):
             problems.append(f"model.name_or_path: {m.name_or_path!r} is neither a folder nor a hub id (owner/name); "
                             "give the folder of a saved model or a hub id")

@@ -58,12 +58,15 @@ def _train_step(model: NerModel, optimizer, scheduler, batch: dict, targets, tra
 
 def finetune(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentence], cfg, *, seed: int,
              num_steps: Optional[int] = None, dev: Optional[Sequence[Sentence]] = None, metrics_logger=None,
-             eval_batch_size: int = EVAL_BATCH_SIZE, bottom: Optional[FrozenBottom] = None) -> dict:
+             eval_batch_size: int = EVAL_BATCH_SIZE, bottom: Optional[FrozenBottom] = None,
+             bottom_store: Optional[str] = None) -> dict:
     """Train in place; with `dev`, evaluate every `train.eval_every` steps and end on the best weights.
 
     `bottom`: the frozen bottom of the source windows, kept (`trainer.bottom.keep_source`), so that
     each step runs only the trainable top, as meta-training does (frozen layers then run without
     dropout, as in meta-training). Unused when masking changes the inputs (train.mask_ratio > 0).
+    `bottom_store`: a folder (model.prefix_cache_dir) where those states are read or saved for
+    every later run with the same frozen weights.
 
     Returns {"steps", "last_loss", "best_f1", "best_step", "dev_curve": [[step, F1], ...]}; `metrics_logger` is any object with
     `log_metrics(dict, step)`.
@@ -75,7 +78,11 @@ def finetune(model: NerModel, featurizer: Featurizer, sentences: Sequence[Senten
         raise ValueError("finetune got no sentences to train on")
     if bottom is not None and (not bottom.num_layers or train.mask_ratio > 0):
         bottom = None
-    if bottom is not None:
+    if bottom is not None and bottom_store:
+        from .bottom import keep_source
+
+        keep_source(bottom, bottom_store, windows)
+    elif bottom is not None:
         bottom.fill(windows, progress=True)
     named = trainable_parameters(model)
     # The official no-meta scheme trains with the meta learning rate and schedule.

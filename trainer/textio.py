@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .corpus import CorpusError, Sentence, entity_spans, os_error
+from .paths import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -326,14 +327,9 @@ class ShardWriter:
             if self.conll:
                 conll.append("".join(f"{w}\t{tag}\n" for w, tag in zip(sentence.words, t)) + "\n")
         if self.conll:
-            self._atomic(self.path(number, ".conll"), "".join(conll))
-        self._atomic(self.path(number), "\n".join(lines) + "\n")
+            write_atomic(self.path(number, ".conll"), "".join(conll))
+        write_atomic(self.path(number), "\n".join(lines) + "\n")
         return counts
-
-    def _atomic(self, path: Path, text: str) -> None:
-        from .paths import write_atomic
-
-        write_atomic(path, text)
 
     def counts(self, number: int) -> tuple[int, Counter]:
         """Sentences and entities per type of a shard already written (read back a line at a time)."""
