@@ -20,18 +20,10 @@ from __future__ import annotations
 import os
 import sys
 
-# One thread per process for stable timing; torch reads this at import.
-os.environ["OMP_NUM_THREADS"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-# Run as a file, this folder would come first on sys.path and benchmarks/retrieval.py would hide the
-# `retrieval` package; the repository root is what the `benchmarks.*` imports need.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0]) == _HERE:
-    sys.path.pop(0)
-if os.path.dirname(_HERE) not in sys.path:
-    sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._setup import prepare  # noqa: E402
+
+prepare()  # threads, offline hub and sys.path, before torch is imported
 
 import copy  # noqa: E402
 

@@ -21,15 +21,10 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ["OMP_NUM_THREADS"] = "1"
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-_HERE = os.path.dirname(os.path.abspath(__file__))
-if sys.path and os.path.abspath(sys.path[0]) == _HERE:
-    sys.path.pop(0)  # benchmarks/retrieval.py would hide the `retrieval` package
-if os.path.dirname(_HERE) not in sys.path:
-    sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks._setup import prepare  # noqa: E402
+
+prepare()  # threads, offline hub and sys.path, before torch is imported
 
 import argparse  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
@@ -110,13 +105,19 @@ def throughput(args, workdir: str) -> dict[int, float]:
         everyone = stream.pool.actors
         warm = write_input(os.path.join(workdir, "warm.txt"), 2 * cfg.cluster.adapt_unit_size * len(everyone))
         stream.run(stream_items(warm, cfg), lambda shard: None)  # every actor's first call off the clock
+        processes = {"driver": None, "embed": stream.embedder.actors, "index": stream.index.shards}
         for n in sorted(args.actors):
             stream.pool.actors = everyone[:n]
+            before = _cpu_seconds({**processes, "adapter": everyone[:n]})
             seconds = min(_timed_run(stream, path, cfg, os.path.join(workdir, f"actors{n}-{r}"))
                           for r in range(args.repeats))
+            spent = {k: v - before[k] for k, v in _cpu_seconds({**processes, "adapter": everyone[:n]}).items()}
             rates[n] = args.sentences / seconds
             print(f"rate tag actors={n} {rates[n]:.1f} sentences/s ({seconds:.1f} s for {args.sentences}, best of "
                   f"{args.repeats})", flush=True)
+            done = args.sentences * args.repeats
+            print(f"cpu tag actors={n} " + " ".join(f"{k}={1000 * v / done:.3f}ms/sentence" for k, v in spent.items()),
+                  flush=True)
         stream.pool.actors = everyone
     return rates
 
@@ -127,6 +128,31 @@ def _timed_run(stream, path: str, cfg, folder: str) -> float:
     writer = ShardWriter(folder)
     write = lambda s: writer.write(s.number, s.first, s.sentences, s.wheres, s.tags)  # noqa: E731
     return common.timed(stream.run, stream_items(path, cfg), write)[1]
+
+
+def _cpu_seconds(processes: dict) -> dict[str, float]:
+    """CPU seconds (user + system, every thread) each kind of process has used so far: where a
+    sentence's time goes besides adaptation, which decides how far a second adapter actor can pay
+    on two cores."""
+    import time
+
+    import ray
+
+    out = {}
+    try:
+        import psutil  # Ray's daemons (raylet, GCS): the price of each call, if psutil is there
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        out["ray"] = sum(p.info["cpu_times"].user + p.info["cpu_times"].system
+                         for p in psutil.process_iter(["name", "cpu_times"])
+                         if p.info["name"] in ("raylet", "gcs_server") and p.info["cpu_times"] is not None)
+    for kind, actors in processes.items():
+        if actors is None:
+            out[kind] = time.process_time()
+        else:
+            out[kind] = sum(ray.get([a.__ray_call__.remote(lambda self: time.process_time()) for a in actors]))
+    return out
 
 
 def _actor_peak(actor) -> int:

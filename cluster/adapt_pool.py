@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from trainer.config import ACTOR_MAX_RESTARTS
+from trainer.digest import file_sha256, files_sha256
 from trainer.paths import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -63,11 +64,8 @@ def inputs_key(checkpoint: str, cfg, units: Sequence[Unit]) -> str:
 
     h = hashlib.sha256()
     weights = Path(checkpoint) / "model.safetensors"
-    h.update(hashlib.sha256(weights.read_bytes()).digest() if weights.is_file() else str(checkpoint).encode())
-    for name in _CHECKPOINT_FILES:
-        path = Path(checkpoint) / name
-        if path.is_file():
-            h.update(name.encode() + hashlib.sha256(path.read_bytes()).digest())
+    h.update(file_sha256(weights).encode() if weights.is_file() else str(checkpoint).encode())
+    h.update(files_sha256(p for p in (Path(checkpoint) / n for n in _CHECKPOINT_FILES) if p.is_file()).encode())
     h.update(json.dumps({"adapt": vars(cfg.adapt), "max_length": cfg.model.max_length,
                          "window_context": cfg.model.window_context}, sort_keys=True).encode())
     for unit in units:

@@ -127,9 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args, rest = build_parser().parse_known_args(argv)
-    if args.func is None:
+    if args.func is None:  # a job sets up its own logging (INFO between stages), as `python -m jobs.X`
         try:
             job = importlib.import_module(args.module)
         except ModuleNotFoundError as err:
@@ -138,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"metaner: `{args.command}` is not available in this version", file=sys.stderr)
             return 2
         return job.main(rest) or 0
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if rest:
         print(f"metaner {args.command}: unexpected arguments {' '.join(rest)}", file=sys.stderr)
         return 2

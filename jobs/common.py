@@ -169,41 +169,30 @@ _NOT_RESULTS = ("mlflow.", "tag.", "cluster.address", "cluster.num_embed_actors"
                 "train.checkpoint_every", "train.task_chunk_size",
                 "data.root", "data.source_train", "data.source_dev", "data.target_files", "data.target_train_files",
                 "model.name_or_path", "model.init_checkpoint")
-_DIGESTS: dict = {}
-
-
 def file_digest(path: str) -> str:
-    """sha256 of a file's content (16 hex digits), computed once per process per file version."""
-    import hashlib
-
+    """sha256 of a file's content (16 hex digits); CorpusError naming a file that cannot be read."""
     from trainer.corpus import CorpusError, os_error
+    from trainer.digest import file_sha256
 
     try:
-        st = os.stat(path)
-        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-        if key not in _DIGESTS:
-            if not os.path.isfile(path):
-                raise CorpusError(path, None, "is not a regular file", "Give a regular file")
-            h = hashlib.sha256()
-            with open(path, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-            _DIGESTS[key] = h.hexdigest()[:16]
+        if not os.path.isfile(path):
+            os.stat(path)  # a missing file raises the OSError that names it
+            raise CorpusError(path, None, "is not a regular file", "Give a regular file")
+        return file_sha256(path)[:16]
     except OSError as err:
         raise os_error(path, err) from None
-    return _DIGESTS[key]
 
 
 def _model_digest(name_or_path: str) -> str:
     """A hub id as it is; a local folder by the content of its files."""
     if not os.path.isdir(name_or_path):
         return name_or_path
-    import hashlib
+    from trainer.digest import text_sha256
 
     names = sorted(n for n in os.listdir(name_or_path)
                    if not n.startswith(".") and os.path.isfile(os.path.join(name_or_path, n)))
     listing = [(n, file_digest(os.path.join(name_or_path, n))) for n in names]
-    return hashlib.sha256(repr(listing).encode()).hexdigest()[:16]
+    return text_sha256(repr(listing), 16)
 
 
 def inputs_record(cfg, seed: int, targets: Sequence[str] | None = None, parent: dict | None = None,
@@ -214,10 +203,10 @@ def inputs_record(cfg, seed: int, targets: Sequence[str] | None = None, parent: 
     without it a model.init_checkpoint folder counts by its content. `extra_files`: more corpus
     files the work reads, {name: path under data.root}. Raises CorpusError naming a corpus file
     that cannot be read."""
-    import hashlib
     import json
 
     from trainer.corpus import split_selector
+    from trainer.digest import values_sha256
 
     d = cfg.data
     values = {k: v for k, v in cfg.flat().items() if not k.startswith(_NOT_RESULTS)}
@@ -235,7 +224,7 @@ def inputs_record(cfg, seed: int, targets: Sequence[str] | None = None, parent: 
     # The dev and target samples are drawn with the job's first seed, shared by every row.
     values["seed"], values["data_seed"] = seed, cfg.train.seeds[0]
     values = json.loads(json.dumps(values, sort_keys=True))
-    return {"hash": hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16], "values": values}
+    return {"hash": values_sha256(values), "values": values}
 
 
 def check_record(folder: Path, record: dict) -> None:

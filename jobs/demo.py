@@ -8,9 +8,10 @@ Results go to <out>/synthetic, or with --data to <out>/data-<hash of the data ro
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
+
+from trainer.digest import text_sha256
 
 from .common import main_guard, parse
 from .pipeline import run_variants
@@ -52,7 +53,7 @@ def data_folder(out: Path, root: Path | None) -> Path:
     run builds and prints the real-data table instead of finding the synthetic rows finished."""
     if root is None:
         return out.resolve() / "synthetic"
-    return out.resolve() / f"data-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]}"
+    return out.resolve() / f"data-{text_sha256(str(root.resolve()), 8)}"
 
 
 def run(argv=None) -> int:

@@ -9,9 +9,10 @@ prints what is there.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
+
+from trainer.digest import text_sha256
 
 from .common import check_record, main_guard, parse, write_record
 from .tag import input_arguments, open_input, prepare, record, tag
@@ -31,7 +32,7 @@ def run(argv=None) -> int:
     specs = []
     if lines:
         text = "\n".join(lines) + "\n"
-        path = args.out / f"text-{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
+        path = args.out / f"text-{text_sha256(text, 16)}.txt"
         path.write_text(text, encoding="utf-8")
         specs.append(str(path))
     if args.file:

@@ -11,7 +11,6 @@ again with the same --out, a run skips the shards already written.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -76,7 +75,8 @@ def open_input(specs: list[str], cfg, args, text_field: str = "text"):
 
 def record(cfg, found, inputs, conll: bool) -> dict:
     """What the shards in --out are made from: a run started again continues them only if equal."""
-    from trainer.checkpoint import file_sha256, weights_sha256
+    from trainer.checkpoint import weights_sha256
+    from trainer.digest import file_sha256, values_sha256
     from trainer.corpus import split_selector
 
     values = {k: v for k, v in cfg.flat().items() if not k.startswith(_NOT_OUTPUT)}
@@ -88,7 +88,7 @@ def record(cfg, found, inputs, conll: bool) -> dict:
                    "source.sha256": file_sha256(split_selector(found.source)[0]),
                    "source.split": split_selector(found.source)[1]})
     values = json.loads(json.dumps(values, sort_keys=True, default=str))
-    return {"hash": hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16], "values": values}
+    return {"hash": values_sha256(values), "values": values}
 
 
 def tag(cfg, found, inputs, total: int, out: Path, conll: bool = False, progress: bool = True) -> dict:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from trainer.digest import values_sha256
 from trainer.paths import atomic_file, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def corpus_hash(sentences: Sequence[Any]) -> str:
 
 
 def key_hash(parts: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return values_sha256(parts, 32)
 
 
 class RetrievalCache:

@@ -17,6 +17,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 
 from trainer.corpus import Sentence
+from trainer.digest import files_sha256, text_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -47,16 +48,6 @@ def state_dict_hash(module) -> str:
         digest.update(f"{name}|{array.dtype}|{tuple(array.shape)}\n".encode())
         # Raw bytes through uint8, which also covers dtypes numpy lacks (bfloat16).
         digest.update(array.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _file_hash(paths: Sequence[str]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(paths):
-        digest.update(os.path.basename(path).encode() + b"\n")
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
     return digest.hexdigest()
 
 
@@ -128,9 +119,9 @@ class Embedder:
             files = []
             if self._folder is not None:
                 files = [os.path.join(self._folder, f) for f in os.listdir(self._folder) if f.endswith(_WEIGHT_FILES)]
-            weights = _file_hash(files) if files else state_dict_hash(self.model)
-            vocab = hashlib.sha256(self.tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
-            self._fingerprint = hashlib.sha256(f"{weights}|{vocab}".encode()).hexdigest()
+            weights = files_sha256(sorted(files)) if files else state_dict_hash(self.model)
+            vocab = text_sha256(self.tokenizer.backend_tokenizer.to_str())
+            self._fingerprint = text_sha256(f"{weights}|{vocab}")
         return self._fingerprint
 
     def key(self) -> str:

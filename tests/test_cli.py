@@ -1,5 +1,6 @@
 """The `metaner` console script as a user runs it."""
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,19 @@ def test_inspect_json_on_raw_conll(data_root):
 def test_inspect_text_on_europeana_split(data_root):
     out = _metaner("inspect", str(data_root / "raw/europeana/enp_FR.bnf.bio"), "--split", "test", "--misc-to-o").stdout
     assert "2,375" in out and "split at each '.'" in out and "IO" in out
+
+
+def test_metaner_logs_a_job_at_info_as_python_m_does(tmp_path):
+    """`metaner JOB` shows the same INFO progress between stages as `python -m jobs.JOB`."""
+    snippet = ("import logging, sys, importlib; module, argv = sys.argv[1], sys.argv[2:]; "
+               "rc = importlib.import_module(module).main(argv); "
+               "print(rc, logging.getLogger().getEffectiveLevel())")
+    bad = ["--config", str(tmp_path / "missing.yaml")]
+    direct = subprocess.run([sys.executable, "-c", snippet, "jobs.meta_train", *bad], capture_output=True,
+                            text=True, cwd=REPO, check=True).stdout.split()
+    via_cli = subprocess.run([sys.executable, "-c", snippet, "jobs.cli", "meta-train", *bad], capture_output=True,
+                             text=True, cwd=REPO, check=True).stdout.split()
+    assert direct == via_cli == ["2", str(logging.INFO)]
 
 
 def test_inspect_bad_file_is_one_clear_line(tmp_path):

@@ -89,19 +89,23 @@ def test_real_tokenizer_of_record(tiny_tokenizer):
     assert window.input_ids[0] == 101 and window.input_ids[-1] == 102
 
 
-def _sentencepiece_tokenizer():
-    """A Metaspace unigram tokenizer, as XLM-R and e5 have, built here: "江" has no "▁江" piece."""
+def _unigram_tokenizer(pieces):
+    """A Metaspace unigram tokenizer over `pieces`, as XLM-R and e5 have, built here."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    pieces = ["▁", "江", "苏", "▁Anna", "▁visit", "ed", "▁Madrid", "▁."]
     vocab = [(p, 0.0) for p in specials] + [(p, -1.0 - i) for i, p in enumerate(pieces)]
     tok = Tokenizer(models.Unigram(vocab, unk_id=3))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", cls_token="<s>", pad_token="<pad>",
                                    eos_token="</s>", sep_token="</s>", unk_token="<unk>", mask_token="<mask>")
+
+
+def _sentencepiece_tokenizer():
+    """"江" has no "▁江" piece."""
+    return _unigram_tokenizer(["▁", "江", "苏", "▁Anna", "▁visit", "ed", "▁Madrid", "▁."])
 
 
 def test_bare_word_marker_never_carries_the_label():
@@ -136,18 +140,8 @@ def test_e5_tokenizer_labels_chinese_characters():
 
 
 def _joined_tokenizer():
-    """A Metaspace unigram tokenizer with multi-character Chinese pieces ("江苏", "▁北京")."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    pieces = ["▁", "江苏", "江", "苏", "省", "在", "▁北京", "北", "京", "▁Anna", "。"]
-    vocab = [(p, 0.0) for p in specials] + [(p, -1.0 - i) for i, p in enumerate(pieces)]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=3))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", cls_token="<s>", pad_token="<pad>",
-                                   eos_token="</s>", sep_token="</s>", unk_token="<unk>", mask_token="<mask>")
+    """Multi-character Chinese pieces ("江苏", "▁北京")."""
+    return _unigram_tokenizer(["▁", "江苏", "江", "苏", "省", "在", "▁北京", "北", "京", "▁Anna", "。"])
 
 
 def _labelled(tok, window):

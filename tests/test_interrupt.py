@@ -19,8 +19,13 @@ from conftest import REPO
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 
+# A shell's background job (nohup, `&`) starts with SIGINT ignored, and Python then installs no
+# KeyboardInterrupt handler: the writer takes Ctrl-C's handler back, as a terminal user has it.
+_CTRL_C = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+
 def _start(script: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", _CTRL_C + script, *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 

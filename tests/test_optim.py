@@ -154,6 +154,39 @@ def test_make_optimizer_bertadam_and_adamw_schedules():
     assert seen[0] == 0.0 and seen[2] == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("t_total", [1, 7, 440, 2000])
+@pytest.mark.parametrize("warmup", [0.0, 0.1, 0.25, 0.5])
+def test_bertadam_schedule_is_transformers_linear_schedule_with_warmup(t_total, warmup):
+    from transformers import get_linear_schedule_with_warmup
+
+    opt = torch.optim.SGD([_param([1.0])], lr=1.0)
+    factor = get_linear_schedule_with_warmup(opt, warmup * t_total, t_total).lr_lambdas[0]
+    for step in range(t_total + 3):
+        assert schedule_factor(step, t_total, warmup) == pytest.approx(factor(step), abs=1e-12), step
+
+
+def test_inner_adapting_steps_as_bertadam_and_restores_bit_for_bit():
+    from trainer.inner import adapting
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))
+    entry = [a.detach().clone(), b.detach().clone()]
+    groups = param_groups([("w", a), ("bias", b)], weight_decay=0.01)
+    twin = [torch.nn.Parameter(t.clone()) for t in entry]
+    reference = BertAdam(param_groups([("w", twin[0]), ("bias", twin[1])], weight_decay=0.01), lr=0.1)
+    with adapting(groups, lr=0.1, max_grad_norm=1.0) as adapt:
+        for _ in range(2):
+            adapt(((a @ torch.ones(3) + b.sum()) ** 2).sum())
+            reference.step_with(torch.autograd.grad(((twin[0] @ torch.ones(3) + twin[1].sum()) ** 2).sum(), twin))
+        assert torch.equal(a, twin[0]) and torch.equal(b, twin[1]) and not torch.equal(a, entry[0])
+        assert a.grad is None
+    assert torch.equal(a, entry[0]) and torch.equal(b, entry[1])
+    with pytest.raises(RuntimeError, match="boom"), adapting(groups, lr=0.1, max_grad_norm=1.0) as adapt:
+        adapt((a ** 2).sum())
+        raise RuntimeError("boom")
+    assert torch.equal(a, entry[0])
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="warmup"):
         BertAdam([_param([1.0])], lr=0.1, warmup=1.5)

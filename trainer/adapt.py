@@ -30,7 +30,8 @@ from .losses import token_loss
 from .model import NerModel, attention, in_mode, trainable_parameters
 from .bottom import BottomStore, FrozenBottom
 from .engine import VMAP_ATTENTION, Top, quiet_vmap, stack
-from .optim import BertAdam, batched_bertadam_step, param_groups
+from .inner import adapting
+from .optim import batched_bertadam_step, param_groups
 from .predict import device_of, predict, to_device
 
 logger = logging.getLogger(__name__)
@@ -59,29 +60,20 @@ def _adapted_sequential(model: NerModel, featurizer: Featurizer, sentence: Sente
     (the step runs in the mode given, the labelling in eval mode)."""
     named = trainable_parameters(model)
     groups = param_groups(named, s.weight_decay, s.classifier_lr_scale)
-    params = [p for g in groups for p in g["params"]]
-    saved = [p.detach().clone() for p in params]
-    with in_mode(model, None):
-        try:
-            if s.num_adapt_steps > 0 and support:
-                batch = to_device(featurizer.collate(featurizer.encode(support)), device_of(model))
-                # A fresh optimiser each sentence: the first step is ~3.16 * adapt_lr * sign(g).
-                optimizer = BertAdam(groups, lr=s.adapt_lr, max_grad_norm=s.max_grad_norm)
-                for _ in range(s.num_adapt_steps):
-                    logits = model(batch["input_ids"], batch["attention_mask"])
-                    loss = token_loss(logits, featurizer.loss_labels(batch), s.lambda_max)
-                    optimizer.step_with(torch.autograd.grad(loss, params, allow_unused=True))
-            windows = featurizer.encode([sentence])
-            target = to_device(featurizer.collate(windows), device_of(model))
-            model.eval()
-            with torch.no_grad():
-                logits = model(target["input_ids"], target["attention_mask"])
-            tags = featurizer.merge([sentence], windows, labelled_predictions(logits, target["labels"]))[0]
-            return tags, [logits[i, : len(w)] for i, w in enumerate(windows)]
-        finally:
-            with torch.no_grad():
-                for p, v in zip(params, saved):
-                    p.copy_(v)
+    # A fresh optimiser each sentence: the first step is ~3.16 * adapt_lr * sign(g).
+    with in_mode(model, None), adapting(groups, s.adapt_lr, s.max_grad_norm) as adapt:
+        if s.num_adapt_steps > 0 and support:
+            batch = to_device(featurizer.collate(featurizer.encode(support)), device_of(model))
+            for _ in range(s.num_adapt_steps):
+                logits = model(batch["input_ids"], batch["attention_mask"])
+                adapt(token_loss(logits, featurizer.loss_labels(batch), s.lambda_max))
+        windows = featurizer.encode([sentence])
+        target = to_device(featurizer.collate(windows), device_of(model))
+        model.eval()
+        with torch.no_grad():
+            logits = model(target["input_ids"], target["attention_mask"])
+        tags = featurizer.merge([sentence], windows, labelled_predictions(logits, target["labels"]))[0]
+        return tags, [logits[i, : len(w)] for i, w in enumerate(windows)]
 
 
 def adapt_and_predict(model: NerModel, featurizer: Featurizer, sentence: Sentence,

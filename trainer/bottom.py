@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .config import EVAL_BATCH_SIZE
+from .digest import text_sha256
 from .features import FEATURES_VERSION, IGNORE, Featurizer, Window
 from .model import NerModel, evaluating
 from .paths import atomic_file
@@ -172,7 +173,7 @@ class BottomStore:
         self.folder = Path(folder) / h.hexdigest()[:16]
 
     def path(self, content: str) -> Path:
-        return self.folder / f"{hashlib.sha256(content.encode()).hexdigest()[:24]}.pt"
+        return self.folder / f"{text_sha256(content, 24)}.pt"
 
     def load(self, content: str, device: Union[str, torch.device] = "cpu") -> States:
         """The states saved under `content` (a description of the windows), or {}."""
@@ -205,7 +206,7 @@ def keep_source(bottom: FrozenBottom, folder: Union[str, os.PathLike], windows: 
     from .distributed import barrier
 
     store = BottomStore(folder, bottom.model, bottom.featurizer)
-    content = "source:" + hashlib.sha256(repr([w.input_ids for w in windows]).encode()).hexdigest()
+    content = "source:" + text_sha256(repr([w.input_ids for w in windows]))
     states = store.load(content, bottom.device)
     if not states:
         mine = windows[rank::world_size]

@@ -18,6 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .config import ModelConfig
+from .digest import file_sha256, files_sha256
 from .model import NerModel
 from .paths import make_output_dir
 
@@ -141,7 +143,7 @@ def load_model(path: str | os.PathLike, labels: Optional[Sequence[str]] = None,
         raise ValueError(f"label set {list(labels)} differs from the checkpoint's {info['labels']} in {folder}; "
                          "load with the checkpoint's labels or train a new model")
     encoder = AutoModel.from_config(AutoConfig.from_pretrained(folder))
-    model = NerModel(encoder, info["labels"], info.get("dropout", 0.1))
+    model = NerModel(encoder, info["labels"], info.get("dropout", ModelConfig.dropout))
     state = weights_file(folder)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -194,37 +196,12 @@ def set_rng_state(state: dict) -> None:
 # content, so that `--checkpoint` alone is enough to tag, and a changed or missing piece is named
 # before any work instead of silently giving other neighbours.
 
-_DIGESTS: dict = {}
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's content, computed once per process per file version (path, size, mtime)."""
-    import hashlib
-
-    st = os.stat(path)
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
-
-
 def weights_sha256(folder: str | os.PathLike) -> Optional[str]:
     """Hash of a model folder's weights as transformers loads them: its .safetensors files, else its
     .bin files (names and content); None when it holds neither."""
-    import hashlib
-
     names = sorted(os.listdir(folder))
     files = [n for n in names if n.endswith(".safetensors")] or [n for n in names if n.endswith(".bin")]
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for name in files:
-        h.update(name.encode() + b"\0" + file_sha256(os.path.join(folder, name)).encode())
-    return h.hexdigest()
+    return files_sha256([os.path.join(folder, n) for n in files]) if files else None
 
 
 def hub_snapshot(name: str) -> Optional[str]:
@@ -284,6 +261,17 @@ class AdaptationInputs:
     checked: bool  # both were matched against hashes the checkpoint recorded
 
 
+def _matches(want: Optional[str], digest, mismatch) -> bool:
+    """Whether a recorded digest was checked (False: none recorded); ValueError(mismatch(have))
+    when the content's `digest()` differs from it."""
+    if want is None:
+        return False
+    have = digest()
+    if have != want:
+        raise ValueError(mismatch(have))
+    return True
+
+
 def _encoder_of(folder: Path, cfg, recorded: dict, given: Optional[str]) -> tuple[str, bool]:
     """(folder to load the retrieval encoder from, whether its weights matched the recorded hash)."""
     if recorded.get("kind") == "checkpoint" or (not recorded and cfg.retrieval.encoder == "finetuned"):
@@ -305,13 +293,9 @@ def _encoder_of(folder: Path, cfg, recorded: dict, given: Optional[str]) -> tupl
         if path is None:
             raise ValueError(f"checkpoint {folder} retrieves with the hub model {name}, which is not in this machine's "
                              f"Hugging Face cache (the hub is not asked); pass --encoder FOLDER holding it {hint}")
-    if want is None:
-        return path, False
-    have = weights_sha256(path)
-    if have != want:
-        raise ValueError(f"checkpoint {folder} was trained with the retrieval encoder {name} {hint}, but the weights "
-                         f"in {path} differ (sha256 {str(have)[:12]}...); pass --encoder FOLDER with the original weights")
-    return path, True
+    return path, _matches(want, lambda: weights_sha256(path), lambda have: (
+        f"checkpoint {folder} was trained with the retrieval encoder {name} {hint}, but the weights in {path} differ "
+        f"(sha256 {str(have)[:12]}...); pass --encoder FOLDER with the original weights"))
 
 
 def _source_of(folder: Path, cfg, recorded: dict, given: Optional[str]) -> tuple[str, bool]:
@@ -331,13 +315,9 @@ def _source_of(folder: Path, cfg, recorded: dict, given: Optional[str]) -> tuple
         raise ValueError(f"checkpoint {folder} adapts from the English source {path}, which is not on this machine; "
                          f"pass --source FILE with that corpus {hint}")
     selected = f"{path}#{split}" if split else path
-    if want is None:
-        return selected, False
-    have = file_sha256(path)
-    if have != want:
-        raise ValueError(f"checkpoint {folder} was trained on the English source {recorded.get('path') or path} {hint}, "
-                         f"but {path} differs (sha256 {have[:12]}...); pass --source FILE with the original corpus")
-    return selected, True
+    return selected, _matches(want, lambda: file_sha256(path), lambda have: (
+        f"checkpoint {folder} was trained on the English source {recorded.get('path') or path} {hint}, but {path} "
+        f"differs (sha256 {have[:12]}...); pass --source FILE with the original corpus"))
 
 
 def adaptation_inputs(path: str | os.PathLike, encoder: Optional[str] = None,

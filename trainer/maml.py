@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .features import Featurizer, Window
+from .inner import adapting
 from .losses import token_loss
 from .masking import mask_batch, mask_generator, masked_sides
 from .model import NerModel, in_mode
@@ -100,22 +101,15 @@ class MetaLearner:
         generator = mask_generator(self.seed, epoch, task.query)
         support = self._batch(task.support, source, generator if self.mask_support else None)
         query = self._batch([task.query], source, generator if self.mask_query else None)
-        saved = [p.detach().clone() for p in self.params]
-        with in_mode(self.model, True):
-            try:
-                # A fresh optimiser per task, constant rate, as the official inner update.
-                inner = BertAdam(param_groups(zip(self.names, self.params), self.cfg.train.weight_decay,
-                                              self.cfg.train.classifier_lr_scale),
-                                 lr=self.inner_lr(), max_grad_norm=self.cfg.train.max_grad_norm)
-                for _ in range(self.cfg.train.num_inner_steps):
-                    support_loss = self._loss(support, task, "support")
-                    inner.step_with(torch.autograd.grad(support_loss, self.params, allow_unused=True))
-                query_loss = self._loss(query, task, "query")
-                grads = torch.autograd.grad(query_loss, self.params, allow_unused=True)
-            finally:
-                with torch.no_grad():
-                    for p, s in zip(self.params, saved):
-                        p.copy_(s)
+        train = self.cfg.train
+        groups = param_groups(zip(self.names, self.params), train.weight_decay, train.classifier_lr_scale)
+        # A fresh optimiser per task, constant rate, as the official inner update.
+        with in_mode(self.model, True), adapting(groups, self.inner_lr(), train.max_grad_norm) as adapt:
+            for _ in range(train.num_inner_steps):
+                support_loss = self._loss(support, task, "support")
+                adapt(support_loss)
+            query_loss = self._loss(query, task, "query")
+            grads = torch.autograd.grad(query_loss, self.params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
         return grads, {"support_loss": support_loss.item(), "meta_loss": query_loss.item()}
 

@@ -10,7 +10,6 @@ meta-batches.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -22,6 +21,7 @@ import torch
 
 from .bottom import FrozenBottom
 from .corpus import Sentence
+from .digest import values_sha256
 from .distributed import all_gather_object, all_reduce_sum
 from .engine import TaskEngine
 from .features import Featurizer
@@ -48,7 +48,7 @@ def config_fingerprint(cfg) -> dict:
 
 
 def fingerprint_hash(values: dict) -> str:
-    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+    return values_sha256(values)
 
 
 class NullLogger:

@@ -19,6 +19,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch.optim import Optimizer
+from transformers import get_constant_schedule, get_linear_schedule_with_warmup
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,11 @@ _CLIP_EPS = 1e-6
 
 
 def warmup_linear(progress: float, warmup: float) -> float:
-    """pytorch_pretrained_bert 0.6.x WarmupLinearSchedule: rise over `warmup`, then fall to 0 at 1."""
+    """pytorch_pretrained_bert 0.6.x WarmupLinearSchedule: rise over `warmup`, then fall to 0 at 1.
+
+    transformers' `get_linear_schedule_with_warmup` gives the same factors (the AdamW path uses it);
+    BertAdam keeps this form because it schedules inside the optimiser, from each parameter's own
+    step count, as the original does, and an optimiser cannot hold a torch LR scheduler."""
     warmup = max(warmup, 0.0)
     if progress < warmup:
         return progress / warmup
@@ -43,12 +48,20 @@ def schedule_factor(step: int, t_total: int, warmup: float, schedule: str = "war
 
 
 def clip_tensor_grad(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
-    """`grad` scaled as clip_grad_norm_([p], max_norm) would scale p.grad (a new tensor)."""
+    """`grad` scaled as clip_grad_norm_([p], max_norm) would scale p.grad (a new tensor): the
+    batched steps' clipping on a single slice."""
     if max_norm <= 0:
         return grad
-    norm = torch.linalg.vector_norm(grad.detach(), 2)
-    coef = torch.clamp(max_norm / (norm + _CLIP_EPS), max=1.0)
-    return grad * coef
+    return grad * _clip_coefficients(grad.detach().unsqueeze(0), max_norm)[0]
+
+
+def _clip_coefficients(g: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Per-slice factor of per-tensor clipping, shaped to broadcast over a slice ([C, 1, ...])."""
+    shape = (-1, *([1] * (g.dim() - 1)))
+    if max_grad_norm <= 0:
+        return torch.ones(g.shape[0], device=g.device, dtype=g.dtype).view(shape)
+    norm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), 2, dim=1)
+    return torch.clamp(max_grad_norm / (norm + _CLIP_EPS), max=1.0).view(shape)
 
 
 class BertAdam(Optimizer):
@@ -195,9 +208,10 @@ def make_optimizer(params, cfg, lr: float, t_total: int):
         if params and isinstance(params[0], dict):  # torch's AdamW knows no lr_scale: fold it in
             params = [{**g, "lr": lr * g.get("lr_scale", 1.0)} for g in params]
         optimizer = torch.optim.AdamW(params, lr=lr, eps=1e-6, weight_decay=train.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: schedule_factor(step, t_total, train.warmup_proportion))
-        return optimizer, scheduler
+        if t_total < 0:
+            return optimizer, get_constant_schedule(optimizer)
+        # The same factors as `schedule_factor` (tests/test_optim.py checks it step by step).
+        return optimizer, get_linear_schedule_with_warmup(optimizer, train.warmup_proportion * t_total, t_total)
     raise ValueError(f"train.optimizer={train.optimizer!r}: choose bertadam or adamw")
 
 
@@ -213,15 +227,6 @@ def optimizer_step(optimizer, scheduler, max_grad_norm: float) -> None:
 
 # BertAdam's defaults (pytorch_pretrained_bert), the only values the official code uses.
 B1, B2, EPS = 0.9, 0.999, 1e-6
-
-
-def _clip_coefficients(g: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """Per-slice factor of per-tensor clipping, shaped to broadcast over a slice ([C, 1, ...])."""
-    shape = (-1, *([1] * (g.dim() - 1)))
-    if max_grad_norm <= 0:
-        return torch.ones(g.shape[0], device=g.device, dtype=g.dtype).view(shape)
-    norm = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), 2, dim=1)
-    return torch.clamp(max_grad_norm / (norm + _CLIP_EPS), max=1.0).view(shape)
 
 
 def batched_bertadam_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],

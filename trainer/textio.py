@@ -16,7 +16,6 @@ run started again skips the shards that exist.
 from __future__ import annotations
 
 import glob
-import hashlib
 import io
 import json
 import logging
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .corpus import CorpusError, Sentence, entity_spans, os_error
+from .digest import file_sha256, files_sha256
 from .paths import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -208,16 +208,12 @@ class InputSet:
 
     def digest(self) -> str:
         """sha256 of the files' names, order and content: what a finished shard was made from."""
-        h = hashlib.sha256()
         for path in self.files:
-            h.update(os.path.abspath(path).encode() + b"\0")
             try:
-                with open(path, "rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 20), b""):
-                        h.update(block)
+                file_sha256(path)
             except OSError as err:
                 raise os_error(path, err) from None
-        return h.hexdigest()[:16]
+        return files_sha256(self.files, label=os.path.abspath)[:16]
 
     def sentences(self) -> Iterator[RawSentence]:
         for path in self.files:
