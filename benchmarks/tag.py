@@ -8,7 +8,7 @@ Input: raw text, one sentence per line, made from the synthetic templates of es,
 (jobs.synthetic; deterministic), written to a file and read back as `metaner tag` reads it.
 Throughput: the job's stream (cluster.tag_stream: embedding actor, index shard, adapter actors,
 jobs/configs/tag.yaml's settings) with every actor started and warmed before the clock, then the
-same sentences through 1 and through 2 of the adapter actors, best of --repeats (2) runs each;
+same sentences through 1 and through 2 of the adapter actors, taking turns, best of --repeats (3) runs each;
 shards are written as the job writes them. Memory (not under --quick): for each input size a fresh stream tags the whole file, and the
 peak RSS (VmHWM) of the driver and of every actor is read at the end.
 
@@ -48,7 +48,7 @@ def parse_args(argv):
     parser.add_argument("--memory", type=int, nargs="*", default=None,
                         help=f"input sizes whose peak RSS is compared (default {DEFAULT_MEMORY}; none with --quick)")
     parser.add_argument("--limit", type=int, default=0, help="cap on sentences everywhere (smoke runs)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per actor count; the best counts")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per actor count; the best counts")
     parser.add_argument("overrides", nargs="*", help="settings over jobs/configs/tag.yaml's, e.g. cluster.adapt_unit_size=64")
     args = parser.parse_args(argv)
     if not os.path.isfile(os.path.join(args.checkpoint, "metaner.json")):
@@ -106,19 +106,26 @@ def throughput(args, workdir: str) -> dict[int, float]:
         warm = write_input(os.path.join(workdir, "warm.txt"), 2 * cfg.cluster.adapt_unit_size * len(everyone))
         stream.run(stream_items(warm, cfg), lambda shard: None)  # every actor's first call off the clock
         processes = {"driver": None, "embed": stream.embedder.actors, "index": stream.index.shards}
-        for n in sorted(args.actors):
-            stream.pool.actors = everyone[:n]
-            before = _cpu_seconds({**processes, "adapter": everyone[:n]})
-            seconds = min(_timed_run(stream, path, cfg, os.path.join(workdir, f"actors{n}-{r}"))
-                          for r in range(args.repeats))
-            spent = {k: v - before[k] for k, v in _cpu_seconds({**processes, "adapter": everyone[:n]}).items()}
-            rates[n] = args.sentences / seconds
-            print(f"rate tag actors={n} {rates[n]:.1f} sentences/s ({seconds:.1f} s for {args.sentences}, best of "
-                  f"{args.repeats})", flush=True)
-            done = args.sentences * args.repeats
-            print(f"cpu tag actors={n} " + " ".join(f"{k}={1000 * v / done:.3f}ms/sentence" for k, v in spent.items()),
-                  flush=True)
+        seconds: dict[int, list] = {n: [] for n in args.actors}
+        spent: dict[int, dict] = {n: {} for n in args.actors}
+        # Actor counts take turns, run after run, so that a drift in the machine's speed (a shared
+        # VM's host) falls on every count alike instead of on whichever ran last.
+        for r in range(args.repeats):
+            for n in sorted(args.actors):
+                stream.pool.actors = everyone[:n]
+                kinds = {**processes, "adapter": everyone[:n]}
+                before = _cpu_seconds(kinds)
+                seconds[n].append(_timed_run(stream, path, cfg, os.path.join(workdir, f"actors{n}-{r}")))
+                for k, v in _cpu_seconds(kinds).items():
+                    spent[n][k] = spent[n].get(k, 0.0) + v - before[k]
         stream.pool.actors = everyone
+    for n in sorted(args.actors):
+        rates[n] = args.sentences / min(seconds[n])
+        print(f"rate tag actors={n} {rates[n]:.1f} sentences/s ({min(seconds[n]):.1f} s for {args.sentences}, best "
+              f"of {args.repeats}, taking turns)", flush=True)
+        done = args.sentences * args.repeats
+        print(f"cpu tag actors={n} " + " ".join(f"{k}={1000 * v / done:.3f}ms/sentence" for k, v in spent[n].items()),
+              flush=True)
     return rates
 
 

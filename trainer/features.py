@@ -20,6 +20,7 @@ import logging
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 from .config import ModelConfig
@@ -249,15 +250,17 @@ class Featurizer:
 
     def collate(self, windows: Sequence[Window], width: int | None = None) -> dict[str, torch.Tensor]:
         """Pad to the longest window of the batch (not to max_length), or to a fixed `width`."""
-        width = max(len(w) for w in windows) if width is None else width
-        ids = torch.full((len(windows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(windows), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(windows), width), dtype=torch.long)
-        for row, w in enumerate(windows):
-            ids[row, : len(w)] = torch.tensor(w.input_ids)
-            labels[row, : len(w)] = torch.tensor(w.labels)
-            mask[row, : len(w)] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        lengths = np.fromiter((len(w) for w in windows), dtype=np.int64, count=len(windows))
+        width = int(lengths.max()) if width is None else width
+        # One flat copy of every window's ids and labels into place (numpy), rather than a small
+        # tensor per row: collating is on the path of every step and every tagged sentence.
+        inside = np.arange(width) < lengths[:, None]
+        ids = np.full((len(windows), width), self.pad_id, dtype=np.int64)
+        labels = np.full((len(windows), width), IGNORE, dtype=np.int64)
+        ids[inside] = np.fromiter((i for w in windows for i in w.input_ids), dtype=np.int64, count=int(lengths.sum()))
+        labels[inside] = np.fromiter((i for w in windows for i in w.labels), dtype=np.int64, count=int(lengths.sum()))
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(inside.astype(np.int64)),
+                "labels": torch.from_numpy(labels)}
 
     def loss_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Targets of the loss for a collated batch: its first-subword labels, or with the official
