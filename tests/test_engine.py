@@ -69,3 +69,21 @@ def test_masking_changes_the_gradient_and_is_redrawn_per_epoch(tiny_bert, tiny_t
     other = engine.meta_gradient(TASKS, source, epoch=2, inner_lr=1e-3)[0]
     assert all(torch.equal(a, b) for a, b in zip(one, again))
     assert not all(torch.allclose(a, b) for a, b in zip(one, other))
+
+
+def test_bottom_batches_cover_every_window_once_with_little_padding(tiny_bert, tiny_tokenizer, toy_corpus):
+    from trainer.bottom import PAD_SLACK
+
+    cfg, model, featurizer, source = _setup(tiny_bert, tiny_tokenizer, toy_corpus, [])
+    bottom = FrozenBottom(model, featurizer, batch_size=4)
+    rows = [tuple(range(1, n + 1)) for n in (3, 3, 3, 3, 3, 4, 9, 30, 31, 12)] + [(5, 6, 7)]
+    batches = [[w.input_ids for w in b] for b in bottom.batches(rows + rows[:3])]
+    assert sorted(r for b in batches for r in b) == sorted(set(rows))
+    assert all(len(b) <= 4 for b in batches)
+    assert all(len(b) * max(map(len, b)) <= PAD_SLACK * sum(map(len, b)) for b in batches if len(b) > 1)
+    assert batches == [[w.input_ids for w in b] for b in bottom.batches(list(reversed(rows)))]
+    # The states do not depend on the cut beyond rounding: against one window at a time.
+    computed = bottom.compute_windows(rows)
+    for ids in set(rows):
+        alone = bottom.compute(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0]
+        assert torch.allclose(computed[ids], alone, atol=1e-9)

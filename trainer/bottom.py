@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -27,6 +27,8 @@ from .paths import atomic_file
 logger = logging.getLogger(__name__)
 
 States = dict  # window input ids (tuple) -> hidden states [len, hidden]
+# A batch of windows may hold at most this many positions per position of its windows (padding).
+PAD_SLACK = 1.25
 # A kept state costs its floats plus a small tensor header and dict entry.
 _ENTRY_OVERHEAD = 400
 
@@ -76,12 +78,30 @@ class FrozenBottom:
             mask4d = self.model.attention_mask_4d(attention_mask.to(device))
             return self.model.prefix(input_ids.to(device), mask4d, self.num_layers)
 
+    def batches(self, rows: Sequence[tuple[int, ...]]) -> Iterator[list[Window]]:
+        """Windows of the distinct `rows` (input ids) in a fixed order (length, then ids), cut into
+        batches of at most `batch_size` whose padding stays under PAD_SLACK of their positions.
+
+        A batch is padded to its longest window: a fixed count of rows of mixed lengths (the masked
+        queries of a meta-batch, the supports of a few target sentences) measured about twice the
+        positions of its windows on e5-small. The order and the cuts depend on the rows alone, so
+        the same windows are always computed in the same batches (a state depends on its batch's
+        padded width at the last bits, and a resumed run must see the states the first one saw)."""
+        batch: list[Window] = []
+        tokens = 0
+        for ids in sorted(set(rows), key=lambda ids: (len(ids), ids)):
+            if batch and (len(batch) == self.batch_size or (len(batch) + 1) * len(ids) > PAD_SLACK * (tokens + len(ids))):
+                yield batch
+                batch, tokens = [], 0
+            batch.append(Window(0, ids, (IGNORE,) * len(ids), ()))
+            tokens += len(ids)
+        if batch:
+            yield batch
+
     def compute_windows(self, rows: Sequence[tuple[int, ...]]) -> dict:
         """States of windows given by their ids, in batches of similar length, not kept."""
         out = {}
-        rows = sorted(set(rows), key=lambda ids: (len(ids), ids))
-        for start in range(0, len(rows), self.batch_size):
-            part = [Window(0, ids, (IGNORE,) * len(ids), ()) for ids in rows[start:start + self.batch_size]]
+        for part in self.batches(rows):
             batch = self.featurizer.collate(part)
             hidden = self.compute(batch["input_ids"], batch["attention_mask"])
             for r, w in enumerate(part):
@@ -92,10 +112,7 @@ class FrozenBottom:
         """Compute and keep the states of the windows not kept yet; returns how many were added."""
         if not self.num_layers:
             return 0
-        # A fixed order (length, then ids), so that the same windows are always computed in the same
-        # batches: a state depends on its batch's padded width at the last bits, and a resumed run
-        # must see exactly the states the interrupted one saw.
-        missing = sorted({w.input_ids for w in windows if w.input_ids not in self.states}, key=lambda ids: (len(ids), ids))
+        missing = {w.input_ids for w in windows if w.input_ids not in self.states}
         if not missing:
             return 0
         self._check_room(missing)
@@ -104,9 +121,7 @@ class FrozenBottom:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(missing), desc="frozen bottom", unit="window")
-        # Batches of similar length (sorted), so that little of each is padding.
-        for start in range(0, len(missing), self.batch_size):
-            part = [Window(0, ids, (IGNORE,) * len(ids), ()) for ids in missing[start:start + self.batch_size]]
+        for part in self.batches(missing):
             batch = self.featurizer.collate(part)
             hidden = self.compute(batch["input_ids"], batch["attention_mask"])
             for row, w in enumerate(part):
