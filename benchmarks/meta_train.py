@@ -17,12 +17,14 @@ trainer.sampling, are run by
   Ray local on 127.0.0.1, gloo), unless --no-distributed (none under --quick unless --workers).
 Two settings: the model of record (bert-tiny-6l, layers 4-5 and the classifier train) and the
 replication setting (multilingual-e5-small with 10 of 12 layers frozen, jobs/configs/replicate_cpu.yaml),
-unless --no-e5. Each step is timed after one warm-up step (which fills the kept bottom of the
+unless --no-e5. Every variant takes one warm-up step first (which fills the kept bottom of the
 batch's windows and compiles what is compiled); the bottom of the timed source set is filled up
 front and its time and size printed, with the size it has for the whole English train set
-(computed from the windows' lengths). Memory: peak RSS (VmHWM, reset before each in-process
-variant), torch.cuda.max_memory_allocated on a GPU, and the bytes of gradient buffers held at the
-meta-update. Ends with one `ratio <name> <value>` line per ratio. One torch thread per process.
+(computed from the windows' lengths). Then the in-process variants take turns, meta-step by
+meta-step, so that a drift in the machine's speed falls on all of them alike. Memory, over one
+more step of each variant alone: peak RSS (VmHWM, reset before it; every variant's model is
+resident) and its growth, torch.cuda.max_memory_allocated on a GPU, and the bytes of gradient
+buffers held at the meta-update. Ends with one `ratio <name> <value>` line per ratio. One torch thread per process.
 """
 from __future__ import annotations
 
@@ -79,42 +81,39 @@ def task_batches(support, steps: int, meta_batch_size: int):
              for q in sample_task_batch(len(support), meta_batch_size, SEED, step)] for step in range(steps)]
 
 
-def _timed_steps(step, count: int, device: str) -> tuple[float, common.PeakMemory]:
-    import torch
+class Variant:
+    """One in-process loop, warmed up: `step(i)` runs meta-step i; `extra()` its other figures."""
 
-    with common.PeakMemory(device) as memory:
-        _, seconds = common.timed(lambda: [step(i) for i in range(count)])
-        if device == "cuda":
-            torch.cuda.synchronize()
-    return seconds, memory
+    def __init__(self, step, extra):
+        self.step, self.extra = step, extra
 
 
-def official_run(b, cfg, windows, batches, device: str) -> dict:
+def official_variant(b, cfg, windows, batches, device: str) -> Variant:
     from benchmarks._official import OfficialLearner
 
     official = OfficialLearner(b.fresh_model(device, SEED), b.featurizer, cfg, seed=SEED)
     official.meta_gradients(batches[0][:1], windows)  # warm-up, no update
-    seconds, memory = _timed_steps(lambda i: official.meta_step(batches[i], windows), len(batches), device)
-    return {"seconds": seconds, "memory": memory, "grad_bytes": official.last_grad_bytes,
-            "grad_copies": official.last_grad_copies}
+    return Variant(lambda i: official.meta_step(batches[i % len(batches)], windows),
+                   lambda: {"grad_bytes": official.last_grad_bytes, "grad_copies": official.last_grad_copies})
 
 
-def sequential_run(b, cfg, windows, batches, device: str) -> dict:
+def sequential_variant(b, cfg, windows, batches, device: str) -> Variant:
     from benchmarks._official import grad_bytes, trainable_bytes
     from trainer.maml import MetaLearner
 
     learner = MetaLearner(b.fresh_model(device, SEED), b.featurizer, cfg, seed=SEED)
     learner.task_gradients(batches[0][0], windows)  # warm-up, no update
-    seconds, memory = _timed_steps(lambda i: learner.meta_step(batches[i], windows), len(batches), device)
-    # What it holds at the meta-update: the accumulated `.grad`, measured on one batch.
-    learner.meta_optimizer.zero_grad(set_to_none=True)
-    learner.meta_gradient(batches[0], windows)
-    held = grad_bytes(learner.params)
-    return {"seconds": seconds, "memory": memory, "grad_bytes": held,
-            "grad_copies": round(held / trainable_bytes(learner.model))}
+
+    def extra() -> dict:
+        # What it holds at the meta-update: the accumulated `.grad`, measured on one batch.
+        learner.meta_optimizer.zero_grad(set_to_none=True)
+        learner.meta_gradient(batches[0], windows)
+        held = grad_bytes(learner.params)
+        return {"grad_bytes": held, "grad_copies": round(held / trainable_bytes(learner.model))}
+    return Variant(lambda i: learner.meta_step(batches[i % len(batches)], windows), extra)
 
 
-def engine_run(b, cfg, source, support, steps: int, device: str) -> dict:
+def engine_variant(b, cfg, source, support, steps: int, device: str) -> Variant:
     """MetaTrainer.train_step over the same meta-batches (it samples them from (seed, step))."""
     from benchmarks._official import tensor_bytes
     from trainer.meta_trainer import MetaTrainer
@@ -124,16 +123,39 @@ def engine_run(b, cfg, source, support, steps: int, device: str) -> dict:
     with common.PeakMemory(device) as fill_memory:
         _, fill_s = common.timed(trainer.bottom.fill, windows)
     kept = trainer.bottom.nbytes()
-    # Warm-up on the last step's batch (compiles what is compiled), then the timed steps from 0.
+    # Warm-up on the step after the timed ones (compiles what is compiled), then the timed steps from 0.
     trainer.step = steps
     trainer.meta_gradient(steps)
     trainer.step = 0
-    seconds, memory = _timed_steps(lambda i: trainer.train_step(), steps, device)
-    buffer, _ = trainer.meta_gradient(0)
-    return {"seconds": seconds, "memory": memory, "grad_bytes": tensor_bytes(buffer), "grad_copies": 1,
-            "fill_s": fill_s, "kept_bytes": kept, "fill_rss_growth": fill_memory.rss_growth,
-            "windows": len(windows), "chunk": trainer.engine.chunk_size(cfg.train.meta_batch_size),
-            "compiled": trainer.engine.compiled}
+
+    def extra() -> dict:
+        buffer, _ = trainer.meta_gradient(0)
+        return {"grad_bytes": tensor_bytes(buffer), "grad_copies": 1, "fill_s": fill_s, "kept_bytes": kept,
+                "fill_rss_growth": fill_memory.rss_growth, "windows": len(windows),
+                "chunk": trainer.engine.chunk_size(cfg.train.meta_batch_size), "compiled": trainer.engine.compiled}
+    return Variant(lambda i: trainer.train_step(), extra)
+
+
+def taking_turns(variants: dict, steps: int, device: str) -> dict[str, dict]:
+    """Seconds of each variant's `steps` meta-steps, the variants taking turns step by step (the
+    first to go rotates), so that a drift in the machine's speed (a shared VM's host) falls on
+    every variant alike; then each variant's memory over one more step of its own."""
+    import torch
+
+    seconds = dict.fromkeys(variants, 0.0)
+    names = list(variants)
+    for i in range(steps):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            _, dt = common.timed(variants[name].step, i)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds[name] += dt
+    out = {}
+    for name, variant in variants.items():
+        with common.PeakMemory(device) as memory:
+            variant.step(steps)
+        out[name] = {"seconds": seconds[name], "memory": memory, **variant.extra()}
+    return out
 
 
 def whole_source_bytes(b, args) -> tuple[int, int]:
@@ -227,15 +249,12 @@ def in_process(b: common.Bundle, args, variants: Sequence[str], steps: int) -> d
     print(f"data {b.name}: source=en:{len(source)} sentences; {steps} meta-steps of {len(batches[0])} tasks "
           f"(K={support.shape[1]} support by [CLS] cosine, num_inner_steps={cfg.train.num_inner_steps}, "
           f"{b.cfg.model.num_frozen_layers} frozen layers)", flush=True)
-    runs = {}
-    for variant in variants:
-        if variant == "official":
-            runs[variant] = official_run(b, cfg, windows, batches, args.device)
-        elif variant == "sequential":
-            runs[variant] = sequential_run(b, cfg, windows, batches, args.device)
-        else:
-            runs[variant] = engine_run(b, cfg, source, support, steps, args.device)
-        runs[variant]["tasks_per_s"] = sum(len(t) for t in batches) / runs[variant]["seconds"]
+    make = {"official": lambda: official_variant(b, cfg, windows, batches, args.device),
+            "sequential": lambda: sequential_variant(b, cfg, windows, batches, args.device),
+            "engine": lambda: engine_variant(b, cfg, source, support, steps + 1, args.device)}
+    runs = taking_turns({v: make[v]() for v in variants}, steps, args.device)
+    for run in runs.values():
+        run["tasks_per_s"] = sum(len(t) for t in batches) / run["seconds"]
     return {"runs": runs, "source": source, "support": support, "cfg": cfg}
 
 
