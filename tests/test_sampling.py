@@ -28,3 +28,18 @@ def test_epoch_counts_passes_over_tasks():
 def test_bad_rank():
     with pytest.raises(ValueError):
         shard_tasks(np.arange(4), 2, 2)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_by_cost_partition_the_batch_and_even_the_load(world):
+    batch = sample_task_batch(1000, 32, seed=95, step=7)
+    cost = [float(1 + (q * 7919) % 97) for q in batch]  # mixed task sizes
+    parts = [shard_tasks(batch, r, world, cost) for r in range(world)]
+    merged = np.concatenate(parts)
+    assert sorted(merged.tolist()) == sorted(batch.tolist()) and len(merged) == 32
+    at = {q: c for q, c in zip(batch.tolist(), cost)}
+    balanced = [sum(at[q] for q in part.tolist()) for part in parts]
+    dealt = [sum(at[q] for q in batch[r::world].tolist()) for r in range(world)]
+    assert max(balanced) - min(balanced) <= max(cost) and max(balanced) <= max(dealt)
+    with pytest.raises(ValueError, match="costs"):
+        shard_tasks(batch, 0, world, cost[:-1])

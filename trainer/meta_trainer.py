@@ -77,6 +77,7 @@ class MetaTrainer:
                              f"([{len(source)}, K]); got shape {support.shape}")
         self.source, self.support = source, support
         self.windows = group_windows(featurizer.encode(source))
+        self._positions = [sum(len(w) for w in group) for group in self.windows]
         self.dev, self.dev_support = list(dev), list(dev_support)
         groups, self.params, self.names = ordered_groups(model, cfg)
         self.meta_optimizer, self.scheduler = make_optimizer(groups, cfg, train.meta_lr, train.num_meta_steps)
@@ -103,7 +104,11 @@ class MetaTrainer:
     def tasks(self, step: int) -> list[Task]:
         """This rank's share of meta-step `step`'s tasks."""
         batch = sample_task_batch(len(self.source), self.cfg.train.meta_batch_size, self.seed, step)
-        return [Task(tuple(self.support[q]), int(q)) for q in shard_tasks(batch, self.rank, self.world_size)]
+        cost = None
+        if self.world_size > 1:  # positions each task's inner steps and query run over
+            cost = [self.cfg.train.num_inner_steps * sum(self._positions[i] for i in self.support[q])
+                    + self._positions[q] for q in batch]
+        return [Task(tuple(self.support[q]), int(q)) for q in shard_tasks(batch, self.rank, self.world_size, cost)]
 
     def meta_gradient(self, step: int) -> tuple[list[torch.Tensor], dict]:
         """This rank's summed query gradients for meta-step `step` (one tensor per `names`), and

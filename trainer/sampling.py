@@ -1,6 +1,8 @@
 """Which tasks each meta-step uses, and which worker runs which: a pure function of the seed."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 
@@ -15,11 +17,26 @@ def sample_task_batch(num_tasks: int, meta_batch_size: int, seed: int, step: int
     return np.random.default_rng([seed, step]).choice(num_tasks, size=size, replace=False)
 
 
-def shard_tasks(batch: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """The part of a task batch that worker `rank` of `world_size` runs: disjoint, none lost."""
+def shard_tasks(batch: np.ndarray, rank: int, world_size: int, cost: Sequence[float] | None = None) -> np.ndarray:
+    """The part of a task batch that worker `rank` of `world_size` runs: disjoint, none lost.
+
+    With `cost` (one number per task of the batch, e.g. the positions its inner loop runs over),
+    the largest tasks are placed first, each on the least-loaded worker: the meta-update waits for
+    the slowest worker, and a round-robin deal of tasks of mixed lengths leaves one of them with
+    more. Every worker computes the same placement from the same numbers (ties by position)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a world of {world_size}")
-    return batch[rank::world_size]
+    if cost is None or world_size == 1:
+        return batch[rank::world_size]
+    if len(cost) != len(batch):
+        raise ValueError(f"{len(cost)} costs for a batch of {len(batch)} tasks")
+    load, mine = [0.0] * world_size, []
+    for i in sorted(range(len(batch)), key=lambda i: (-cost[i], i)):
+        worker = min(range(world_size), key=lambda r: (load[r], r))
+        load[worker] += cost[i]
+        if worker == rank:
+            mine.append(i)
+    return batch[sorted(mine)]
 
 
 def epoch_of(step: int, meta_batch_size: int, num_tasks: int) -> int:
