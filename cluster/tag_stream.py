@@ -18,6 +18,10 @@ up front (unbounded) and has no way to resubmit a unit whose actor died for good
 An adapter actor that dies is restarted by Ray, which runs its unit again
 (max_restarts/max_task_retries); a unit whose actor cannot be restarted is sent to another. The
 driver takes exactly one result per unit, so no sentence is lost or written twice.
+
+Measured (benchmarks/tag.py, 2 CPUs, the demo's checkpoint): peak RSS of all processes within 1 %
+from 10,000 to 100,000 sentences; two adapter actors 1.85x one, bounded by the CPU the embedding
+actor, the index and this driver take per sentence (about 0.5 ms beside 3.4 ms of adaptation).
 """
 from __future__ import annotations
 
