@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from trainer.adapt import (AdaptItem, Adapter, AdaptSettings, _adapted_batched, _adapted_sequential, _encode_groups,
-                           adapt_and_predict, adapt_many)
+                           adapt_many)
 from trainer.checkpoint import save_checkpoint
 from trainer.config import load_config
 from trainer.corpus import LABELS, Sentence
@@ -17,6 +17,14 @@ from trainer.optim import BertAdam, batched_bertadam_step, param_groups
 # A large step so that adaptation visibly changes predictions of the random tiny model.
 SETTINGS = AdaptSettings(adapt_lr=1e-2, num_adapt_steps=1, weight_decay=0.01, max_grad_norm=1.0)
 CFG = ["adapt.adapt_lr=0.01", "adapt.batch_size=3"]
+
+
+def adapt_and_predict(model, featurizer, sentence, support_sentences, adapt_lr, num_adapt_steps, *,
+                      weight_decay, max_grad_norm, lambda_max=0.0):
+    """One sentence adapted in place on its support set and tagged, the weights restored: the
+    sequential reference the batched path is checked against."""
+    settings = AdaptSettings(adapt_lr, num_adapt_steps, weight_decay, max_grad_norm, lambda_max)
+    return _adapted_sequential(model, featurizer, sentence, support_sentences, settings)[0]
 
 
 @pytest.fixture()

@@ -76,14 +76,6 @@ def _adapted_sequential(model: NerModel, featurizer: Featurizer, sentence: Sente
         return tags, [logits[i, : len(w)] for i, w in enumerate(windows)]
 
 
-def adapt_and_predict(model: NerModel, featurizer: Featurizer, sentence: Sentence,
-                      support_sentences: Sequence[Sentence], adapt_lr: float, num_adapt_steps: int, *,
-                      weight_decay: float, max_grad_norm: float, lambda_max: float = 0.0) -> list[str]:
-    """Adapt the model to one sentence's support set, tag the sentence, restore the weights."""
-    settings = AdaptSettings(adapt_lr, num_adapt_steps, weight_decay, max_grad_norm, lambda_max)
-    return _adapted_sequential(model, featurizer, sentence, support_sentences, settings)[0]
-
-
 # ---------------------------------------------------------------- batched adaptation
 
 
