@@ -14,7 +14,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Collection, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -90,7 +90,8 @@ class FrozenBottom:
         batch: list[Window] = []
         tokens = 0
         for ids in sorted(set(rows), key=lambda ids: (len(ids), ids)):
-            if batch and (len(batch) == self.batch_size or (len(batch) + 1) * len(ids) > PAD_SLACK * (tokens + len(ids))):
+            padded = (len(batch) + 1) * len(ids)  # rows ascend in length: the new one sets the width
+            if batch and (len(batch) == self.batch_size or padded > PAD_SLACK * (tokens + len(ids))):
                 yield batch
                 batch, tokens = [], 0
             batch.append(Window(0, ids, (IGNORE,) * len(ids), ()))
@@ -132,7 +133,7 @@ class FrozenBottom:
             bar.close()
         return len(missing)
 
-    def _check_room(self, missing: Sequence[tuple]) -> None:
+    def _check_room(self, missing: Collection[tuple]) -> None:
         need = sum(len(ids) for ids in missing) * self.hidden_size * 4 + len(missing) * _ENTRY_OVERHEAD
         free = available_bytes(self.device)
         logger.info("frozen bottom: %d new windows, %.1f MiB (%d kept, %.1f MiB)", len(missing), need / 2 ** 20,

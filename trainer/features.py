@@ -254,11 +254,11 @@ class Featurizer:
         width = int(lengths.max()) if width is None else width
         # One flat copy of every window's ids and labels into place (numpy), rather than a small
         # tensor per row: collating is on the path of every step and every tagged sentence.
-        inside = np.arange(width) < lengths[:, None]
+        inside, total = np.arange(width) < lengths[:, None], int(lengths.sum())
         ids = np.full((len(windows), width), self.pad_id, dtype=np.int64)
         labels = np.full((len(windows), width), IGNORE, dtype=np.int64)
-        ids[inside] = np.fromiter((i for w in windows for i in w.input_ids), dtype=np.int64, count=int(lengths.sum()))
-        labels[inside] = np.fromiter((i for w in windows for i in w.labels), dtype=np.int64, count=int(lengths.sum()))
+        ids[inside] = np.fromiter((i for w in windows for i in w.input_ids), dtype=np.int64, count=total)
+        labels[inside] = np.fromiter((i for w in windows for i in w.labels), dtype=np.int64, count=total)
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(inside.astype(np.int64)),
                 "labels": torch.from_numpy(labels)}
 

@@ -19,7 +19,6 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 from torch.optim import Optimizer
-from transformers import get_constant_schedule, get_linear_schedule_with_warmup
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +203,8 @@ def make_optimizer(params, cfg, lr: float, t_total: int):
         return BertAdam(params, lr=lr, warmup=train.warmup_proportion, t_total=t_total,
                         weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm), None
     if train.optimizer == "adamw":
+        from transformers import get_constant_schedule, get_linear_schedule_with_warmup
+
         # Weight decay comes from the groups; eps as BertAdam's e.
         if params and isinstance(params[0], dict):  # torch's AdamW knows no lr_scale: fold it in
             params = [{**g, "lr": lr * g.get("lr_scale", 1.0)} for g in params]

@@ -14,6 +14,7 @@ import numpy as np
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 
 from .corpus import ENTITY_TYPES, CorpusError, read_text, split_fields
+from .paths import atomic_file
 
 
 def score(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict:
@@ -44,8 +45,6 @@ def score(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict:
 def write_conll(path: str | os.PathLike, words: Iterable[Sequence[str]], gold: Iterable[Sequence[str]],
                 pred: Iterable[Sequence[str]]) -> None:
     """`token gold pred` per line, a blank line after each sentence (conlleval's input)."""
-    from .paths import atomic_file
-
     with atomic_file(path) as fh:
         for ws, gs, ps in zip(words, gold, pred):
             for w, g, p in zip(ws, gs, ps):

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from .corpus import CorpusError, Sentence, entity_spans, os_error
-from .digest import file_sha256, files_sha256
+from .digest import files_sha256
 from .paths import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -208,12 +208,10 @@ class InputSet:
 
     def digest(self) -> str:
         """sha256 of the files' names, order and content: what a finished shard was made from."""
-        for path in self.files:
-            try:
-                file_sha256(path)
-            except OSError as err:
-                raise os_error(path, err) from None
-        return files_sha256(self.files, label=os.path.abspath)[:16]
+        try:
+            return files_sha256(self.files, label=os.path.abspath)[:16]
+        except OSError as err:
+            raise os_error(err.filename or self.files[0], err) from None
 
     def sentences(self) -> Iterator[RawSentence]:
         for path in self.files:
