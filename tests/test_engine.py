@@ -7,8 +7,8 @@ import torch
 from trainer.bottom import FrozenBottom
 from conftest import set_dropout
 from trainer.config import load_config
-from trainer.engine import TaskEngine
-from trainer.features import Featurizer, labels_for
+from trainer.engine import TaskEngine, Top, stack, stack_packed
+from trainer.features import IGNORE, Featurizer, Window, labels_for
 from trainer.maml import MetaLearner, Task, group_windows
 from trainer.model import NerModel, freeze
 
@@ -53,6 +53,7 @@ def test_vectorised_meta_gradient_equals_the_per_task_one(tiny_bert, tiny_tokeni
     assert any(len(g) > 1 for g in source), "no sentence spans two windows"
     names, expected = _reference(model, featurizer, cfg, source, epoch=3)
     engine = TaskEngine(model, featurizer, cfg, FrozenBottom(model, featurizer), seed=7, names=names)
+    assert engine.packed == bool(frozen)  # a task's support windows end to end, the last layer at the loss's positions
     grads, totals = engine.meta_gradient(TASKS, source, epoch=3, inner_lr=cfg.train.inner_lr)
     assert totals["tasks"] == len(TASKS) and totals["meta_loss"] > 0
     for name, g in zip(names, grads):
@@ -87,3 +88,25 @@ def test_bottom_batches_cover_every_window_once_with_little_padding(tiny_bert, t
     for ids in set(rows):
         alone = bottom.compute(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0]
         assert torch.allclose(computed[ids], alone, atol=1e-9)
+
+
+@pytest.mark.parametrize("loss_positions", ["first_subword", "all"])
+def test_packed_groups_give_the_loss_and_gradient_of_window_rows(tiny_bert, tiny_tokenizer, toy_corpus, loss_positions):
+    cfg, model, featurizer, source = _setup(tiny_bert, tiny_tokenizer, toy_corpus, [f"train.loss_positions={loss_positions}"])
+    bottom = FrozenBottom(model, featurizer)
+    # groups of 1-3 windows of different lengths, one without a labelled position
+    groups = [source[0] + source[1], source[2], source[3] + source[4] + source[5]]
+    groups[1] = [Window(0, source[2][0].input_ids[:2], (IGNORE, IGNORE), ())] + list(groups[1])
+    batches = [featurizer.collate(g) for g in groups]
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    loss = Top(model, bottom.num_layers).loss_fn(2.0)
+    padded, packed = stack(model, featurizer, bottom, groups, batches), stack_packed(model, featurizer, bottom, groups, batches)
+    assert packed.ids.shape[:2] == (3, 1) and packed.ids.shape[2] < padded.ids.shape[1] * padded.ids.shape[2]
+    assert packed.keep.shape[-1] <= packed.ids.shape[-1]
+    for b in range(len(groups)):
+        args = [None if a is None else a[b] for a in padded.loss_args()]
+        expected = torch.func.grad_and_value(loss)(params, *args)
+        got = torch.func.grad_and_value(loss)(params, *[None if a is None else a[b] for a in packed.loss_args()])
+        torch.testing.assert_close(got[1], expected[1], rtol=1e-10, atol=1e-12)
+        for name in params:
+            torch.testing.assert_close(got[0][name], expected[0][name], rtol=1e-9, atol=1e-12, msg=name)

@@ -32,6 +32,20 @@ def test_token_loss_equals_a_hand_computation():
     assert token_loss(logits, labels, 0.0).item() == pytest.approx(mean, rel=1e-12)
 
 
+def test_windows_end_to_end_in_one_row_take_the_max_term_per_window():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(3, 5, 4), torch.randint(0, 4, (3, 5))
+    labels[1, 3:] = IGNORE
+    labels[2] = IGNORE  # a window without a label takes no part in the max term
+    # the same windows end to end in one row, padded, and which positions are whose
+    row_logits = torch.cat([logits.reshape(15, 4), torch.randn(2, 4)])[None]
+    row_labels = torch.cat([labels.reshape(15), torch.full((2,), IGNORE)])[None]
+    rows = (torch.arange(17) // 5)[None, None, :] == torch.arange(3)[None, :, None]
+    expected = token_loss(logits, labels, lambda_max=2.0)
+    torch.testing.assert_close(token_loss(row_logits, row_labels, lambda_max=2.0, rows=rows), expected)
+    assert not torch.allclose(token_loss(row_logits, row_labels, lambda_max=2.0), expected)
+
+
 def test_lambda_zero_is_plain_cross_entropy_and_gradients_flow():
     torch.manual_seed(0)
     logits = torch.randn(4, 7, 9, requires_grad=True)

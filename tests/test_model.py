@@ -28,6 +28,24 @@ def test_forward_gives_logits_per_token_and_label(model, tiny_tokenizer, toy_cor
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("start", [0, 1])
+def test_the_last_layer_at_kept_positions_equals_the_whole_forward_there(model, tiny_tokenizer, toy_corpus, start):
+    featurizer = Featurizer(tiny_tokenizer, max_length=32, context=8)
+    batch = featurizer.collate(featurizer.encode(toy_corpus["en"][:4]))
+    model = model.double().eval()
+    assert model.can_keep()
+    mask4d = model.attention_mask_4d(batch["attention_mask"])
+    full = model(batch["input_ids"], mask4d)
+    keep = torch.stack([torch.randperm(int(n))[:3] for n in batch["attention_mask"].sum(1)])
+    hidden = None if start == 0 else model.prefix(batch["input_ids"], mask4d, start)
+    kept = model(batch["input_ids"], mask4d, hidden, start_layer=start, keep=keep)
+    assert kept.shape == (len(keep), 3, len(LABELS))
+    torch.testing.assert_close(kept, full.gather(1, keep[..., None].expand(-1, -1, len(LABELS))), rtol=1e-10, atol=1e-12)
+    # an encoder whose positions enter every layer is not pruned
+    model.encoder.config.position_embedding_type = "relative_key"
+    assert not model.can_keep()
+
+
 def test_from_pretrained_loads_the_real_encoder_weights(model, tiny_bert):
     from transformers import AutoModel
 

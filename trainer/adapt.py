@@ -106,9 +106,8 @@ def _adapted_batched(model: NerModel, featurizer: Featurizer, sentences: Sequenc
     top = Top(model, bottom.num_layers)
     params = {n: p.detach() for n, p in trainable_parameters(model)}
     with quiet_vmap(), attention(model, VMAP_ATTENTION):
-        support = stack(model, featurizer, bottom, support_windows)
-        grads = vmap(grad(top.loss_fn(s.lambda_max)), in_dims=(None, 0, 0, support.hidden_dim, 0))(
-            params, support.ids, support.mask4d, support.hidden, support.targets)
+        support = stack(model, featurizer, bottom, support_windows, keep=True)
+        grads = vmap(grad(top.loss_fn(s.lambda_max)), in_dims=support.loss_dims(None))(params, *support.loss_args())
         del support
         adapted, _ = batched_bertadam_step(params, grads, None, lr=s.adapt_lr, weight_decay=s.weight_decay,
                                            max_grad_norm=s.max_grad_norm, classifier_lr_scale=s.classifier_lr_scale,

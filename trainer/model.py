@@ -109,19 +109,42 @@ class NerModel(nn.Module):
         return cls(load_encoder(name_or_path), labels, dropout, seed)
 
     def forward(self, input_ids: Optional[torch.Tensor], attention_mask: torch.Tensor,
-                hidden_states: Optional[torch.Tensor] = None, start_layer: int = 0) -> torch.Tensor:
+                hidden_states: Optional[torch.Tensor] = None, start_layer: int = 0,
+                keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits [batch, length, labels]; `attention_mask` may be 2-D or a prepared 4-D mask.
 
         With `hidden_states` (the output of `prefix(..., start_layer)`) and a 4-D mask, only the
-        layers from `start_layer` on run: the frozen bottom is computed once and shared.
+        layers from `start_layer` on run: the frozen bottom is computed once and shared. With
+        `keep` [batch, S] (positions of each row; 4-D mask, `can_keep()`), the last layer and the
+        classifier run at those positions only and the logits are [batch, S, labels].
         """
-        if hidden_states is None:
+        if keep is not None:
+            hidden = self.encoder.embeddings(input_ids=input_ids) if hidden_states is None else hidden_states
+            layers = encoder_layers(self.encoder)[0 if hidden_states is None else start_layer:]
+            for layer in layers[:-1]:
+                hidden = layer(hidden, attention_mask)
+            hidden = layer_at(layers[-1], hidden, attention_mask, keep)
+        elif hidden_states is None:
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         else:
             hidden = hidden_states
             for layer in encoder_layers(self.encoder)[start_layer:]:
                 hidden = layer(hidden, attention_mask)
         return self.classifier(self.dropout(hidden))
+
+    def can_keep(self) -> bool:
+        """Whether `forward(keep=...)` applies: a BERT-style encoder whose last layer is an
+        encoder-only block of the shape `layer_at` mirrors (absolute positions, no cross-attention)."""
+        if not self.can_split():
+            return False
+        config, last = self.encoder.config, encoder_layers(self.encoder)[-1]
+        attn = getattr(getattr(last, "attention", None), "self", None)
+        return (not getattr(config, "is_decoder", False) and not getattr(config, "chunk_size_feed_forward", 0)
+                and getattr(config, "position_embedding_type", "absolute") == "absolute"
+                and all(hasattr(attn, a) for a in ("query", "key", "value", "dropout", "scaling", "attention_head_size"))
+                and all(hasattr(m, "forward") for m in (getattr(last.attention, "output", None),
+                                                        getattr(last, "intermediate", None),
+                                                        getattr(last, "output", None))))
 
     def can_split(self) -> bool:
         """Whether `prefix` applies: a BERT-style encoder (embeddings, then encoder.layer)."""
@@ -191,6 +214,30 @@ def attention(model: "NerModel", implementation: str) -> Iterator[None]:
         yield
     finally:
         config._attn_implementation = before
+
+
+def layer_at(layer: nn.Module, hidden: torch.Tensor, mask4d: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """A BERT-style layer's output [N, S, H] at positions `keep` [N, S] of `hidden` [N, T, H]:
+    keys and values from every position, queries, the attention's output and the feed-forward at
+    the kept ones. Why by hand: transformers' layers compute every position, and a loss read at
+    first subwords never reads the last layer's others (MosaicBERT's masked-LM head does the
+    same); the attention is transformers' eager one, written for a query set smaller than the
+    key set, with the rows of `mask4d` [N, 1, T, T] (additive, or boolean as built for SDPA) at the
+    kept positions."""
+    attn = layer.attention.self
+    picked = hidden.gather(1, keep.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    mask = mask4d.gather(2, keep[:, None, :, None].expand(-1, mask4d.shape[1], -1, mask4d.shape[-1]))
+    if mask.dtype == torch.bool:
+        mask = torch.zeros_like(mask, dtype=hidden.dtype).masked_fill(~mask, torch.finfo(hidden.dtype).min)
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:2], -1, attn.attention_head_size).transpose(1, 2)
+
+    scores = heads(attn.query(picked)) @ heads(attn.key(hidden)).transpose(2, 3) * attn.scaling
+    probs = attn.dropout((scores + mask).softmax(dim=-1))
+    context = (probs @ heads(attn.value(hidden))).transpose(1, 2).reshape(picked.shape)
+    out = layer.attention.output(context, picked)
+    return layer.output(layer.intermediate(out), out)
 
 
 def encoder_layers(encoder: nn.Module) -> nn.ModuleList:
