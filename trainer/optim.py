@@ -255,6 +255,9 @@ def batched_bertadam_step(params: dict[str, torch.Tensor], grads: dict[str, torc
         raise ValueError(f"keep_state={keep_state!r}: True, False or 'second_last'")
     if keep_state == "second_last" and state is not None:
         raise ValueError("keep_state='second_last' is for the first step (state None)")
+    if compiled and (state is None or "g" in state):
+        return _compiled_step(params, grads, state, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                              classifier_lr_scale=classifier_lr_scale, keep_state=keep_state)
     new, out = {}, ({"m": {}, "v": {}} if keep_state is True else {"g": {}, "c": {}})
     for name, g in grads.items():
         p = params[name]
@@ -265,18 +268,6 @@ def batched_bertadam_step(params: dict[str, torch.Tensor], grads: dict[str, torc
         # decayed p is one tensor for all slices while they still share their weights, and slices of
         # their own are updated in place.
         own = p.shape == g.shape
-        if compiled and (state is None or "g" in state):
-            rate_t, keep = (torch.tensor(x, device=g.device, dtype=g.dtype) for x in (rate, 1 - rate * decay))
-            if state is None:
-                new[name] = _fused(0, p, keep, g, c, rate_t)
-            else:
-                new[name] = _fused(1, p, keep, state["g"][name], state["c"][name], g, c, rate_t)
-            if keep_state is True:
-                g.mul_(c)
-                out["m"][name], out["v"][name] = g * (1 - B1), g.square().mul_(1 - B2)
-            elif keep_state == "second_last":
-                out["g"][name], out["c"][name] = g, c
-            continue
         start = (p.mul_(1 - rate * decay) if own else p * (1 - rate * decay)) if decay else p
         if state is None:
             new[name] = _first(start, g, c, rate)
@@ -324,6 +315,48 @@ def _second(start: torch.Tensor, g1: torch.Tensor, c1: torch.Tensor, g2: torch.T
     return _apply(start, numer, denom, -rate * _K1)
 
 
+def _compiled_step(params: dict, grads: dict, state: Optional[dict], *, lr: float, weight_decay: float,
+                   max_grad_norm: float, classifier_lr_scale: float, keep_state) -> tuple[dict, Optional[dict]]:
+    """`batched_bertadam_step`'s first or second step from fresh state, every tensor in one compiled
+    call (`_fused`), each slice's clipping factor computed inside it."""
+    names = list(grads)
+    rates = [lr * (classifier_lr_scale if is_classifier(n) else 1.0) for n in names]
+    keeps = [1 - r * (weight_decay if weight_decay > 0 and not no_decay(n) else 0.0) for n, r in zip(names, rates)]
+    g0 = grads[names[0]]
+    scalars = torch.tensor([rates, keeps], device=g0.device, dtype=g0.dtype)
+    gs = [grads[n] for n in names]
+    ps = [params[n] for n in names]
+    if state is None:
+        new, cs = _fused(0, max_grad_norm, ps, scalars, gs)
+    else:
+        new, cs = _fused(1, max_grad_norm, ps, scalars, gs, [state["g"][n] for n in names],
+                         [state["c"][n] for n in names])
+    out: Optional[dict] = None
+    if keep_state is True:
+        out = {"m": {}, "v": {}}
+        for n, g, c in zip(names, gs, cs):
+            g.mul_(c)
+            out["m"][n], out["v"][n] = g * (1 - B1), g.square().mul_(1 - B2)
+    elif keep_state == "second_last":
+        out = {"g": dict(zip(names, gs)), "c": dict(zip(names, cs))}
+    return dict(zip(names, new)), out
+
+
+def _steps(which: int, max_grad_norm: float, ps: list, scalars: torch.Tensor, gs: list, g1s: Sequence = (),
+           c1s: Sequence = ()) -> tuple[list, list]:
+    """The closed-form step `which` (0 first, 1 second) of every tensor, `scalars` [2, n] their rates
+    and decay factors (1 - rate * decay); returns (new weights, clipping factors)."""
+    new, cs = [], []
+    for i, (p, g) in enumerate(zip(ps, gs)):
+        c = _clip_coefficients(g, max_grad_norm)
+        if which == 0:
+            new.append(_first_fused(p, scalars[1, i], g, c, scalars[0, i]))
+        else:
+            new.append(_second_fused(p, scalars[1, i], g1s[i], c1s[i], g, c, scalars[0, i]))
+        cs.append(c)
+    return new, cs
+
+
 def _first_fused(p: torch.Tensor, keep: torch.Tensor, g: torch.Tensor, c: torch.Tensor, rate: torch.Tensor):
     """`_first` on p * keep (keep = 1 - rate * decay) as one expression, for torch.compile."""
     return p * keep - (rate * _K1) * g / (g.abs() + EPS / (math.sqrt(1 - B2) * c))
@@ -340,26 +373,26 @@ def _second_fused(p: torch.Tensor, keep: torch.Tensor, g1: torch.Tensor, c1: tor
 
 @functools.lru_cache(maxsize=None)
 def _compiled():
-    """The closed-form steps compiled into one loop each (torch.compile). Eager, each is six to
-    ten passes over every weight copy, memory-bound; fused it is one: measured 12x faster on a
-    [4, 1536, 384] copy on one CPU thread. Learning rates go in as tensors so that a scheduled
-    rate does not recompile."""
-    return (torch.compile(_first_fused, dynamic=True, fullgraph=True),
-            torch.compile(_second_fused, dynamic=True, fullgraph=True))
+    """`_steps` compiled (torch.compile): one call per step for every tensor, each tensor's clipping
+    norm and update fused into a loop or two. Eager, each tensor is six to ten passes and a dozen
+    small calls (measured 12x slower on a [4, 1536, 384] copy on one CPU thread); a call per
+    tensor cost e5-small's 36 trainable tensors about a tenth of a meta-step in dispatch alone.
+    Rates go in as a tensor so that a scheduled rate does not recompile."""
+    return torch.compile(_steps, dynamic=True, fullgraph=True)
 
 
 _EAGER_FALLBACK: list = []  # set once compiling failed in this process
 
 
-def _fused(which: int, *args):
-    """The compiled kernel `which` (0 first step, 1 second), or the same expression eagerly where
-    compiling fails (no C++ compiler on a CPU machine, no Triton on a GPU one): slower, same result."""
+def _fused(*args):
+    """The compiled `_steps`, or the same expressions eagerly where compiling fails (no C++
+    compiler on a CPU machine, no Triton on a GPU one): slower, same result."""
     if not _EAGER_FALLBACK:
         try:
-            return _compiled()[which](*args)
+            return _compiled()(*args)
         except Exception as err:  # torch.compile raises many kinds (backend, compiler, lowering)
             logger.warning("torch.compile of BertAdam's closed-form steps failed (%s: %s); running them "
                            "eagerly (set train.compile_updates=never to skip the attempt)",
                            type(err).__name__, str(err).splitlines()[0][:200])
             _EAGER_FALLBACK.append(True)
-    return (_first_fused, _second_fused)[which](*args)
+    return _steps(*args)
