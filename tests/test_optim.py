@@ -219,3 +219,25 @@ def test_compiled_steps_fall_back_to_the_same_expression_eagerly(monkeypatch):
     assert optim._EAGER_FALLBACK == [True]
     for n in params:
         torch.testing.assert_close(got[n], expected[n], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_new_weight_copies_go_into_the_buffers_given_and_own_copies_are_updated_in_place(compiled):
+    import trainer.optim as optim
+
+    torch.manual_seed(0)
+    params = {"a.weight": torch.randn(5, 4, dtype=torch.float64), "a.bias": torch.randn(5, dtype=torch.float64)}
+    g1 = {n: torch.randn(3, *p.shape, dtype=torch.float64) for n, p in params.items()}
+    g2 = {n: torch.randn(3, *p.shape, dtype=torch.float64) for n, p in params.items()}
+    kw = dict(lr=1e-2, weight_decay=0.01, max_grad_norm=1.0, compiled=compiled)
+    first, state = optim.batched_bertadam_step(params, {n: g.clone() for n, g in g1.items()}, None,
+                                               keep_state="second_last", **kw)
+    expected = optim.batched_bertadam_step(first, {n: g.clone() for n, g in g2.items()}, state, keep_state=False, **kw)[0]
+    buffers = {n: torch.full((3, *p.shape), float("nan"), dtype=torch.float64) for n, p in params.items()}
+    into, state = optim.batched_bertadam_step(params, {n: g.clone() for n, g in g1.items()}, None,
+                                              keep_state="second_last", out=buffers, **kw)
+    assert all(into[n].data_ptr() == buffers[n].data_ptr() for n in params)
+    got = optim.batched_bertadam_step(into, {n: g.clone() for n, g in g2.items()}, state, keep_state=False, **kw)[0]
+    for n in params:
+        assert got[n].data_ptr() == buffers[n].data_ptr()
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-12, atol=1e-14)

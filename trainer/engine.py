@@ -232,6 +232,7 @@ class TaskEngine:
         self.compiled = mode == "always" or (mode == "auto" and one_copy >= COMPILE_FROM)
         self.mask_support, self.mask_query = masked_sides(cfg.train.mask_on)
         self.packed = bool(bottom.num_layers) and model.can_keep()
+        self._copies: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ chunks
 
@@ -256,6 +257,14 @@ class TaskEngine:
         """What a task's support is padded to: chunks are formed of tasks of similar width."""
         lengths = [len(w) for i in task.support for w in source[i]]
         return sum(lengths) if self.packed else max(lengths)
+
+    def _weight_copies(self, count: int) -> dict[str, torch.Tensor]:
+        """Buffers for `count` tasks' copies of the trainable weights, kept from chunk to chunk: the
+        first inner step writes them and later ones update them in place (see batched_bertadam_step)."""
+        if not self._copies or next(iter(self._copies.values())).shape[0] < count:
+            self._copies = {n: torch.empty(count, *p.shape, dtype=p.dtype, device=p.device)
+                            for n, p in self.params_dict().items()}
+        return {n: t[:count] for n, t in self._copies.items()}
 
     def params_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in zip(self.names, self.params) if n in self._used}
@@ -322,7 +331,8 @@ class TaskEngine:
                 params, state = batched_bertadam_step(
                     params, grads, state, lr=inner_lr, weight_decay=train.weight_decay,
                     max_grad_norm=train.max_grad_norm, classifier_lr_scale=train.classifier_lr_scale,
-                    keep_state=self._keep(step), compiled=self.compiled)
+                    keep_state=self._keep(step), compiled=self.compiled,
+                    out=self._weight_copies(len(tasks)) if step == 0 else None)
                 del grads
             grads, query_loss = vmap(grad_and_value(loss), in_dims=query.loss_dims(0), randomness=randomness)(
                 params, *query.loss_args())

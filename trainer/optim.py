@@ -233,7 +233,7 @@ B1, B2, EPS = 0.9, 0.999, 1e-6
 def batched_bertadam_step(params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor],
                           state: Optional[dict] = None, *, lr: float, weight_decay: float, max_grad_norm: float,
                           classifier_lr_scale: float = 1.0, keep_state: Union[bool, str] = True,
-                          compiled: bool = False) -> tuple[dict, Optional[dict]]:
+                          compiled: bool = False, out: Optional[dict] = None) -> tuple[dict, Optional[dict]]:
     """One BertAdam step (constant rate) for many independent copies of the weights at once.
 
     `grads` carry a leading dimension, one slice per copy (a task, a sentence); `params` have it
@@ -245,7 +245,10 @@ def batched_bertadam_step(params: dict[str, torch.Tensor], grads: dict[str, torc
     The gradients are consumed, and weights that already have the leading dimension are updated
     in place (the copies are the caller's own). `compiled` runs the closed-form steps as
     torch.compile'd kernels (worth it from about a million weights per copy; the first call
-    compiles for tens of seconds). Returns (new weights, state or None).
+    compiles for tens of seconds). `out`: tensors shaped like the gradients that receive new
+    weights that would otherwise be fresh (shared weights' first step): buffers kept across calls
+    spare the system faulting in fresh pages for every copy, which on one CPU thread cost more than
+    the step itself. Returns (new weights, state or None).
 
     Why closed forms: these steps are passes over one copy of the trainable weights per slice,
     bound by memory traffic; from fresh state, m and v are functions of the gradients, so the
@@ -257,8 +260,8 @@ def batched_bertadam_step(params: dict[str, torch.Tensor], grads: dict[str, torc
         raise ValueError("keep_state='second_last' is for the first step (state None)")
     if compiled and (state is None or "g" in state):
         return _compiled_step(params, grads, state, lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                              classifier_lr_scale=classifier_lr_scale, keep_state=keep_state)
-    new, out = {}, ({"m": {}, "v": {}} if keep_state is True else {"g": {}, "c": {}})
+                              classifier_lr_scale=classifier_lr_scale, keep_state=keep_state, out=out)
+    new, kept = {}, ({"m": {}, "v": {}} if keep_state is True else {"g": {}, "c": {}})
     for name, g in grads.items():
         p = params[name]
         c = _clip_coefficients(g, max_grad_norm)
@@ -273,9 +276,9 @@ def batched_bertadam_step(params: dict[str, torch.Tensor], grads: dict[str, torc
             new[name] = _first(start, g, c, rate)
             if keep_state is True:
                 g.mul_(c)
-                out["m"][name], out["v"][name] = g * (1 - B1), g.square().mul_(1 - B2)
+                kept["m"][name], kept["v"][name] = g * (1 - B1), g.square().mul_(1 - B2)
             elif keep_state == "second_last":
-                out["g"][name], out["c"][name] = g, c
+                kept["g"][name], kept["c"][name] = g, c
         elif "g" in state:
             new[name] = _second(start, state["g"][name], state["c"][name], g, c, rate)
         else:
@@ -284,8 +287,10 @@ def batched_bertadam_step(params: dict[str, torch.Tensor], grads: dict[str, torc
             v = state["v"][name].mul_(B2).addcmul_(g, g, value=1 - B2)
             new[name] = _apply(start, m, v.sqrt().add_(EPS), -rate)
             if keep_state is True:
-                out["m"][name], out["v"][name] = m, v
-    return new, (out if keep_state else None)
+                kept["m"][name], kept["v"][name] = m, v
+        if out is not None and new[name].shape != p.shape:
+            new[name] = out[name].copy_(new[name])
+    return new, (kept if keep_state else None)
 
 
 def _apply(start: torch.Tensor, numer: torch.Tensor, denom: torch.Tensor, value: float) -> torch.Tensor:
@@ -316,7 +321,8 @@ def _second(start: torch.Tensor, g1: torch.Tensor, c1: torch.Tensor, g2: torch.T
 
 
 def _compiled_step(params: dict, grads: dict, state: Optional[dict], *, lr: float, weight_decay: float,
-                   max_grad_norm: float, classifier_lr_scale: float, keep_state) -> tuple[dict, Optional[dict]]:
+                   max_grad_norm: float, classifier_lr_scale: float, keep_state,
+                   out: Optional[dict]) -> tuple[dict, Optional[dict]]:
     """`batched_bertadam_step`'s first or second step from fresh state, every tensor in one compiled
     call (`_fused`), each slice's clipping factor computed inside it."""
     names = list(grads)
@@ -326,33 +332,41 @@ def _compiled_step(params: dict, grads: dict, state: Optional[dict], *, lr: floa
     scalars = torch.tensor([rates, keeps], device=g0.device, dtype=g0.dtype)
     gs = [grads[n] for n in names]
     ps = [params[n] for n in names]
+    # Weights of their own are updated in place; shared ones get new copies, in `out` if given.
+    dest = [p if p.shape == g.shape else (None if out is None else out[n]) for n, p, g in zip(names, ps, gs)]
     if state is None:
-        new, cs = _fused(0, max_grad_norm, ps, scalars, gs)
+        new, cs = _fused(0, max_grad_norm, ps, scalars, gs, dest)
     else:
-        new, cs = _fused(1, max_grad_norm, ps, scalars, gs, [state["g"][n] for n in names],
+        new, cs = _fused(1, max_grad_norm, ps, scalars, gs, dest, [state["g"][n] for n in names],
                          [state["c"][n] for n in names])
-    out: Optional[dict] = None
+    kept: Optional[dict] = None
     if keep_state is True:
-        out = {"m": {}, "v": {}}
+        kept = {"m": {}, "v": {}}
         for n, g, c in zip(names, gs, cs):
             g.mul_(c)
-            out["m"][n], out["v"][n] = g * (1 - B1), g.square().mul_(1 - B2)
+            kept["m"][n], kept["v"][n] = g * (1 - B1), g.square().mul_(1 - B2)
     elif keep_state == "second_last":
-        out = {"g": dict(zip(names, gs)), "c": dict(zip(names, cs))}
-    return dict(zip(names, new)), out
+        kept = {"g": dict(zip(names, gs)), "c": dict(zip(names, cs))}
+    return {n: d if d is not None else w for n, d, w in zip(names, dest, new)}, kept
 
 
-def _steps(which: int, max_grad_norm: float, ps: list, scalars: torch.Tensor, gs: list, g1s: Sequence = (),
-           c1s: Sequence = ()) -> tuple[list, list]:
+def _steps(which: int, max_grad_norm: float, ps: list, scalars: torch.Tensor, gs: list, dest: list,
+           g1s: Sequence = (), c1s: Sequence = ()) -> tuple[list, list]:
     """The closed-form step `which` (0 first, 1 second) of every tensor, `scalars` [2, n] their rates
-    and decay factors (1 - rate * decay); returns (new weights, clipping factors)."""
+    and decay factors (1 - rate * decay); a new weight goes into its `dest` tensor where there is one
+    (and is then not returned: None in its place). Returns (new weights, clipping factors)."""
     new, cs = [], []
     for i, (p, g) in enumerate(zip(ps, gs)):
         c = _clip_coefficients(g, max_grad_norm)
         if which == 0:
-            new.append(_first_fused(p, scalars[1, i], g, c, scalars[0, i]))
+            value = _first_fused(p, scalars[1, i], g, c, scalars[0, i])
         else:
-            new.append(_second_fused(p, scalars[1, i], g1s[i], c1s[i], g, c, scalars[0, i]))
+            value = _second_fused(p, scalars[1, i], g1s[i], c1s[i], g, c, scalars[0, i])
+        if dest[i] is None:
+            new.append(value)
+        else:
+            dest[i].copy_(value)
+            new.append(None)
         cs.append(c)
     return new, cs
 
