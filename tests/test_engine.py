@@ -40,12 +40,13 @@ def _reference(model, featurizer, cfg, source, epoch):
 
 
 @pytest.mark.parametrize("overrides,frozen", [
-    (["train.mask_ratio=0.5", "train.mask_on=query"], 1),
-    (["train.mask_ratio=0.5", "train.mask_on=both", "train.task_chunk_size=2"], 1),
-    (["train.mask_ratio=0.0", "train.loss_positions=all"], 1),
-    (["train.mask_ratio=0.5", "train.mask_on=query"], 0),
+    (["train.mask_ratio=0.5", "train.mask_on=query", "train.pack_support=always"], 1),
+    (["train.mask_ratio=0.5", "train.mask_on=both", "train.task_chunk_size=2", "train.pack_support=always"], 1),
+    (["train.mask_ratio=0.0", "train.loss_positions=all", "train.pack_support=always"], 1),
+    (["train.mask_ratio=0.5", "train.mask_on=query", "train.pack_support=always"], 0),
     (["train.mask_ratio=0.5", "train.compile_updates=always"], 1),
-    (["train.mask_ratio=0.5", "train.compile_updates=always", "train.num_inner_steps=3"], 1),
+    (["train.mask_ratio=0.5", "train.compile_updates=always", "train.num_inner_steps=3",
+      "train.pack_support=always"], 1),
     (["train.mask_ratio=0.5", "train.num_inner_steps=3", "train.max_grad_norm=0.0"], 1),
 ])
 def test_vectorised_meta_gradient_equals_the_per_task_one(tiny_bert, tiny_tokenizer, toy_corpus, overrides, frozen):
@@ -53,7 +54,8 @@ def test_vectorised_meta_gradient_equals_the_per_task_one(tiny_bert, tiny_tokeni
     assert any(len(g) > 1 for g in source), "no sentence spans two windows"
     names, expected = _reference(model, featurizer, cfg, source, epoch=3)
     engine = TaskEngine(model, featurizer, cfg, FrozenBottom(model, featurizer), seed=7, names=names)
-    assert engine.packed == bool(frozen)  # a task's support windows end to end, the last layer at the loss's positions
+    # packed: a task's support windows end to end (where there is a bottom; auto: not at hidden 64)
+    assert engine.packed == (bool(frozen) and "train.pack_support=always" in overrides)
     grads, totals = engine.meta_gradient(TASKS, source, epoch=3, inner_lr=cfg.train.inner_lr)
     assert totals["tasks"] == len(TASKS) and totals["meta_loss"] > 0
     for name, g in zip(names, grads):

@@ -41,6 +41,7 @@ CPU_CHUNK_BYTES = 64 * 2 ** 20
 # runs it once per task; the plain matmul/softmax form batches, several times faster on small models.
 VMAP_ATTENTION = "eager"
 COMPILE_FROM = 1_000_000  # trainable weights per copy from which train.compile_updates=auto compiles
+PACK_FROM = 256  # hidden size from which train.pack_support=auto packs
 
 
 @dataclass
@@ -231,7 +232,9 @@ class TaskEngine:
         mode = cfg.train.compile_updates
         self.compiled = mode == "always" or (mode == "auto" and one_copy >= COMPILE_FROM)
         self.mask_support, self.mask_query = masked_sides(cfg.train.mask_on)
-        self.packed = bool(bottom.num_layers) and model.can_keep()
+        pack = cfg.train.pack_support
+        self.packed = bool(bottom.num_layers) and model.can_keep() and (
+            pack == "always" or (pack == "auto" and bottom.hidden_size >= PACK_FROM))
         self._copies: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ chunks

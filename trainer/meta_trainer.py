@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 # Settings that do not change what a run computes (where files and metrics go, how the work is
 # spread, how often it is saved or logged): a checkpoint resumes under other values of these.
 RESUME_IGNORES = ("mlflow.", "cluster.", "train.output_dir", "train.seeds", "train.log_every",
-                  "train.checkpoint_every", "train.task_chunk_size", "retrieval.cache_dir", "retrieval.batch_size",
+                  "train.checkpoint_every", "train.task_chunk_size", "train.pack_support",
+                  "retrieval.cache_dir", "retrieval.batch_size",
                   "model.prefix_cache_dir", "data.root", "data.targets", "data.target_files",
                   "data.target_train_files", "data.target_sample", "data.low_resource_fractions", "data.misc_to_o",
                   "data.unspaced_languages")
