@@ -184,6 +184,20 @@ def stack_packed(model: NerModel, featurizer: Featurizer, bottom: FrozenBottom, 
                    rows[:, None].to(device))
 
 
+def even_chunks(count: int, size: int) -> list[slice]:
+    """`count` items in as few chunks of at most `size` as can hold them, as even as can be: at
+    most two chunk sizes, one apart, so that a chunk of one (a size torch compiles apart) is left
+    only where chunks of two or one must be."""
+    chunks = -(-count // size)
+    base, extra = divmod(count, chunks) if chunks else (0, 0)
+    out, start = [], 0
+    for i in range(chunks):
+        stop = start + base + (i < extra)
+        out.append(slice(start, stop))
+        start = stop
+    return out
+
+
 class Top:
     """The trainable top as a function of its weights, for torch.func (vmap over weight copies)."""
 
@@ -235,7 +249,7 @@ class TaskEngine:
         pack = cfg.train.pack_support
         self.packed = bool(bottom.num_layers) and model.can_keep() and (
             pack == "always" or (pack == "auto" and bottom.hidden_size >= PACK_FROM))
-        self._copies: dict[str, torch.Tensor] = {}
+        self._copies: dict[int, dict[str, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ chunks
 
@@ -263,11 +277,16 @@ class TaskEngine:
 
     def _weight_copies(self, count: int) -> dict[str, torch.Tensor]:
         """Buffers for `count` tasks' copies of the trainable weights, kept from chunk to chunk: the
-        first inner step writes them and later ones update them in place (see batched_bertadam_step)."""
-        if not self._copies or next(iter(self._copies.values())).shape[0] < count:
-            self._copies = {n: torch.empty(count, *p.shape, dtype=p.dtype, device=p.device)
-                            for n, p in self.params_dict().items()}
-        return {n: t[:count] for n, t in self._copies.items()}
+        first inner step writes them and later ones update them in place (see batched_bertadam_step).
+        One set per chunk size, whole tensors rather than slices of a larger set: the compiled
+        steps would be compiled again for views of another size (20 s a time on e5-small)."""
+        copies = self._copies.get(count)
+        if copies is None:
+            if len(self._copies) >= 2:  # even_chunks makes at most two sizes per meta-batch
+                self._copies.pop(next(iter(self._copies)))
+            copies = self._copies[count] = {n: torch.empty(count, *p.shape, dtype=p.dtype, device=p.device)
+                                            for n, p in self.params_dict().items()}
+        return copies
 
     def params_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in zip(self.names, self.params) if n in self._used}
@@ -353,9 +372,8 @@ class TaskEngine:
             with in_mode(self.model, True), attention(self.model, VMAP_ATTENTION):
                 prepared = [self._prepare(task, source, epoch) for task in order]
                 fresh = self._masked_states(prepared)
-                for start in range(0, len(order), size):
-                    grads, support_loss, query_loss = self.chunk_gradient(
-                        order[start:start + size], prepared[start:start + size], fresh, inner_lr)
+                for part in even_chunks(len(order), size):
+                    grads, support_loss, query_loss = self.chunk_gradient(order[part], prepared[part], fresh, inner_lr)
                     for n, g in grads.items():
                         buffer[n].add_(g)
                     totals["support_loss"] += float(support_loss.sum())
