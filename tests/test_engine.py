@@ -112,3 +112,14 @@ def test_packed_groups_give_the_loss_and_gradient_of_window_rows(tiny_bert, tiny
         torch.testing.assert_close(got[1], expected[1], rtol=1e-10, atol=1e-12)
         for name in params:
             torch.testing.assert_close(got[0][name], expected[0][name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("count,size", [(32, 4), (17, 4), (15, 4), (5, 2), (1, 4), (0, 4), (9, 32)])
+def test_chunks_are_as_few_and_as_even_as_can_be(count, size):
+    from trainer.engine import even_chunks
+
+    chunks = even_chunks(count, size)
+    sizes = [c.stop - c.start for c in chunks]
+    assert [i for c in chunks for i in range(c.start, c.stop)] == list(range(count))
+    assert len(chunks) == -(-count // size) and all(0 < n <= size for n in sizes)
+    assert not sizes or max(sizes) - min(sizes) <= 1
