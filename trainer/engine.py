@@ -1,9 +1,12 @@
 """Vectorised first-order MAML: the inner loops of many tasks at once, over the trainable top only.
 
 For a chunk of tasks, every support and query set is stacked into [tasks, windows, length]
-tensors (filler windows attend to their first position and carry no label). The frozen bottom
-comes from `FrozenBottom` (a masked window, whose input changed, has its own bottom computed
-afresh). Then, with torch.func, each task gets its own copy of the trainable weights:
+tensors (filler windows attend to their first position and carry no label), or, packed
+(`train.pack_support`), each task's windows end to end in one row with a block-diagonal mask; the
+last layer runs only at the positions the loss reads. The frozen bottom comes from `FrozenBottom`
+(a masked window, whose input changed, has its own bottom computed afresh). Chunks of a
+meta-batch are as even as can be. Then, with torch.func, each task gets its own copy of the
+trainable weights (kept buffers, see `_weight_copies`):
 `num_inner_steps` vmapped gradients on the supports, each followed by a BertAdam step for every
 task at once (`batched_bertadam_step`: fresh state, constant rate, per-tensor clipping per task),
 then the vmapped query gradient at the adapted weights, summed over the chunk. The result equals
