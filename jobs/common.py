@@ -161,12 +161,13 @@ def tracked_run(cfg, run_name: str, tags: dict | None = None) -> Iterator:
 
 RECORD = "inputs.json"
 # Keys that do not change what a seed computes: where files and records go, the tagging job's own
-# settings, how many actors share retrieval (exact and tie-deterministic) and adaptation, and the corpus and model paths, which are
+# settings, how many actors share retrieval (exact and tie-deterministic) and adaptation, how a meta-batch's tasks
+# are laid out (chunks, packing: the same math), and the corpus and model paths, which are
 # replaced by a digest of their content (moving the data reuses the work; editing it does not).
 _NOT_RESULTS = ("mlflow.", "tag.", "cluster.address", "cluster.num_embed_actors", "cluster.num_index_shards",
                 "cluster.num_adapter_actors", "cluster.cpus_per_actor", "cluster.gpus_per_actor",
                 "retrieval.cache_dir", "model.prefix_cache_dir", "train.output_dir", "train.seeds", "train.log_every",
-                "train.checkpoint_every", "train.task_chunk_size",
+                "train.checkpoint_every", "train.task_chunk_size", "train.pack_support",
                 "data.root", "data.source_train", "data.source_dev", "data.target_files", "data.target_train_files",
                 "model.name_or_path", "model.init_checkpoint")
 def file_digest(path: str) -> str:
