@@ -5,7 +5,7 @@ import sys
 
 import yaml
 
-from conftest import REPO
+from conftest import REPO, load_job_config
 
 
 def test_launcher_and_kuberay_configs_parse():
@@ -30,9 +30,7 @@ def test_runtime_env_excludes_private_and_large_folders(monkeypatch):
 
 
 def test_every_job_config_loads_and_names_its_launch_command():
-    from trainer.config import load_config
-
     for path in sorted((REPO / "jobs/configs").glob("*.yaml")):
         first = path.read_text().splitlines()[0]
         assert first.startswith("# ") and ("python -m jobs." in first or "metaner " in first), path.name
-        load_config(path)
+        load_job_config(path)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, load_job_config
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "::ffff:127.0.0.1"}
 # (file, key, value): the KubeRay head must accept pod-network connections; its manifest says the
@@ -112,9 +112,9 @@ def test_no_config_holds_credentials():
 
 
 def test_job_configs_default_to_a_local_cluster_and_store():
-    from trainer.config import Config, load_config
+    from trainer.config import Config
 
-    for cfg in [Config()] + [load_config(p) for p in sorted((REPO / "jobs/configs").glob("*.yaml"))]:
+    for cfg in [Config()] + [load_job_config(p) for p in sorted((REPO / "jobs/configs").glob("*.yaml"))]:
         assert cfg.cluster.address is None or _host(cfg.cluster.address) in LOOPBACK
         uri = cfg.mlflow.tracking_uri
         assert uri is None or uri.startswith(("sqlite:", "file:")) or _host(uri) in LOOPBACK

@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from conftest import load_job_config
 from trainer.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
@@ -28,7 +29,7 @@ def _marked_reductions(path: Path) -> set[str]:
 
 
 def test_cpu_replication_differs_from_the_paper_scale_only_in_marked_reductions():
-    cpu, full = load_config(CONFIGS / "replicate_cpu.yaml"), load_config(CONFIGS / "replicate.yaml")
+    cpu, full = load_job_config(CONFIGS / "replicate_cpu.yaml"), load_config(CONFIGS / "replicate.yaml")
     differ = {k for k, v in cpu.flat().items() if full.flat()[k] != v}
     reductions = _marked_reductions(CONFIGS / "replicate_cpu.yaml")
     unmarked = {k for k in differ if k not in reductions and k.split(".")[0] not in reductions}
