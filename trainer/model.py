@@ -138,13 +138,13 @@ class NerModel(nn.Module):
         if not self.can_split():
             return False
         config, last = self.encoder.config, encoder_layers(self.encoder)[-1]
-        attn = getattr(getattr(last, "attention", None), "self", None)
+        attention = getattr(last, "attention", None)
+        attn = getattr(attention, "self", None)
         return (not getattr(config, "is_decoder", False) and not getattr(config, "chunk_size_feed_forward", 0)
                 and getattr(config, "position_embedding_type", "absolute") == "absolute"
                 and all(hasattr(attn, a) for a in ("query", "key", "value", "dropout", "scaling", "attention_head_size"))
-                and all(hasattr(m, "forward") for m in (getattr(last.attention, "output", None),
-                                                        getattr(last, "intermediate", None),
-                                                        getattr(last, "output", None))))
+                and None not in (getattr(attention, "output", None), getattr(last, "intermediate", None),
+                                 getattr(last, "output", None)))
 
     def can_split(self) -> bool:
         """Whether `prefix` applies: a BERT-style encoder (embeddings, then encoder.layer)."""

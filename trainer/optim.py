@@ -246,10 +246,10 @@ def batched_bertadam_step(params: dict[str, torch.Tensor], grads: dict[str, torc
     in place (the copies are the caller's own). `compiled` runs the closed-form steps as
     torch.compile'd kernels (worth it from about a million weights per copy; the first call of
     each of the two steps compiles, about 45 s for e5-small's 36 tensors on one CPU thread, once
-    per machine: torch's on-disk cache serves later processes in seconds). `out`: tensors shaped like the gradients that receive new
-    weights that would otherwise be fresh (shared weights' first step): buffers kept across calls
-    spare the system faulting in fresh pages for every copy, which on one CPU thread cost more than
-    the step itself. Returns (new weights, state or None).
+    per machine: torch's on-disk cache serves later processes in seconds). `out`: tensors shaped
+    like the gradients that receive new weights that would otherwise be fresh (shared weights'
+    first step): buffers kept across calls spare the system faulting in fresh pages for every
+    copy, which on one CPU thread cost more than the step itself. Returns (new weights, state or None).
 
     Why closed forms: these steps are passes over one copy of the trainable weights per slice,
     bound by memory traffic; from fresh state, m and v are functions of the gradients, so the
