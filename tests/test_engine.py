@@ -123,3 +123,26 @@ def test_chunks_are_as_few_and_as_even_as_can_be(count, size):
     assert [i for c in chunks for i in range(c.start, c.stop)] == list(range(count))
     assert len(chunks) == -(-count // size) and all(0 < n <= size for n in sizes)
     assert not sizes or max(sizes) - min(sizes) <= 1
+
+
+def test_task_cost_counts_the_positions_and_the_masked_windows_bottom(tiny_bert, tiny_tokenizer, toy_corpus):
+    """Inner steps x support positions + query positions; a query whose masking changed a window
+    adds that window's frozen bottom (frozen / (3 x trainable) per position), and only then."""
+    cfg, model, featurizer, source = _setup(tiny_bert, tiny_tokenizer, toy_corpus, ["train.mask_ratio=0.5"])
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    engine = TaskEngine(model, featurizer, cfg, FrozenBottom(model, featurizer), seed=7, names=names)
+    frozen, layers = engine.bottom.num_layers, len(model.encoder.encoder.layer)
+    assert frozen == 1 and layers > frozen
+
+    def positions(ids):
+        return sum(len(w) for i in ids for w in source[i])
+
+    seen_masked = False
+    for task in TASKS:
+        plain = 2 * positions(task.support) + positions([task.query])
+        masked = sum(len(windows[i]) for windows, _, rows in engine._prepare(task, source, 3) for i in rows)
+        assert engine.task_cost(task, source, 3) == pytest.approx(plain + masked * frozen / (3 * (layers - frozen)))
+        seen_masked = seen_masked or masked > 0
+    assert seen_masked, "no query was masked at ratio 0.5"
+    cfg.train.mask_ratio = 0.0
+    assert engine.task_cost(TASKS[0], source, 3) == 2 * positions(TASKS[0].support) + positions([TASKS[0].query])

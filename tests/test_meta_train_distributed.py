@@ -73,7 +73,7 @@ def test_one_and_two_workers_and_single_process_agree(ray_local, tiny_bert_no_dr
         # Only rank 0 logs: one value per meta-step, whatever the number of workers.
         history = client.get_metric_history(run_id, "meta_loss")
         assert [m.step for m in history] == [1, 2, 3]
-        assert {"tasks_per_s", "meta_lr", "inner_lr", "support_loss", "dev_f1"} <= set(client.get_run(run_id).data.metrics)
+        assert {"tasks_per_s", "meta_lr", "inner_lr", "support_loss", "dev_f1", "time_wait_s"} <= set(client.get_run(run_id).data.metrics)
     reference = _single_process_weights(inputs, tmp_path / "single")
     for name, ref in reference.items():
         torch.testing.assert_close(weights[1][name], weights[2][name], atol=1e-6, rtol=0)

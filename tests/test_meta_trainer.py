@@ -59,6 +59,9 @@ def test_fit_runs_the_cadences_and_moves_the_weights(tiny_bert_no_dropout, tiny_
     assert [s for s, m in log.rows if "dev_f1" in m] == [4, 8]
     assert checkpoints == [3, 6, 8] and best and best[0] == 4
     assert all(np.isfinite(m["meta_loss"]) and m["tasks_per_s"] > 0 for _, m in log.rows)
+    # Where a step's time went; one process waits for no other rank.
+    assert all(m["time_tasks_s"] > 0 and m["time_update_s"] > 0 and 0 <= m["time_wait_s"] < m["time_tasks_s"]
+               for _, m in log.rows)
     assert any(not torch.equal(before[n], p) for n, p in zip(trainer.names, trainer.params))
 
 

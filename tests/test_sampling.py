@@ -41,5 +41,16 @@ def test_shards_by_cost_partition_the_batch_and_even_the_load(world):
     balanced = [sum(at[q] for q in part.tolist()) for part in parts]
     dealt = [sum(at[q] for q in batch[r::world].tolist()) for r in range(world)]
     assert max(balanced) - min(balanced) <= max(cost) and max(balanced) <= max(dealt)
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1  # a task costs something whatever its length
     with pytest.raises(ValueError, match="costs"):
         shard_tasks(batch, 0, world, cost[:-1])
+
+
+def test_shards_by_cost_keep_the_counts_even():
+    """One long task and many short ones: by cost alone one worker would take the long one and the
+    other all the rest; every task also has a fixed cost, so each takes half the tasks."""
+    batch = np.arange(9)
+    cost = [100.0] + [1.0] * 8
+    parts = [shard_tasks(batch, r, 2, cost) for r in range(2)]
+    assert sorted(map(len, parts)) == [4, 5] and 0 in parts[0].tolist()
+    assert sorted(np.concatenate(parts).tolist()) == list(range(9))

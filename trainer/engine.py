@@ -34,7 +34,7 @@ from .features import IGNORE, Featurizer, Window
 from .losses import token_loss
 from .maml import Task
 from .masking import mask_batch, mask_generator, masked_sides
-from .model import NerModel, attention, in_mode
+from .model import NerModel, attention, encoder_layers, in_mode
 from .optim import batched_bertadam_step
 
 logger = logging.getLogger(__name__)
@@ -277,6 +277,22 @@ class TaskEngine:
         """What a task's support is padded to: chunks are formed of tasks of similar width."""
         lengths = [len(w) for i in task.support for w in source[i]]
         return sum(lengths) if self.packed else max(lengths)
+
+    def task_cost(self, task: Task, source, epoch: int) -> float:
+        """A task's work, in positions that the trainable layers run forward and backward: its
+        inner steps over the support, its query, and the frozen bottom of its masked windows (a
+        forward of the frozen layers, against about three forwards of the trainable ones per
+        position). What a distributed meta-step places each rank's share by."""
+        def positions(ids) -> int:
+            return sum(len(w) for i in ids for w in source[i])
+
+        cost = float(self.cfg.train.num_inner_steps * positions(task.support) + positions((task.query,)))
+        frozen = self.bottom.num_layers
+        if frozen and (self.mask_support or self.mask_query) and self.cfg.train.mask_ratio > 0:
+            masked = sum(len(windows[i]) for windows, _, rows in self._prepare(task, source, epoch) for i in rows)
+            trainable = max(1, len(encoder_layers(self.model.encoder)) - frozen)
+            cost += masked * frozen / (3 * trainable)
+        return cost
 
     def _weight_copies(self, count: int) -> dict[str, torch.Tensor]:
         """Buffers for `count` tasks' copies of the trainable weights, kept from chunk to chunk: the

@@ -78,7 +78,6 @@ class MetaTrainer:
                              f"([{len(source)}, K]); got shape {support.shape}")
         self.source, self.support = source, support
         self.windows = group_windows(featurizer.encode(source))
-        self._positions = [sum(len(w) for w in group) for group in self.windows]
         self.dev, self.dev_support = list(dev), list(dev_support)
         groups, self.params, self.names = ordered_groups(model, cfg)
         self.meta_optimizer, self.scheduler = make_optimizer(groups, cfg, train.meta_lr, train.num_meta_steps)
@@ -105,11 +104,13 @@ class MetaTrainer:
     def tasks(self, step: int) -> list[Task]:
         """This rank's share of meta-step `step`'s tasks."""
         batch = sample_task_batch(len(self.source), self.cfg.train.meta_batch_size, self.seed, step)
-        cost = None
-        if self.world_size > 1:  # positions each task's inner steps and query run over
-            cost = [self.cfg.train.num_inner_steps * sum(self._positions[i] for i in self.support[q])
-                    + self._positions[q] for q in batch]
-        return [Task(tuple(self.support[q]), int(q)) for q in shard_tasks(batch, self.rank, self.world_size, cost)]
+        tasks = [Task(tuple(int(i) for i in self.support[q]), int(q)) for q in batch]
+        if self.world_size == 1:
+            return tasks
+        epoch = epoch_of(step, self.cfg.train.meta_batch_size, len(self.source))
+        cost = [self.engine.task_cost(task, self.windows, epoch) for task in tasks]
+        mine = set(shard_tasks(np.arange(len(tasks)), self.rank, self.world_size, cost).tolist())
+        return [task for i, task in enumerate(tasks) if i in mine]
 
     def meta_gradient(self, step: int) -> tuple[list[torch.Tensor], dict]:
         """This rank's summed query gradients for meta-step `step` (one tensor per `names`), and
@@ -128,15 +129,21 @@ class MetaTrainer:
         self.meta_optimizer.zero_grad(set_to_none=True)
 
     def train_step(self) -> dict:
-        """Meta-step `self.step + 1`: gradients, the update, and the batch's mean losses."""
+        """Meta-step `self.step + 1`: gradients, the update, and the batch's mean losses; the
+        seconds of this rank's tasks, of its wait for the other ranks and of the update."""
         started = time.perf_counter()
         buffer, totals = self.meta_gradient(self.step)
+        computed = time.perf_counter()
+        # Also where every rank waits for the slowest: `time_wait_s` is this rank's idle share.
         stats = all_reduce_sum(torch.tensor([totals["support_loss"], totals["meta_loss"], totals["tasks"]],
                                             dtype=torch.float64))
+        reduced = time.perf_counter()
         lrs = {"meta_lr": self.meta_lr(), "inner_lr": self.inner_lr()}
         self.apply(buffer)
         self.step += 1
-        seconds = time.perf_counter() - started
+        done = time.perf_counter()
+        seconds = done - started
+        times = {"time_tasks_s": computed - started, "time_wait_s": reduced - computed, "time_update_s": done - reduced}
         # The first step of a process pays one-time work (compiling, filling the bottom of windows
         # not kept yet): the running rate starts after it.
         if self._warm:
@@ -145,7 +152,7 @@ class MetaTrainer:
         self._warm = True
         rate = self._done_tasks / self._seconds if self._seconds else int(stats[2]) / max(seconds, 1e-9)
         return {"support_loss": float(stats[0] / stats[2]), "meta_loss": float(stats[1] / stats[2]),
-                "tasks_per_s": rate, **lrs}
+                "tasks_per_s": rate, **lrs, **times}
 
     # ------------------------------------------------------------------ selection and the loop
 

@@ -21,19 +21,24 @@ def shard_tasks(batch: np.ndarray, rank: int, world_size: int, cost: Sequence[fl
     """The part of a task batch that worker `rank` of `world_size` runs: disjoint, none lost.
 
     With `cost` (one number per task of the batch, e.g. the positions its inner loop runs over),
-    the largest tasks are placed first, each on the least-loaded worker: the meta-update waits for
-    the slowest worker, and a round-robin deal of tasks of mixed lengths leaves one of them with
-    more. Every worker computes the same placement from the same numbers (ties by position)."""
+    the largest tasks are placed first, each on the least-loaded worker that holds fewer than its
+    share (len(batch) / world_size, rounded up): the meta-update waits for the slowest worker, a
+    round-robin deal of tasks of mixed lengths leaves one of them with more, and a task also costs
+    what no position count shows (its own copy of the weights, the optimiser's steps on it: about
+    33 ms a task against 0.44 ms a support position on e5-small on this CPU), so the counts stay
+    even too. Every worker computes the same placement from the same numbers (ties by position)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside a world of {world_size}")
     if cost is None or world_size == 1:
         return batch[rank::world_size]
     if len(cost) != len(batch):
         raise ValueError(f"{len(cost)} costs for a batch of {len(batch)} tasks")
-    load, mine = [0.0] * world_size, []
+    share = -(-len(batch) // world_size)
+    load, count, mine = [0.0] * world_size, [0] * world_size, []
     for i in sorted(range(len(batch)), key=lambda i: (-cost[i], i)):
-        worker = min(range(world_size), key=lambda r: (load[r], r))
+        worker = min((r for r in range(world_size) if count[r] < share), key=lambda r: (load[r], r))
         load[worker] += cost[i]
+        count[worker] += 1
         if worker == rank:
             mine.append(i)
     return batch[sorted(mine)]
