@@ -2,7 +2,7 @@
 
     python benchmarks/meta_train.py [--quick] [--limit N] [--steps N] [--device cpu|cuda] [--data ROOT]
                                     [--model PATH] [--e5 PATH] [--no-e5] [--no-distributed] [--workers 1 2]
-                                    [--repeats N]
+                                    [--repeats N] [--ds-steps N]
 
 Pseudo tasks come from English train sentences (meta-cross/en/train.txt): each sentence is a
 query, its support the K=2 other sentences nearest by [CLS] cosine under the model's own encoder
@@ -16,7 +16,8 @@ trainer.sampling, are run by
   inner loops of chunks of tasks vectorised with torch.func, BertAdam in closed form);
 - `ds1`/`ds2`: the engine on 1 and 2 Ray Train workers with DeepSpeed engines (cluster.meta_train,
   Ray local on 127.0.0.1, gloo), unless --no-distributed (none under --quick unless --workers);
-  the worker counts take turns, best of --repeats (2) runs each.
+  the worker counts take turns, best of --repeats (2) runs each, each timing --ds-steps (10)
+  meta-steps after its first.
 Two settings: the model of record (bert-tiny-6l, layers 4-5 and the classifier train) and the
 replication setting (multilingual-e5-small with 10 of 12 layers frozen, jobs/configs/replicate_cpu.yaml),
 unless --no-e5. Every variant takes one warm-up step first (which fills the kept bottom of the
@@ -47,6 +48,7 @@ from benchmarks import common  # noqa: E402
 
 DEFAULT_SOURCE, QUICK_SOURCE = 4000, 1000
 DEFAULT_STEPS, QUICK_STEPS = 4, 1
+DS_STEPS = 10
 SEED = 95
 # mBERT-base as the paper trains it (layers 4..11 of 12, hidden 768, intermediate 3072, 9 labels):
 # the size one gradient copy would have there, computed, not measured.
@@ -66,6 +68,9 @@ def parse_args(argv):
                         help="DeepSpeed worker counts to time (default: 1 2, none with --quick)")
     parser.add_argument("--repeats", type=int, default=2,
                         help="runs per DeepSpeed worker count, the counts taking turns; the best counts (default 2)")
+    parser.add_argument("--ds-steps", type=int, default=DS_STEPS,
+                        help=f"meta-steps timed per DeepSpeed run (default {DS_STEPS}): its start-up takes most of "
+                             "a run's time, and a longer window evens out the machine's drift")
     return parser.parse_args(argv)
 
 
@@ -270,6 +275,8 @@ def run(args) -> dict[str, float]:
 
     torch.set_num_threads(1)
     common.check_args(args)
+    if min(args.ds_steps, args.repeats) < 1 or args.steps < 0:
+        raise SystemExit("--ds-steps and --repeats must be at least 1, --steps 0 (the default) or more")
     common.quiet()
     print(common.machine(args.device), flush=True)
     steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS)
@@ -291,7 +298,7 @@ def run(args) -> dict[str, float]:
         if workers and not args.no_distributed:
             # On the replication setting where there is one: on the record's 0.3 MiB of weights a
             # meta-step is too little work for a second worker to pay for its all-reduce.
-            ratios.update(distributed_runs(e5 or done, record if e5 is None else e5["bundle"], args, steps, workers,
+            ratios.update(distributed_runs(e5 or done, record if e5 is None else e5["bundle"], args, workers,
                                            workdir))
         elif not workers:
             print("note: distributed runs skipped (--quick without --workers)", flush=True)
@@ -318,7 +325,7 @@ def replication_setting(args, steps: int) -> Optional[dict]:
     return {**done, "bundle": e5, "ratios": {"meta_train_engine_vs_sequential_e5": rate["engine"] / rate["sequential"]}}
 
 
-def distributed_runs(done: dict, b: common.Bundle, args, steps: int, workers, workdir: str) -> dict[str, float]:
+def distributed_runs(done: dict, b: common.Bundle, args, workers, workdir: str) -> dict[str, float]:
     """The engine on 1, 2, ... DeepSpeed workers, against the in-process engine and each other."""
     from cluster.runtime import init_ray
 
@@ -328,7 +335,8 @@ def distributed_runs(done: dict, b: common.Bundle, args, steps: int, workers, wo
     runs: dict[str, dict] = {}
     for r in range(args.repeats):
         for n in workers if r % 2 == 0 else list(reversed(workers)):
-            run = distributed(b, done["cfg"], done["source"], done["support"], steps, n, args.device, workdir, r)
+            run = distributed(b, done["cfg"], done["source"], done["support"], args.ds_steps, n, args.device,
+                              workdir, r)
             if f"ds{n}" not in runs or run["tasks_per_s"] > runs[f"ds{n}"]["tasks_per_s"]:
                 runs[f"ds{n}"] = run
     runs = {f"ds{n}": runs[f"ds{n}"] for n in workers}

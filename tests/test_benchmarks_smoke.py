@@ -122,7 +122,8 @@ def test_adaptation_benchmark_prints_positive_ratios():
 def test_meta_train_benchmark_prints_positive_ratios():
     # Two DeepSpeed workers under Ray Train too: the full run's path, which --quick leaves out; and
     # the replication setting (e5-small) where its encoder is present.
-    ratios = dict(_run("meta_train.py", "--limit", "40", "--workers", "2", "--steps", "1", "--repeats", "1"))
+    ratios = dict(_run("meta_train.py", "--limit", "40", "--workers", "2", "--steps", "1", "--repeats", "1",
+                        "--ds-steps", "1"))
     assert {"meta_train_engine_vs_official", "meta_train_engine_vs_sequential",
             "meta_grad_bytes_official_over_engine"} <= set(ratios)
     if (MODELS / "me5-small-ner").is_dir():
