@@ -340,7 +340,7 @@ def distributed_runs(done: dict, b: common.Bundle, args, workers, workdir: str) 
             if f"ds{n}" not in runs or run["tasks_per_s"] > runs[f"ds{n}"]["tasks_per_s"]:
                 runs[f"ds{n}"] = run
     runs = {f"ds{n}": runs[f"ds{n}"] for n in workers}
-    report(b.name, runs, steps, 0)
+    report(b.name, runs, args.ds_steps, 0)
     suffix = "" if b.name == "tiny6l" else f"_{b.name.replace('small', '')}"
     engine = done["runs"]["engine"]["tasks_per_s"]
     out = {f"meta_train_{k}_vs_engine{suffix}": r["tasks_per_s"] / engine for k, r in runs.items()}
