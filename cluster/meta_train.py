@@ -196,6 +196,10 @@ def meta_train_worker(loop_config: dict) -> None:
     log = MlflowLogger(inputs.tracking_uri, run_id=inputs.run_id) if rank == 0 and inputs.run_id else NullLogger()
     trainer, tokenizer = build_trainer(inputs, rank, world, log, _trainer_class())
     cfg = trainer.cfg
+    if cfg.cluster.task_balance == "dynamic":
+        from trainer.distributed import chunk_claims
+
+        trainer.claims = chunk_claims()
     zero = cfg.cluster.zero_stage
     trainer.prepare_optimizer()
     trainer.ds_engine, *_ = deepspeed.initialize(model=trainer.model, optimizer=trainer.meta_optimizer,

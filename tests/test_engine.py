@@ -146,3 +146,52 @@ def test_task_cost_counts_the_positions_and_the_masked_windows_bottom(tiny_bert,
     assert seen_masked, "no query was masked at ratio 0.5"
     cfg.train.mask_ratio = 0.0
     assert engine.task_cost(TASKS[0], source, 3) == 2 * positions(TASKS[0].support) + positions([TASKS[0].query])
+
+
+def _claims(first: int):
+    """Two ranks' claims on one counter: rank A claims `first` chunks, then rank B all the rest."""
+    counter, taken = iter(range(10 ** 6)), []
+
+    def a() -> int:
+        taken.append(None)
+        return next(counter) if len(taken) <= first else 10 ** 6
+
+    return a, lambda: next(counter)
+
+
+@pytest.mark.parametrize("first", [0, 1, 2])
+def test_claimed_chunks_sum_to_the_batch_whichever_rank_claims_them(tiny_bert, tiny_tokenizer, toy_corpus, first):
+    cfg, model, featurizer, source = _setup(tiny_bert, tiny_tokenizer, toy_corpus,
+                                            ["train.mask_ratio=0.5", "train.task_chunk_size=2",
+                                             "train.pack_support=always"])
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    engine = TaskEngine(model, featurizer, cfg, FrozenBottom(model, featurizer), seed=7, names=names)
+    whole, totals = engine.meta_gradient(TASKS, source, epoch=3, inner_lr=1e-3)
+    claim_a, claim_b = _claims(first)
+    a, totals_a = engine.meta_gradient(TASKS, source, epoch=3, inner_lr=1e-3, claim=claim_a, step=5)
+    b, totals_b = engine.meta_gradient(TASKS, source, epoch=3, inner_lr=1e-3, claim=claim_b, step=5)
+    assert totals_a["tasks"] == min(first * 2, len(TASKS)) and totals_a["tasks"] + totals_b["tasks"] == len(TASKS)
+    assert totals_a["meta_loss"] + totals_b["meta_loss"] == pytest.approx(totals["meta_loss"], rel=1e-10)
+    for name, g, ga, gb in zip(names, whole, a, b):
+        torch.testing.assert_close(ga + gb, g, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_a_claimed_chunk_draws_its_dropout_from_the_step_and_chunk(tiny_bert, tiny_tokenizer, toy_corpus):
+    """With dropout on, the sum does not depend on which rank ran which chunk; another step draws anew."""
+    cfg, model, featurizer, source = _setup(tiny_bert, tiny_tokenizer, toy_corpus,
+                                            ["train.mask_ratio=0.0", "train.task_chunk_size=2"])
+    set_dropout(model, 0.3)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    engine = TaskEngine(model, featurizer, cfg, FrozenBottom(model, featurizer), seed=7, names=names)
+
+    def split(first: int, step: int) -> list[torch.Tensor]:
+        claim_a, claim_b = _claims(first)
+        torch.manual_seed(first)  # the global generator's state must not matter
+        a, _ = engine.meta_gradient(TASKS, source, epoch=0, inner_lr=1e-3, claim=claim_a, step=step)
+        b, _ = engine.meta_gradient(TASKS, source, epoch=0, inner_lr=1e-3, claim=claim_b, step=step)
+        return [x + y for x, y in zip(a, b)]
+
+    one, other = split(1, step=5), split(2, step=5)
+    for name, x, y in zip(names, one, other):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12, msg=name)
+    assert not all(torch.allclose(x, y) for x, y in zip(one, split(1, step=6)))

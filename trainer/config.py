@@ -181,6 +181,10 @@ class ClusterConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     zero_stage: int = 0
+    # How the workers share a meta-batch: "dynamic", each claims the next chunk of tasks as it comes
+    # free (a worker the machine slows down takes fewer; the sum's order then varies from run to
+    # run, in the last bits); "static", shares placed by cost up front (reproducible to the bit).
+    task_balance: Literal["static", "dynamic"] = "dynamic"
     num_embed_actors: int = 2
     num_index_shards: int = 2
     num_adapter_actors: int = 2

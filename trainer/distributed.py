@@ -1,6 +1,10 @@
 """Collective helpers that do nothing when there is one process (no process group)."""
 from __future__ import annotations
 
+import datetime
+import os
+from typing import Callable, Optional
+
 import torch
 
 
@@ -48,3 +52,29 @@ def all_gather_object(value) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
+
+
+class ChunkClaims:
+    """Per meta-step, a counter that every rank increments atomically to claim the next chunk of
+    tasks (`TaskEngine.meta_gradient(claim=...)`): a TCPStore served by rank 0 (an increment is a
+    round trip of tens of microseconds), its port handed to the others over the process group.
+    Make it with `chunk_claims()`, on every rank."""
+
+    def __init__(self, timeout_s: float = 1800.0):
+        import torch.distributed as dist
+
+        host, world = os.environ.get("MASTER_ADDR", "127.0.0.1"), dist.get_world_size()
+        timeout = datetime.timedelta(seconds=timeout_s)
+        server = dist.TCPStore(host, 0, world, True, timeout, wait_for_workers=False) if dist.get_rank() == 0 else None
+        port = [server.port if server is not None else 0]
+        dist.broadcast_object_list(port, src=0)
+        self.store = server if server is not None else dist.TCPStore(host, port[0], world, False, timeout)
+
+    def __call__(self, step: int) -> Callable[[], int]:
+        key = f"meta_step/{step}"
+        return lambda: int(self.store.add(key, 1)) - 1
+
+
+def chunk_claims() -> Optional[ChunkClaims]:
+    """Shared chunk claims for the process group; None in a single process (nothing to share)."""
+    return ChunkClaims() if world_size() > 1 else None

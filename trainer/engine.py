@@ -24,7 +24,7 @@ import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch.func import functional_call, grad_and_value, vmap
@@ -380,23 +380,50 @@ class TaskEngine:
         self._check(query_loss, tasks, "query")
         return {n: g.sum(0) for n, g in grads.items()}, support_loss.detach(), query_loss.detach()
 
-    def meta_gradient(self, tasks, source, epoch: int, inner_lr: float) -> tuple[list[torch.Tensor], dict]:
+    def meta_gradient(self, tasks, source, epoch: int, inner_lr: float,
+                      claim: Optional[Callable[[], int]] = None, step: int = 0) -> tuple[list[torch.Tensor], dict]:
         """Sum over `tasks` of the query gradients at the support-adapted weights, one tensor per
-        name in `names` order, and the summed losses {"support_loss", "meta_loss", "tasks"}."""
+        name in `names` order, and the summed losses {"support_loss", "meta_loss", "tasks"}.
+
+        With `claim` (a counter shared by the ranks of a distributed meta-step: each call gives
+        the next chunk's index), `tasks` is the whole meta-batch, and this rank computes the chunks
+        it claims until none is left: a rank that the machine slows down takes fewer, instead of
+        keeping the others waiting at the all-reduce. A claimed chunk's dropout is drawn from
+        (seed, step, chunk), whichever rank runs it.
+        """
         buffer = {n: torch.zeros_like(p) for n, p in zip(self.names, self.params)}
-        totals = {"support_loss": 0.0, "meta_loss": 0.0, "tasks": float(len(tasks))}
+        totals = {"support_loss": 0.0, "meta_loss": 0.0, "tasks": 0.0}
         if tasks:
             order = sorted(tasks, key=lambda t: self._support_width(t, source))
-            size = self.chunk_size(len(order))
+            parts = even_chunks(len(order), self.chunk_size(len(order)))
             with in_mode(self.model, True), attention(self.model, VMAP_ATTENTION):
-                prepared = [self._prepare(task, source, epoch) for task in order]
-                fresh = self._masked_states(prepared)
-                for part in even_chunks(len(order), size):
-                    grads, support_loss, query_loss = self.chunk_gradient(order[part], prepared[part], fresh, inner_lr)
-                    for n, g in grads.items():
-                        buffer[n].add_(g)
-                    totals["support_loss"] += float(support_loss.sum())
-                    totals["meta_loss"] += float(query_loss.sum())
+                if claim is None:
+                    prepared = [self._prepare(task, source, epoch) for task in order]
+                    fresh = self._masked_states(prepared)
+                    for part in parts:
+                        self._add(buffer, totals, self.chunk_gradient(order[part], prepared[part], fresh, inner_lr))
+                while claim is not None and (i := claim()) < len(parts):
+                    prepared = [self._prepare(task, source, epoch) for task in order[parts[i]]]
+                    with self._seeded(step, i):
+                        self._add(buffer, totals, self.chunk_gradient(
+                            order[parts[i]], prepared, self._masked_states(prepared), inner_lr))
         if not all(math.isfinite(v) for v in totals.values()):
             raise FloatingPointError("a loss of the meta-batch is not finite")
         return [buffer[n] for n in self.names], totals
+
+    @staticmethod
+    def _add(buffer: dict, totals: dict, chunk: tuple[dict, torch.Tensor, torch.Tensor]) -> None:
+        grads, support_loss, query_loss = chunk
+        for n, g in grads.items():
+            buffer[n].add_(g)
+        totals["support_loss"] += float(support_loss.sum())
+        totals["meta_loss"] += float(query_loss.sum())
+        totals["tasks"] += len(support_loss)
+
+    @contextmanager
+    def _seeded(self, step: int, chunk: int) -> Iterator[None]:
+        """The global generators seeded from (seed, step, chunk) inside, restored after."""
+        device = self.bottom.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(((self.seed * 1_000_003 + step) * 65_537 + chunk) % (2 ** 63 - 1))
+            yield

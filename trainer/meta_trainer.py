@@ -87,6 +87,9 @@ class MetaTrainer:
         self.step, self.best_f1, self.best_step = 0, -1.0, -1
         self.curve: list[tuple[int, float]] = []  # (step, English-dev F1) of every selection
         self._done_tasks, self._seconds, self._warm = 0, 0.0, False
+        # Set by a distributed caller for `cluster.task_balance=dynamic`: step -> a claim of the
+        # next chunk, shared by the ranks (trainer.distributed.ChunkClaims).
+        self.claims: Optional[Callable[[int], Callable[[], int]]] = None
 
     # ------------------------------------------------------------------ one meta-step
 
@@ -101,10 +104,14 @@ class MetaTrainer:
             return self.meta_optimizer.current_lr()[0]
         return self.meta_optimizer.param_groups[0]["lr"]
 
-    def tasks(self, step: int) -> list[Task]:
-        """This rank's share of meta-step `step`'s tasks."""
+    def batch(self, step: int) -> list[Task]:
+        """Meta-step `step`'s tasks, all of them."""
         batch = sample_task_batch(len(self.source), self.cfg.train.meta_batch_size, self.seed, step)
-        tasks = [Task(tuple(int(i) for i in self.support[q]), int(q)) for q in batch]
+        return [Task(tuple(int(i) for i in self.support[q]), int(q)) for q in batch]
+
+    def tasks(self, step: int) -> list[Task]:
+        """This rank's share of meta-step `step`'s tasks, placed by cost (`claims` unset)."""
+        tasks = self.batch(step)
         if self.world_size == 1:
             return tasks
         epoch = epoch_of(step, self.cfg.train.meta_batch_size, len(self.source))
@@ -117,6 +124,9 @@ class MetaTrainer:
         the summed losses and task count."""
         epoch = epoch_of(step, self.cfg.train.meta_batch_size, len(self.source))
         try:
+            if self.claims is not None:  # the ranks share the batch's chunks as each comes free
+                return self.engine.meta_gradient(self.batch(step), self.windows, epoch, self.inner_lr(),
+                                                 claim=self.claims(step), step=step)
             return self.engine.meta_gradient(self.tasks(step), self.windows, epoch, self.inner_lr())
         except FloatingPointError as err:
             raise FloatingPointError(f"meta-step {step + 1}, rank {self.rank}: {err}") from None
