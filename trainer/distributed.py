@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from typing import Callable, Optional
 
 import torch
@@ -63,12 +64,15 @@ class ChunkClaims:
     def __init__(self, timeout_s: float = 1800.0):
         import torch.distributed as dist
 
-        host, world = os.environ.get("MASTER_ADDR", "127.0.0.1"), dist.get_world_size()
-        timeout = datetime.timedelta(seconds=timeout_s)
-        server = dist.TCPStore(host, 0, world, True, timeout, wait_for_workers=False) if dist.get_rank() == 0 else None
-        port = [server.port if server is not None else 0]
-        dist.broadcast_object_list(port, src=0)
-        self.store = server if server is not None else dist.TCPStore(host, port[0], world, False, timeout)
+        world, timeout = dist.get_world_size(), datetime.timedelta(seconds=timeout_s)
+        server, address = None, [None, 0]
+        if dist.get_rank() == 0:
+            # Where the process group met (env:// init, as Ray Train's is), else this host's name.
+            host = os.environ.get("MASTER_ADDR") or socket.getfqdn()
+            server = dist.TCPStore(host, 0, world, True, timeout, wait_for_workers=False)
+            address = [host, server.port]
+        dist.broadcast_object_list(address, src=0)
+        self.store = server if server is not None else dist.TCPStore(address[0], address[1], world, False, timeout)
 
     def __call__(self, step: int) -> Callable[[], int]:
         key = f"meta_step/{step}"
