@@ -230,7 +230,7 @@ def distributed(b: common.Bundle, cfg, source, support, steps: int, workers: int
             "worker_peak_rss": max(peaks.peaks.values(), default=0)}
 
 
-def report(name: str, runs: dict, tasks: int, one_copy: int) -> None:
+def report(name: str, runs: dict, one_copy: int) -> None:
     for variant, r in runs.items():
         line = f"run {name} {variant} {r['tasks_per_s']:.2f} tasks/s"
         if "memory" in r:
@@ -286,7 +286,7 @@ def run(args) -> dict[str, float]:
         record = common.bundle("tiny6l", args.model)
         done = in_process(record, args, ("official", "sequential", "engine"), steps)
         runs = done["runs"]
-        report(record.name, runs, steps, trainable_bytes(record.fresh_model("cpu")))
+        report(record.name, runs, trainable_bytes(record.fresh_model("cpu")))
         rate = {k: r["tasks_per_s"] for k, r in runs.items()}
         ratios["meta_train_engine_vs_official"] = rate["engine"] / rate["official"]
         ratios["meta_train_sequential_vs_official"] = rate["sequential"] / rate["official"]
@@ -317,7 +317,7 @@ def replication_setting(args, steps: int) -> Optional[dict]:
         return None
     e5 = common.bundle("e5small", args.e5, num_frozen_layers=common.E5_FROZEN)
     done = in_process(e5, args, ("sequential", "engine"), steps)
-    report(e5.name, done["runs"], steps, trainable_bytes(e5.fresh_model("cpu")))
+    report(e5.name, done["runs"], trainable_bytes(e5.fresh_model("cpu")))
     count, size = whole_source_bytes(e5, args)
     print(f"memory e5small kept bottom for all of English train: {count} windows, {common.mib(size)} "
           "(float32 states of every position, computed from the windows)", flush=True)
@@ -340,7 +340,7 @@ def distributed_runs(done: dict, b: common.Bundle, args, workers, workdir: str) 
             if f"ds{n}" not in runs or run["tasks_per_s"] > runs[f"ds{n}"]["tasks_per_s"]:
                 runs[f"ds{n}"] = run
     runs = {f"ds{n}": runs[f"ds{n}"] for n in workers}
-    report(b.name, runs, args.ds_steps, 0)
+    report(b.name, runs, 0)
     suffix = "" if b.name == "tiny6l" else f"_{b.name.replace('small', '')}"
     engine = done["runs"]["engine"]["tasks_per_s"]
     out = {f"meta_train_{k}_vs_engine{suffix}": r["tasks_per_s"] / engine for k, r in runs.items()}

@@ -388,8 +388,8 @@ class TaskEngine:
         With `claim` (a counter shared by the ranks of a distributed meta-step: each call gives
         the next chunk's index), `tasks` is the whole meta-batch, and this rank computes the chunks
         it claims until none is left (the widest first): a rank that the machine slows down takes
-        fewer, instead of keeping the others waiting at the all-reduce. A claimed chunk's dropout is drawn from
-        (seed, step, chunk), whichever rank runs it.
+        fewer, instead of keeping the others waiting at the all-reduce. A claimed chunk's dropout
+        is drawn from (seed, step, chunk), whichever rank runs it.
         """
         buffer = {n: torch.zeros_like(p) for n, p in zip(self.names, self.params)}
         totals = {"support_loss": 0.0, "meta_loss": 0.0, "tasks": 0.0}
@@ -402,14 +402,15 @@ class TaskEngine:
                     fresh = self._masked_states(prepared)
                     for part in parts:
                         self._add(buffer, totals, self.chunk_gradient(order[part], prepared[part], fresh, inner_lr))
-                # Widest chunks first: the last ones claimed, which decide how long the others
-                # wait at the all-reduce, are then the shortest.
-                while claim is not None and (i := claim()) < len(parts):
-                    chunk = order[parts[len(parts) - 1 - i]]
-                    prepared = [self._prepare(task, source, epoch) for task in chunk]
-                    with self._seeded(step, i):
-                        self._add(buffer, totals, self.chunk_gradient(chunk, prepared, self._masked_states(prepared),
-                                                                      inner_lr))
+                else:
+                    # Widest chunks first: the last ones claimed, which decide how long the others
+                    # wait at the all-reduce, are then the shortest.
+                    while (i := claim()) < len(parts):
+                        chunk = order[parts[len(parts) - 1 - i]]
+                        prepared = [self._prepare(task, source, epoch) for task in chunk]
+                        with self._seeded(step, i):
+                            self._add(buffer, totals, self.chunk_gradient(
+                                chunk, prepared, self._masked_states(prepared), inner_lr))
         if not all(math.isfinite(v) for v in totals.values()):
             raise FloatingPointError("a loss of the meta-batch is not finite")
         return [buffer[n] for n in self.names], totals
