@@ -16,8 +16,9 @@ trainer.sampling, are run by
   inner loops of chunks of tasks vectorised with torch.func, BertAdam in closed form);
 - `ds1`/`ds2`: the engine on 1 and 2 Ray Train workers with DeepSpeed engines (cluster.meta_train,
   Ray local on 127.0.0.1, gloo), unless --no-distributed (none under --quick unless --workers);
-  the worker counts take turns, best of --repeats (2) runs each, each timing --ds-steps (10)
-  meta-steps after its first.
+  the worker counts take turns, --repeats (3) runs each, each timing --ds-steps (10)
+  meta-steps after its first; ds2/ds1 is the median of the repeats' ratios (runs side by side),
+  ds*/engine the best run of each count.
 Two settings: the model of record (bert-tiny-6l, layers 4-5 and the classifier train) and the
 replication setting (multilingual-e5-small with 10 of 12 layers frozen, jobs/configs/replicate_cpu.yaml),
 unless --no-e5. Every variant takes one warm-up step first (which fills the kept bottom of the
@@ -66,8 +67,9 @@ def parse_args(argv):
     parser.add_argument("--no-distributed", action="store_true", help="skip the Ray Train + DeepSpeed runs")
     parser.add_argument("--workers", type=int, nargs="+", default=None,
                         help="DeepSpeed worker counts to time (default: 1 2, none with --quick)")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="runs per DeepSpeed worker count, the counts taking turns; the best counts (default 2)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs per DeepSpeed worker count, the counts taking turns (default 3): two counts' "
+                             "ratio is the median of the repeats' ratios, each count's rate its best run")
     parser.add_argument("--ds-steps", type=int, default=DS_STEPS,
                         help=f"meta-steps timed per DeepSpeed run (default {DS_STEPS}): its start-up takes most of "
                              "a run's time, and a longer window evens out the machine's drift")
@@ -330,13 +332,15 @@ def distributed_runs(done: dict, b: common.Bundle, args, workers, workdir: str) 
     from cluster.runtime import init_ray
 
     init_ray(num_cpus=2, log_to_driver=False)
-    # The worker counts take turns, best of --repeats: a run times a few seconds of meta-steps on
-    # a machine whose speed drifts.
+    # The worker counts take turns, --repeats times: a run times seconds of meta-steps on a machine
+    # whose speed drifts by minutes, so that two counts are compared run beside run (see paired_ratio).
     runs: dict[str, dict] = {}
+    rates: dict[int, list[float]] = {n: [] for n in workers}
     for r in range(args.repeats):
         for n in workers if r % 2 == 0 else list(reversed(workers)):
             run = distributed(b, done["cfg"], done["source"], done["support"], args.ds_steps, n, args.device,
                               workdir, r)
+            rates[n].append(run["tasks_per_s"])
             if f"ds{n}" not in runs or run["tasks_per_s"] > runs[f"ds{n}"]["tasks_per_s"]:
                 runs[f"ds{n}"] = run
     runs = {f"ds{n}": runs[f"ds{n}"] for n in workers}
@@ -346,8 +350,23 @@ def distributed_runs(done: dict, b: common.Bundle, args, workers, workdir: str) 
     out = {f"meta_train_{k}_vs_engine{suffix}": r["tasks_per_s"] / engine for k, r in runs.items()}
     if len(workers) > 1:
         lo, hi = min(workers), max(workers)
-        out[f"meta_train_ds{hi}_vs_ds{lo}"] = runs[f"ds{hi}"]["tasks_per_s"] / runs[f"ds{lo}"]["tasks_per_s"]
+        ratio, each = paired_ratio(rates[hi], rates[lo])
+        print(f"pairs {b.name} ds{hi}/ds{lo}, repeat by repeat: {' '.join(f'{x:.2f}' for x in each)} "
+              f"(median {ratio:.3f})", flush=True)
+        out[f"meta_train_ds{hi}_vs_ds{lo}"] = ratio
     return out
+
+
+def paired_ratio(rates: Sequence[float], baseline: Sequence[float]) -> tuple[float, list[float]]:
+    """(median, each) of rates[r] / baseline[r]: runs of one repeat ran one after the other, minutes
+    apart, while the best of each count may come from hours of the machine far apart (on the VM of
+    benchmarks/README.md the same runs drifted by 1.5x within an hour)."""
+    import statistics
+
+    if len(rates) != len(baseline) or not rates:
+        raise ValueError(f"paired runs needed: {len(rates)} against {len(baseline)}")
+    each = [a / b for a, b in zip(rates, baseline)]
+    return statistics.median(each), each
 
 
 def main(argv=None) -> int:

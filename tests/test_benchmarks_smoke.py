@@ -105,6 +105,20 @@ def _run(script: str, *args: str) -> list[tuple[str, float]]:
     return [(name, float(value)) for _, name, value in ratios]
 
 
+def test_worker_counts_compare_run_beside_run_not_best_against_best():
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from benchmarks.meta_train import paired_ratio
+
+    # Repeat 1 ran in a fast hour for both counts, repeat 3 in a slow one: best against best
+    # (28/15 = 1.87) would pair runs of different hours; each repeat's own ratio does not.
+    ratio, each = paired_ratio([28.0, 20.0, 16.0], [15.0, 13.0, 10.0])
+    assert each == pytest.approx([28 / 15, 20 / 13, 1.6])
+    assert ratio == pytest.approx(1.6)
+    with pytest.raises(ValueError, match="paired runs"):
+        paired_ratio([20.0, 21.0], [12.0])
+
+
 @needs_data
 @needs_tiny_6l
 @pytest.mark.slow
