@@ -2,7 +2,7 @@
 
     python benchmarks/meta_train.py [--quick] [--limit N] [--steps N] [--device cpu|cuda] [--data ROOT]
                                     [--model PATH] [--e5 PATH] [--no-e5] [--no-distributed] [--workers 1 2]
-                                    [--repeats N] [--ds-steps N]
+                                    [--repeats N] [--ds-steps N] [--without-ray]
 
 Pseudo tasks come from English train sentences (meta-cross/en/train.txt): each sentence is a
 query, its support the K=2 other sentences nearest by [CLS] cosine under the model's own encoder
@@ -18,7 +18,9 @@ trainer.sampling, are run by
   Ray local on 127.0.0.1, gloo), unless --no-distributed (none under --quick unless --workers);
   the worker counts take turns, --repeats (3) runs each, each timing --ds-steps (10)
   meta-steps after its first; ds2/ds1 is the median of the repeats' ratios (runs side by side),
-  ds*/engine the best run of each count.
+  ds*/engine the best run of each count. With --without-ray, the same workers (the same trainer and
+  DeepSpeed engine, cluster.meta_train.deepspeed_trainer) also run as plain processes on a gloo
+  group, before Ray starts: the cost of Ray's own processes beside them, apart from the workers'.
 Two settings: the model of record (bert-tiny-6l, layers 4-5 and the classifier train) and the
 replication setting (multilingual-e5-small with 10 of 12 layers frozen, jobs/configs/replicate_cpu.yaml),
 unless --no-e5. Every variant takes one warm-up step first (which fills the kept bottom of the
@@ -70,6 +72,8 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs per DeepSpeed worker count, the counts taking turns (default 3): two counts' "
                              "ratio is the median of the repeats' ratios, each count's rate its best run")
+    parser.add_argument("--without-ray", action="store_true",
+                        help="also time the same DeepSpeed workers as plain processes (no Ray beside them)")
     parser.add_argument("--ds-steps", type=int, default=DS_STEPS,
                         help=f"meta-steps timed per DeepSpeed run (default {DS_STEPS}): its start-up takes most of "
                              "a run's time, and a longer window evens out the machine's drift")
@@ -204,10 +208,9 @@ class WorkerPeaks:
         self._thread.join()
 
 
-def distributed(b: common.Bundle, cfg, source, support, steps: int, workers: int, device: str, workdir: str,
-                run: int = 0) -> dict:
-    """tasks/s (inside the workers' loop, start-up excluded), wall time with start-up, worker peaks."""
-    from cluster.meta_train import MetaTrainInputs, run_meta_training
+def _ds_inputs(b: common.Bundle, cfg, source, support, steps: int, workers: int, device: str, workdir: str,
+               out_dir: str):
+    from cluster.meta_train import MetaTrainInputs
 
     cfg = copy.deepcopy(cfg)
     cfg.cluster.num_workers = workers
@@ -220,9 +223,18 @@ def distributed(b: common.Bundle, cfg, source, support, steps: int, workers: int
     # The bottom of the source, kept on disk: computed before the first timed step by the first
     # run, read by the next, so that both rates are of meta-steps.
     cfg.model.prefix_cache_dir = os.path.join(workdir, "prefix")
-    out_dir = os.path.join(workdir, f"ds{workers}-{b.name}-r{run}")
     inputs = MetaTrainInputs(config=cfg.to_dict(), source=list(source), support=support, dev=[], dev_support=[],
                              seed=SEED, output_dir=out_dir)
+    return cfg, inputs
+
+
+def distributed(b: common.Bundle, cfg, source, support, steps: int, workers: int, device: str, workdir: str,
+                run: int = 0) -> dict:
+    """tasks/s (inside the workers' loop, start-up excluded), wall time with start-up, worker peaks."""
+    from cluster.meta_train import run_meta_training
+
+    out_dir = os.path.join(workdir, f"ds{workers}-{b.name}-r{run}")
+    cfg, inputs = _ds_inputs(b, cfg, source, support, steps, workers, device, workdir, out_dir)
     with WorkerPeaks(out_dir) as peaks:
         result, wall = common.timed(run_meta_training, inputs, cfg, os.path.join(workdir, "ray"),
                                     f"bench-{b.name}-w{workers}-r{run}", resume=False, max_failures=0)
@@ -230,6 +242,51 @@ def distributed(b: common.Bundle, cfg, source, support, steps: int, workers: int
         raise RuntimeError(f"meta-training on {workers} workers failed: {result.error}")
     return {"tasks_per_s": float(result.metrics["tasks_per_s"]), "wall_s": wall,
             "worker_peak_rss": max(peaks.peaks.values(), default=0)}
+
+
+def plain_worker(rank: int, world: int, inputs, port: int) -> None:
+    """One rank of `without_ray`: a plain process with the Ray Train worker's trainer and DeepSpeed
+    engine (cluster.meta_train.deepspeed_trainer), on a gloo group of its own; rank 0 writes its rate."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from cluster.meta_train import deepspeed_trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        trainer, _ = deepspeed_trainer(inputs, rank, world)
+        metrics = trainer.fit()
+        if rank == 0:
+            with open(os.path.join(inputs.output_dir, "rate.json"), "w") as f:
+                json.dump({"tasks_per_s": metrics["tasks_per_s"]}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def without_ray(b: common.Bundle, cfg, source, support, steps: int, workers: int, device: str, workdir: str,
+                run: int = 0) -> dict:
+    """The DeepSpeed workers of `distributed`, the same code inside, as plain processes: what the
+    workers cost without Ray's own processes beside them on the same CPUs."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    out_dir = os.path.join(workdir, f"plain{workers}-{b.name}-r{run}")
+    os.makedirs(out_dir, exist_ok=True)
+    _, inputs = _ds_inputs(b, cfg, source, support, steps, workers, device, workdir, out_dir)
+    with socket.socket() as sock:  # a free port for the group's rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    _, wall = common.timed(mp.start_processes, plain_worker, (workers, inputs, port), nprocs=workers, join=True,
+                           start_method="spawn")
+    with open(os.path.join(out_dir, "rate.json")) as f:
+        return {"tasks_per_s": float(json.load(f)["tasks_per_s"]), "wall_s": wall, "worker_peak_rss": 0}
 
 
 def report(name: str, runs: dict, one_copy: int) -> None:
@@ -328,33 +385,53 @@ def replication_setting(args, steps: int) -> Optional[dict]:
 
 
 def distributed_runs(done: dict, b: common.Bundle, args, workers, workdir: str) -> dict[str, float]:
-    """The engine on 1, 2, ... DeepSpeed workers, against the in-process engine and each other."""
+    """The engine on 1, 2, ... DeepSpeed workers, against the in-process engine and each other;
+    with --without-ray, the same workers as plain processes first (before Ray starts)."""
     from cluster.runtime import init_ray
 
+    out: dict[str, float] = {}
+    suffix = "" if b.name == "tiny6l" else f"_{b.name.replace('small', '')}"
+    engine = done["runs"]["engine"]["tasks_per_s"]
+    lo, hi = min(workers), max(workers)
+    if args.without_ray:
+        rates, runs = worker_counts(without_ray, done, b, args, workers, workdir)
+        for k, r in runs.items():
+            print(f"run {b.name} {k} without Ray {r['tasks_per_s']:.2f} tasks/s wall_with_startup={r['wall_s']:.1f}s",
+                  flush=True)
+            out[f"meta_train_{k}_without_ray_vs_engine{suffix}"] = r["tasks_per_s"] / engine
+        if len(workers) > 1:
+            out[f"meta_train_ds{hi}_vs_ds{lo}_without_ray"] = paired(b, f"ds{hi}/ds{lo} without Ray", rates[hi],
+                                                                     rates[lo])
     init_ray(num_cpus=2, log_to_driver=False)
-    # The worker counts take turns, --repeats times: a run times seconds of meta-steps on a machine
-    # whose speed drifts by minutes, so that two counts are compared run beside run (see paired_ratio).
+    rates, runs = worker_counts(distributed, done, b, args, workers, workdir)
+    report(b.name, runs, 0)
+    out.update({f"meta_train_{k}_vs_engine{suffix}": r["tasks_per_s"] / engine for k, r in runs.items()})
+    if len(workers) > 1:
+        out[f"meta_train_ds{hi}_vs_ds{lo}"] = paired(b, f"ds{hi}/ds{lo}", rates[hi], rates[lo])
+    return out
+
+
+def worker_counts(launch, done: dict, b: common.Bundle, args, workers, workdir: str) -> tuple[dict, dict]:
+    """({count: the rate of each repeat}, {"ds<count>": its best run}) of `launch` (distributed or
+    without_ray). The counts take turns, --repeats times: a run times seconds of meta-steps on a
+    machine whose speed drifts by minutes, so that two counts are compared run beside run."""
     runs: dict[str, dict] = {}
     rates: dict[int, list[float]] = {n: [] for n in workers}
     for r in range(args.repeats):
         for n in workers if r % 2 == 0 else list(reversed(workers)):
-            run = distributed(b, done["cfg"], done["source"], done["support"], args.ds_steps, n, args.device,
-                              workdir, r)
+            run = launch(b, done["cfg"], done["source"], done["support"], args.ds_steps, n, args.device, workdir, r)
             rates[n].append(run["tasks_per_s"])
             if f"ds{n}" not in runs or run["tasks_per_s"] > runs[f"ds{n}"]["tasks_per_s"]:
                 runs[f"ds{n}"] = run
-    runs = {f"ds{n}": runs[f"ds{n}"] for n in workers}
-    report(b.name, runs, 0)
-    suffix = "" if b.name == "tiny6l" else f"_{b.name.replace('small', '')}"
-    engine = done["runs"]["engine"]["tasks_per_s"]
-    out = {f"meta_train_{k}_vs_engine{suffix}": r["tasks_per_s"] / engine for k, r in runs.items()}
-    if len(workers) > 1:
-        lo, hi = min(workers), max(workers)
-        ratio, each = paired_ratio(rates[hi], rates[lo])
-        print(f"pairs {b.name} ds{hi}/ds{lo}, repeat by repeat: {' '.join(f'{x:.2f}' for x in each)} "
-              f"(median {ratio:.3f})", flush=True)
-        out[f"meta_train_ds{hi}_vs_ds{lo}"] = ratio
-    return out
+    return rates, {f"ds{n}": runs[f"ds{n}"] for n in workers}
+
+
+def paired(b: common.Bundle, what: str, rates: Sequence[float], baseline: Sequence[float]) -> float:
+    ratio, each = paired_ratio(rates, baseline)
+    print(f"pairs {b.name} {what}, repeat by repeat: {' '.join(f'{x:.2f}' for x in each)} "
+          f"({' '.join(f'{x:.2f}' for x in rates)} against {' '.join(f'{x:.2f}' for x in baseline)} tasks/s; "
+          f"median {ratio:.3f})", flush=True)
+    return ratio
 
 
 def paired_ratio(rates: Sequence[float], baseline: Sequence[float]) -> tuple[float, list[float]]:

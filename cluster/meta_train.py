@@ -175,10 +175,27 @@ def _write_pid(out: Path, rank: int) -> None:
     (folder / f"rank{rank}.pid").write_text(str(os.getpid()))
 
 
+def deepspeed_trainer(inputs: MetaTrainInputs, rank: int, world_size: int, metrics_logger=None):
+    """(trainer, tokenizer) of one data-parallel rank, its meta-update through a DeepSpeed engine;
+    call on every rank once the process group is up (Ray Train's, or any env:// launcher's)."""
+    import deepspeed
+
+    trainer, tokenizer = build_trainer(inputs, rank, world_size, metrics_logger, _trainer_class())
+    cfg = trainer.cfg
+    if cfg.cluster.task_balance == "dynamic":
+        from trainer.distributed import chunk_claims
+
+        trainer.claims = chunk_claims()
+    trainer.prepare_optimizer()
+    trainer.ds_engine, *_ = deepspeed.initialize(model=trainer.model, optimizer=trainer.meta_optimizer,
+                                                 lr_scheduler=trainer.scheduler,
+                                                 config=deepspeed_config(cfg, world_size))
+    return trainer, tokenizer
+
+
 def meta_train_worker(loop_config: dict) -> None:
     """The per-worker loop that Ray Train runs (one process per worker): the trainer's own loop,
     with DeepSpeed's meta-update and Ray Train's checkpoints."""
-    import deepspeed
     import ray
     import ray.train
     import torch
@@ -194,16 +211,9 @@ def meta_train_worker(loop_config: dict) -> None:
     out = Path(inputs.output_dir)
     _write_pid(out, rank)
     log = MlflowLogger(inputs.tracking_uri, run_id=inputs.run_id) if rank == 0 and inputs.run_id else NullLogger()
-    trainer, tokenizer = build_trainer(inputs, rank, world, log, _trainer_class())
+    trainer, tokenizer = deepspeed_trainer(inputs, rank, world, log)
     cfg = trainer.cfg
-    if cfg.cluster.task_balance == "dynamic":
-        from trainer.distributed import chunk_claims
-
-        trainer.claims = chunk_claims()
     zero = cfg.cluster.zero_stage
-    trainer.prepare_optimizer()
-    trainer.ds_engine, *_ = deepspeed.initialize(model=trainer.model, optimizer=trainer.meta_optimizer,
-                                                 lr_scheduler=trainer.scheduler, config=deepspeed_config(cfg, world))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         _restore(trainer, checkpoint, zero)

@@ -134,16 +134,18 @@ def test_adaptation_benchmark_prints_positive_ratios():
 @needs_tiny_6l
 @pytest.mark.slow
 def test_meta_train_benchmark_prints_positive_ratios():
-    # Two DeepSpeed workers under Ray Train too: the full run's path, which --quick leaves out; and
-    # the replication setting (e5-small) where its encoder is present.
+    # Two DeepSpeed workers under Ray Train too: the full run's path, which --quick leaves out; the
+    # same workers as plain processes (--without-ray); and the replication setting (e5-small) where
+    # its encoder is present.
     ratios = dict(_run("meta_train.py", "--limit", "40", "--workers", "2", "--steps", "1", "--repeats", "1",
-                        "--ds-steps", "1"))
+                        "--ds-steps", "1", "--without-ray"))
     assert {"meta_train_engine_vs_official", "meta_train_engine_vs_sequential",
             "meta_grad_bytes_official_over_engine"} <= set(ratios)
     if (MODELS / "me5-small-ner").is_dir():
-        assert {"meta_train_engine_vs_sequential_e5", "meta_train_ds2_vs_engine_e5"} <= set(ratios)
+        assert {"meta_train_engine_vs_sequential_e5", "meta_train_ds2_vs_engine_e5",
+                "meta_train_ds2_without_ray_vs_engine_e5"} <= set(ratios)
     else:
-        assert "meta_train_ds2_vs_engine" in ratios
+        assert {"meta_train_ds2_vs_engine", "meta_train_ds2_without_ray_vs_engine"} <= set(ratios)
     assert all(v > 0 for v in ratios.values())
     # 32 task copies plus `.grad` against one summed buffer: counted on the tensors each holds.
     assert ratios["meta_grad_bytes_official_over_engine"] == pytest.approx(33.0)
