@@ -254,6 +254,7 @@ def plain_worker(rank: int, world: int, inputs, port: int) -> None:
 
     from cluster.meta_train import deepspeed_trainer
 
+    common.quiet()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
