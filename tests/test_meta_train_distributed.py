@@ -55,7 +55,9 @@ def test_one_and_two_workers_and_single_process_agree(ray_local, tiny_bert_no_dr
 
     weights, runs, curves = {}, {}, {}
     for workers in (1, 2):
-        cfg = _cfg(tiny_bert_no_dropout, **{"cluster.num_workers": workers,
+        # Two workers under ZeRO 1 (the meta optimiser's moments partitioned, BertAdam's per-tensor
+        # clipping done before DeepSpeed sees the gradient): still the same weights.
+        cfg = _cfg(tiny_bert_no_dropout, **{"cluster.num_workers": workers, "cluster.zero_stage": workers - 1,
                                              "model.prefix_cache_dir": str(tmp_path / "prefix")})
         inputs = _inputs(cfg, toy_corpus, tmp_path / f"out{workers}")
         runs[workers] = MlflowLogger(uri, "meta", run_name=f"w{workers}").run_id
@@ -89,12 +91,15 @@ _UNINTERRUPTED: dict = {}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+@pytest.mark.parametrize("zero_stage", [0, 2])
 def test_killed_worker_is_replaced_and_training_resumes(ray_local, tiny_bert_no_dropout, toy_corpus, tmp_path,
                                                         zero_stage):
     """SIGKILL rank 1 after the first checkpoint: the group restarts from it and ends where the
-    same run without the failure ends, under every ZeRO stage (1 and 2 partition the meta
-    optimiser's moments across ranks: DeepSpeed's own checkpoint carries each rank's part)."""
+    same run without the failure ends, with the meta optimiser whole (ZeRO 0) or partitioned
+    across ranks (ZeRO 2: DeepSpeed's own checkpoint carries each rank's part). ZeRO 1 saves and
+    restores through the same code (cluster.meta_train branches on stage > 0 only, and DeepSpeed
+    checkpoints stages 1 and 2 with one optimiser class); its meta-update is checked against one
+    worker in test_one_and_two_workers_and_single_process_agree."""
     import os
     import signal
     import threading
