@@ -95,9 +95,9 @@ _UNINTERRUPTED: dict = {}
 def test_killed_worker_is_replaced_and_training_resumes(ray_local, tiny_bert_no_dropout, toy_corpus, tmp_path,
                                                         zero_stage):
     """SIGKILL rank 1 after the first checkpoint: the group restarts from it and ends where the
-    same run without the failure ends, with the meta optimiser whole (ZeRO 0) or partitioned
-    across ranks (ZeRO 2: DeepSpeed's own checkpoint carries each rank's part). ZeRO 1 saves and
-    restores through the same code (cluster.meta_train branches on stage > 0 only, and DeepSpeed
+    same meta-training without the failure ends (run in one process), with the meta optimiser
+    whole (ZeRO 0) or partitioned across ranks (ZeRO 2: DeepSpeed's own checkpoint carries each
+    rank's part). ZeRO 1 saves and restores through the same code (cluster.meta_train branches on stage > 0 only, and DeepSpeed
     checkpoints stages 1 and 2 with one optimiser class); its meta-update is checked against one
     worker in test_one_and_two_workers_and_single_process_agree."""
     import os
@@ -137,13 +137,9 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_local, tiny_bert_no_
     assert not resumed and 0 < step < 60 and step % 3 == 0, "the group did not resume from a checkpoint"
     final = load_file(str(out / "final" / "model.safetensors"))
     if "weights" not in _UNINTERRUPTED:
-        # One uninterrupted run (ZeRO 0) for every stage: the stage changes nothing of the result.
-        plain = _cfg(tiny_bert_no_dropout, **{"cluster.num_workers": 2, "train.num_meta_steps": 60,
-                                               "train.checkpoint_every": 3})
-        reference_inputs = _inputs(plain, toy_corpus, tmp_path / "uninterrupted")
-        assert run_meta_training(reference_inputs, plain, str(tmp_path / "ray"), "uninterrupted",
-                                 max_failures=0).error is None
-        _UNINTERRUPTED["weights"] = load_file(str(tmp_path / "uninterrupted" / "final" / "model.safetensors"))
+        # One uninterrupted run for every stage, in this process (the trainer's own loop, which
+        # 1 and 2 workers equal: test_one_and_two_workers_and_single_process_agree).
+        _UNINTERRUPTED["weights"] = _single_process_weights(inputs, tmp_path / "uninterrupted")
     for name, ref in _UNINTERRUPTED["weights"].items():
         torch.testing.assert_close(final[name], ref, atol=1e-6, rtol=0, msg=name)
 
