@@ -97,9 +97,9 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_local, tiny_bert_no_
     """SIGKILL rank 1 after the first checkpoint: the group restarts from it and ends where the
     same meta-training without the failure ends (run in one process), with the meta optimiser
     whole (ZeRO 0) or partitioned across ranks (ZeRO 2: DeepSpeed's own checkpoint carries each
-    rank's part). ZeRO 1 saves and restores through the same code (cluster.meta_train branches on stage > 0 only, and DeepSpeed
-    checkpoints stages 1 and 2 with one optimiser class); its meta-update is checked against one
-    worker in test_one_and_two_workers_and_single_process_agree."""
+    rank's part). ZeRO 1 saves and restores through the same code (cluster.meta_train branches on
+    stage > 0 only, and DeepSpeed checkpoints stages 1 and 2 with one optimiser class); its
+    meta-update is checked against one worker in test_one_and_two_workers_and_single_process_agree."""
     import os
     import signal
     import threading
