@@ -253,25 +253,50 @@ class TaskEngine:
         self.packed = bool(bottom.num_layers) and model.can_keep() and (
             pack == "always" or (pack == "auto" and bottom.hidden_size >= PACK_FROM))
         self._copies: dict[int, dict[str, torch.Tensor]] = {}
+        # Tasks per chunk (see machine_capacity): None until the first chunk is formed, or set by
+        # a distributed caller to what every rank agrees on; `budget_bytes` overrides the memory
+        # budget the machine's capacity is read from.
+        self.capacity: Optional[int] = None
+        self.budget_bytes: Optional[int] = None
 
     # ------------------------------------------------------------------ chunks
 
     def chunk_size(self, num_tasks: int) -> int:
-        """Tasks per vectorised chunk: `train.task_chunk_size`, or sized to the machine.
-
-        On a GPU, what a quarter of the free memory holds at about eight copies of the trainable
-        weights per task (weights, moments, gradients, temporaries). On a CPU, chunks whose weight
-        copies stay within CPU_CHUNK_BYTES: every pass over larger fresh tensors pays page faults,
-        and measured on e5-small (3.5 M trainable) 4 tasks per chunk ran twice as fast as 32.
-        """
+        """Tasks per vectorised chunk: `train.task_chunk_size`, or `capacity` (sized to the
+        machine once, see `machine_capacity`), at most `num_tasks`."""
         if self.cfg.train.task_chunk_size:
             return min(self.cfg.train.task_chunk_size, num_tasks)
+        if self.capacity is None:
+            self.capacity = self.machine_capacity()
+        return max(1, min(self.capacity, num_tasks))
+
+    def machine_capacity(self) -> int:
+        """Tasks per chunk that this process's memory budget holds.
+
+        On a GPU, a quarter of the memory PyTorch can have (free plus what its allocator caches
+        unused: `mem_get_info` alone counts the cache as used, and would shrink after the first
+        step) at about eight copies of the trainable weights per task (weights, moments, gradients,
+        temporaries). On a CPU, chunks whose weight copies stay within CPU_CHUNK_BYTES: every pass
+        over larger fresh tensors pays page faults, and measured on e5-small (3.5 M trainable) 4
+        tasks per chunk ran twice as fast as 32. `budget_bytes`, where set, replaces either budget
+        (bytes of a chunk's weight copies).
+
+        Computed once per engine: the ranks of a distributed meta-step must map the shared chunk
+        claims onto the same chunks, so a caller with several ranks agrees on the smallest of
+        theirs and sets `capacity` (MetaTrainer does, before its first step).
+        """
         one_copy = sum(p.numel() * p.element_size() for n, p in zip(self.names, self.params) if n in self._used)
-        if self.bottom.device.type == "cuda":
-            size = int(0.25 * available_bytes(self.bottom.device) // max(8 * one_copy, 1))
-        else:
-            size = CPU_CHUNK_BYTES // max(one_copy, 1)
-        return max(1, min(size, num_tasks))
+        return max(1, int(self.chunk_budget() // max(one_copy, 1)))
+
+    def chunk_budget(self) -> int:
+        """Bytes that one chunk's copies of the trainable weights may take (see machine_capacity)."""
+        if self.budget_bytes is not None:
+            return int(self.budget_bytes)
+        device = self.bottom.device
+        if device.type == "cuda":
+            usable = available_bytes(device) + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            return int(0.25 * usable / 8)
+        return CPU_CHUNK_BYTES
 
     def _support_width(self, task: Task, source) -> int:
         """What a task's support is padded to: chunks are formed of tasks of similar width."""
@@ -393,26 +418,32 @@ class TaskEngine:
         """
         buffer = {n: torch.zeros_like(p) for n, p in zip(self.names, self.params)}
         totals = {"support_loss": 0.0, "meta_loss": 0.0, "tasks": 0.0}
+        summed: list[int] = []  # which of `tasks` (by index) this call summed, for the caller to check
         if tasks:
-            order = sorted(tasks, key=lambda t: self._support_width(t, source))
+            order = sorted(range(len(tasks)), key=lambda i: self._support_width(tasks[i], source))
             parts = even_chunks(len(order), self.chunk_size(len(order)))
             with in_mode(self.model, True), attention(self.model, VMAP_ATTENTION):
                 if claim is None:
-                    prepared = [self._prepare(task, source, epoch) for task in order]
+                    prepared = [self._prepare(tasks[i], source, epoch) for i in order]
                     fresh = self._masked_states(prepared)
                     for part in parts:
-                        self._add(buffer, totals, self.chunk_gradient(order[part], prepared[part], fresh, inner_lr))
+                        chunk = [tasks[i] for i in order[part]]
+                        self._add(buffer, totals, self.chunk_gradient(chunk, prepared[part], fresh, inner_lr))
+                        summed += order[part]
                 else:
                     # Widest chunks first: the last ones claimed, which decide how long the others
                     # wait at the all-reduce, are then the shortest.
                     while (i := claim()) < len(parts):
-                        chunk = order[parts[len(parts) - 1 - i]]
+                        ids = order[parts[len(parts) - 1 - i]]
+                        chunk = [tasks[j] for j in ids]
                         prepared = [self._prepare(task, source, epoch) for task in chunk]
                         with self._seeded(step, i):
                             self._add(buffer, totals, self.chunk_gradient(
                                 chunk, prepared, self._masked_states(prepared), inner_lr))
+                        summed += ids
         if not all(math.isfinite(v) for v in totals.values()):
             raise FloatingPointError("a loss of the meta-batch is not finite")
+        totals["summed"] = summed
         return [buffer[n] for n in self.names], totals
 
     @staticmethod

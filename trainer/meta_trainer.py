@@ -22,7 +22,7 @@ import torch
 from .bottom import FrozenBottom
 from .corpus import Sentence
 from .digest import values_sha256
-from .distributed import all_gather_object, all_reduce_sum
+from .distributed import agree_min, all_gather_object, all_reduce_sum
 from .engine import TaskEngine
 from .features import Featurizer
 from .maml import Task, group_windows
@@ -111,25 +111,49 @@ class MetaTrainer:
 
     def tasks(self, step: int) -> list[Task]:
         """This rank's share of meta-step `step`'s tasks, placed by cost (`claims` unset)."""
-        tasks = self.batch(step)
+        batch = self.batch(step)
+        return [batch[i] for i in self.share(step, batch)]
+
+    def share(self, step: int, batch: Optional[list[Task]] = None) -> list[int]:
+        """Positions in meta-step `step`'s batch of this rank's tasks (`claims` unset)."""
+        batch = self.batch(step) if batch is None else batch
         if self.world_size == 1:
-            return tasks
+            return list(range(len(batch)))
         epoch = epoch_of(step, self.cfg.train.meta_batch_size, len(self.source))
-        cost = [self.engine.task_cost(task, self.windows, epoch) for task in tasks]
-        mine = set(shard_tasks(np.arange(len(tasks)), self.rank, self.world_size, cost).tolist())
-        return [task for i, task in enumerate(tasks) if i in mine]
+        cost = [self.engine.task_cost(task, self.windows, epoch) for task in batch]
+        return sorted(shard_tasks(np.arange(len(batch)), self.rank, self.world_size, cost).tolist())
 
     def meta_gradient(self, step: int) -> tuple[list[torch.Tensor], dict]:
-        """This rank's summed query gradients for meta-step `step` (one tensor per `names`), and
-        the summed losses and task count."""
+        """This rank's summed query gradients for meta-step `step` (one tensor per `names`), the
+        summed losses and task count, and `summed`: the batch positions whose tasks it summed."""
         epoch = epoch_of(step, self.cfg.train.meta_batch_size, len(self.source))
+        if self.engine.capacity is None:
+            # Chunks sized to the smallest rank's memory, once: under shared claims every rank
+            # must cut the batch into the same chunks, and a size read per step would drift.
+            self.engine.capacity = agree_min(self.engine.machine_capacity())
         try:
+            batch = self.batch(step)
             if self.claims is not None:  # the ranks share the batch's chunks as each comes free
-                return self.engine.meta_gradient(self.batch(step), self.windows, epoch, self.inner_lr(),
+                return self.engine.meta_gradient(batch, self.windows, epoch, self.inner_lr(),
                                                  claim=self.claims(step), step=step)
-            return self.engine.meta_gradient(self.tasks(step), self.windows, epoch, self.inner_lr())
+            mine = self.share(step, batch)
+            buffer, totals = self.engine.meta_gradient([batch[i] for i in mine], self.windows, epoch,
+                                                       self.inner_lr())
+            totals["summed"] = [mine[i] for i in totals["summed"]]
+            return buffer, totals
         except FloatingPointError as err:
             raise FloatingPointError(f"meta-step {step + 1}, rank {self.rank}: {err}") from None
+
+    def _check_summed(self, counts: torch.Tensor) -> None:
+        """Every task of the meta-batch summed exactly once over the ranks, or a clear error: a
+        task summed twice or skipped changes the meta-gradient without any other sign."""
+        twice = (counts > 1).nonzero().flatten().tolist()
+        never = (counts == 0).nonzero().flatten().tolist()
+        if twice or never:
+            raise RuntimeError(
+                f"meta-step {self.step + 1}: the ranks summed the query gradients of batch positions {twice} more "
+                f"than once and of {never} never (of {len(counts)}); every rank must cut the batch into the same "
+                "chunks (the same config, code and train.task_chunk_size on every worker)")
 
     def apply(self, buffer: Sequence[torch.Tensor]) -> None:
         """One meta-optimiser step on the summed meta-gradient (a distributed caller all-reduces first)."""
@@ -144,9 +168,12 @@ class MetaTrainer:
         started = time.perf_counter()
         buffer, totals = self.meta_gradient(self.step)
         computed = time.perf_counter()
+        size = min(self.cfg.train.meta_batch_size, len(self.source))  # the batch's length (sample_task_batch)
+        counts = torch.bincount(torch.tensor(totals["summed"], dtype=torch.long), minlength=size).double()
         # Also where every rank waits for the slowest: `time_wait_s` is this rank's idle share.
-        stats = all_reduce_sum(torch.tensor([totals["support_loss"], totals["meta_loss"], totals["tasks"]],
-                                            dtype=torch.float64))
+        stats = all_reduce_sum(torch.cat([torch.tensor([totals["support_loss"], totals["meta_loss"], totals["tasks"]],
+                                                       dtype=torch.float64), counts]))
+        self._check_summed(stats[3:])
         reduced = time.perf_counter()
         lrs = {"meta_lr": self.meta_lr(), "inner_lr": self.inner_lr()}
         self.apply(buffer)
