@@ -214,7 +214,12 @@ def meta_train_worker(loop_config: dict) -> None:
     trainer, tokenizer = deepspeed_trainer(inputs, rank, world, log)
     cfg = trainer.cfg
     zero = cfg.cluster.zero_stage
+    # Ray Train hands over the group's last checkpoint after a worker failure, and, under Train V2,
+    # the last one it registered when a job is started again with the same run name and storage;
+    # the driver's find covers a checkpoint written but not yet registered when the job stopped.
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_config.get("resume_from"):
+        checkpoint = Checkpoint.from_directory(loop_config["resume_from"])
     if checkpoint is not None:
         _restore(trainer, checkpoint, zero)
         logger.info("rank %d resumed at meta-step %d", rank, trainer.step)
@@ -290,13 +295,21 @@ def run_meta_training(inputs: MetaTrainInputs, cfg, storage_path: str, name: str
     storage_path = os.path.abspath(storage_path)
     if inputs.config["model"]["prefix_cache_dir"]:  # workers run in a working directory of their own
         inputs.config["model"]["prefix_cache_dir"] = os.path.abspath(inputs.config["model"]["prefix_cache_dir"])
+    if not resume and (Path(storage_path) / name).exists():
+        # Ray Train V2 restores a run of the same name and storage whatever it is told.
+        raise ValueError(f"{Path(storage_path) / name} holds an earlier run of {name}; remove it or give "
+                         "another name to start afresh")
     resume_from = latest_checkpoint(storage_path, name) if resume else None
     if resume_from is not None:
         logger.info("resuming %s from %s", name, resume_from.path)
     c = cfg.cluster
+    # No resume_from_checkpoint: Ray Train V2 (ray 2.60's default) refuses it. The same
+    # RunConfig(name, storage_path) restores the run, and the checkpoint found on disk goes to the
+    # workers in their loop config.
     trainer = TorchTrainer(
         meta_train_worker,
-        train_loop_config={"inputs": ray.put(inputs), "threads": c.cpus_per_worker},
+        train_loop_config={"inputs": ray.put(inputs), "threads": c.cpus_per_worker,
+                           "resume_from": resume_from.path if resume_from is not None else None},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                      resources_per_worker={"CPU": c.cpus_per_worker,
                                                            **({"GPU": 1} if c.use_gpu else {})}),
@@ -304,15 +317,17 @@ def run_meta_training(inputs: MetaTrainInputs, cfg, storage_path: str, name: str
         run_config=RunConfig(name=name, storage_path=storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             worker_runtime_env={"env_vars": _worker_env()}),
-        resume_from_checkpoint=resume_from,
+                             worker_runtime_env={"env_vars": worker_env(c.use_gpu)}),
     )
     return trainer.fit()
 
 
-def _worker_env() -> dict[str, str]:
-    """Settings the workers need whatever shell started the driver."""
-    env = {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "TOKENIZERS_PARALLELISM": "false"}
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    """Settings the workers need whatever shell started the driver. DeepSpeed's accelerator follows
+    `cluster.use_gpu`, not the submitter's shell: left to detection or to an exported
+    DS_ACCELERATOR=cpu, `deepspeed.initialize` would move a GPU worker's model back to the CPU,
+    and NCCL would then refuse its tensors."""
+    env = {"DS_ACCELERATOR": "cuda" if use_gpu else "cpu", "TOKENIZERS_PARALLELISM": "false"}
     for key in ("TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "METANER_DATA"):
         if key in os.environ:
             env[key] = os.environ[key]

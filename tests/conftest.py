@@ -116,7 +116,9 @@ def zh_sentences(n: int, unspaced: bool = True):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A 2-CPU Ray cluster bound to 127.0.0.1 for the whole session, shut down at its end.
+    """A 2-CPU, 0-GPU Ray cluster bound to 127.0.0.1 for the whole session, shut down at its end:
+    the tests that check placement against the cluster's resources expect no GPU, and Ray would
+    count the machine's own.
 
     Tests that make actors must kill them when done: actors hold their CPUs until then.
     """
@@ -127,7 +129,7 @@ def ray_local():
     started = not ray.is_initialized()
     if started:
         # The project's own start-up path, so that the tests see the loopback binding it enforces.
-        init_ray(num_cpus=2, log_to_driver=False)
+        init_ray(num_cpus=2, num_gpus=0, log_to_driver=False)
     yield ray
     if started:
         ray.shutdown()

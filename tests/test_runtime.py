@@ -15,6 +15,8 @@ def test_actors_that_cannot_all_be_placed_are_refused_before_any_work(ray_local)
     with pytest.raises(ValueError, match=r"cluster.num_embed_actors \+ cluster.num_index_shards.*3 CPUs.*has 2"):
         check_resources(cfg)
     check_resources(cfg, ("adapt", "train"))  # the other phases fit
+    # The session's cluster has no GPU whatever the machine has (tests/conftest.py: num_gpus=0).
+    assert ray_local.cluster_resources().get("GPU", 0) == 0
     gpu = load_config(None, ["cluster.use_gpu=true", "cluster.cpus_per_actor=0.5"])
     with pytest.raises(ValueError, match="cluster.use_gpu asks for 2 GPUs"):
         check_resources(gpu, ("train",))

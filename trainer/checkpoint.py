@@ -176,17 +176,26 @@ def load_trainer_state(path: str | os.PathLike) -> Optional[dict]:
 
 
 def rng_state() -> dict:
-    """Torch's CPU RNG state (and CUDA's where present), as tensors."""
+    """Torch's CPU RNG state, and the current CUDA device's where there is one, as tensors.
+
+    Only the current device's: a process drives one GPU, and a state of every visible GPU could
+    not be restored where fewer are visible (a re-placed worker, a smaller node)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or not torch.cuda.is_available():
+        return
+    if isinstance(cuda, (list, tuple)):  # written by earlier versions: one state per visible GPU
+        if not cuda:
+            return
+        cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+    torch.cuda.set_rng_state(cuda)
 
 
 # ------------------------------------------------------------------------------ provenance
