@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -14,7 +15,8 @@ logger = logging.getLogger(__name__)
 
 
 def _finetune(config: dict, source, dev, seed: int, out_dir: str, run_id: str | None, uri: str | None,
-              init_checkpoint: str | None = None, num_steps: int | None = None, threads: int = 1) -> str:
+              init_checkpoint: str | None = None, num_steps: int | None = None, threads: int = 1,
+              models: str | None = None) -> str:
     import torch
 
     torch.set_num_threads(threads)
@@ -44,10 +46,16 @@ def _finetune(config: dict, source, dev, seed: int, out_dir: str, run_id: str | 
     bottom = FrozenBottom(model, featurizer) if cfg.model.prefix_cache_dir else None
     stats = finetune(model, featurizer, source, cfg, seed=seed, num_steps=num_steps, dev=dev or None,
                      metrics_logger=log, bottom=bottom, bottom_store=cfg.model.prefix_cache_dir)
-    folder = Path(out_dir) / "best"
-    save_checkpoint(folder, model.cpu(), tokenizer=tokenizer, config=cfg, meta={"mode": "base", **stats})
     logger.info("base model: %s", stats)
-    return str(folder)
+    if models is None:  # this task runs where the driver reads
+        return str(save_checkpoint(Path(out_dir) / "best", model.cpu(), tokenizer=tokenizer, config=cfg,
+                                   meta={"mode": "base", **stats}))
+    from .storage import join, publish
+
+    with tempfile.TemporaryDirectory(prefix="metaner-") as tmp:
+        save_checkpoint(Path(tmp) / "best", model.cpu(), tokenizer=tokenizer, config=cfg, meta={"mode": "base", **stats})
+        publish(Path(tmp) / "best", join(models, "best"))
+    return join(models, "best")
 
 
 def finetune_cpus(cluster, node_cpus: Sequence[float]) -> float:
@@ -62,9 +70,13 @@ def finetune_cpus(cluster, node_cpus: Sequence[float]) -> float:
 
 def run_finetune(cfg, source, dev, seed: int, out_dir: str, run_id: str | None = None,
                  tracking_uri: str | None = None, init_checkpoint: str | None = None,
-                 num_steps: int | None = None) -> str:
-    """Fine-tune on a worker with the job's training resources; returns the checkpoint folder."""
+                 num_steps: int | None = None, storage: str | None = None) -> str:
+    """Fine-tune on a worker with the job's training resources; returns the checkpoint folder,
+    `<out_dir>/best`. The task may run on another node: it publishes the model into `storage` (a
+    folder every node sees, or a URI; default `<out_dir>/ray`) and this process fetches it."""
     import ray
+
+    from .storage import fetch, join
 
     c = cfg.cluster
     cpus = finetune_cpus(c, [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]])
@@ -73,5 +85,7 @@ def run_finetune(cfg, source, dev, seed: int, out_dir: str, run_id: str | None =
     config = cfg.to_dict()
     if config["model"]["prefix_cache_dir"]:  # the task may run in another working directory
         config["model"]["prefix_cache_dir"] = os.path.abspath(config["model"]["prefix_cache_dir"])
-    return ray.get(task.remote(config, source, dev, seed, os.path.abspath(out_dir), run_id, tracking_uri,
-                               init_checkpoint, num_steps, max(1, int(cpus))))
+    models = join(storage or os.path.join(os.path.abspath(out_dir), "ray"), f"base-seed{seed}-models")
+    published = ray.get(task.remote(config, source, dev, seed, os.path.abspath(out_dir), run_id, tracking_uri,
+                                    init_checkpoint, num_steps, max(1, int(cpus)), models))
+    return str(fetch(published, Path(out_dir) / "best"))

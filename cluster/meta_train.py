@@ -11,6 +11,7 @@ paper's SUM over all tasks of the batch, whatever the number of workers.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -58,6 +59,10 @@ class MetaTrainInputs:
     run_id: Optional[str] = None  # MLflow run that rank 0 logs into
     tracking_uri: Optional[str] = None
     output_dir: str = "outputs/meta"
+    # Where rank 0 publishes `best` and `final` for the driver to fetch into output_dir (a folder
+    # every node sees, or a URI: cluster.storage); None writes them into output_dir directly, as
+    # one process or one node may.
+    models: Optional[str] = None
 
 
 # ------------------------------------------------------------------------------ inside a worker
@@ -219,24 +224,35 @@ def meta_train_worker(loop_config: dict) -> None:
     # the driver's find covers a checkpoint written but not yet registered when the job stopped.
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and loop_config.get("resume_from"):
-        checkpoint = Checkpoint.from_directory(loop_config["resume_from"])
+        from .storage import checkpoint_at
+
+        checkpoint = checkpoint_at(loop_config["resume_from"])
     if checkpoint is not None:
         _restore(trainer, checkpoint, zero)
         logger.info("rank %d resumed at meta-step %d", rank, trainer.step)
         (out / "workers" / f"rank{rank}.resumed").write_text(str(trainer.step))
 
-    def on_best(t) -> None:
-        # save_checkpoint swaps a finished folder into place: `best` is never half-written.
-        t.save(str(out / "best"), tokenizer, with_optimizer=False)
+    def keep(t, kind: str) -> None:
+        """`best` or `final` where the driver finds it: published to the models' storage, or
+        (without one) written into the output folder, swapped into place whole either way."""
+        if inputs.models is None:
+            t.save(str(out / kind), tokenizer, with_optimizer=False)
+            return
+        from .storage import join, publish
+
+        with tempfile.TemporaryDirectory(prefix="metaner-") as tmp:
+            t.save(str(Path(tmp) / kind), tokenizer, with_optimizer=False)
+            publish(Path(tmp) / kind, join(inputs.models, kind))
 
     def on_checkpoint(t, metrics: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             _save(tmp, t, tokenizer, zero)
             if t.rank == 0 and t.step == cfg.train.num_meta_steps:
-                t.save(str(out / "final"), tokenizer, with_optimizer=False)
+                keep(t, "final")
             has_files = t.rank == 0 or zero > 0
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp) if has_files else None)
 
+    on_best = lambda t: keep(t, "best")  # noqa: E731
     trainer.fit(on_best=on_best, on_checkpoint=on_checkpoint)
 
 
@@ -272,36 +288,42 @@ def run_in_process(inputs: MetaTrainInputs) -> None:
 
 
 def latest_checkpoint(storage_path: str, name: str):
-    """The newest checkpoint a previous run of this name left, to resume a stopped job from."""
-    from ray.train import Checkpoint
+    """Where the newest complete checkpoint that a previous run of this name left lies (a path or
+    URI), to resume a stopped job from; None if there is none."""
+    from .storage import exists, join, list_dirs
 
-    run_dir = Path(storage_path) / name
-    found = sorted(run_dir.glob("checkpoint_*"), key=lambda p: p.stat().st_mtime) if run_dir.is_dir() else []
-    complete = [p for p in found if (p / "trainer_state.pt").is_file()]
-    return Checkpoint.from_directory(str(complete[-1])) if complete else None
+    found = [p for p in list_dirs(join(storage_path, name)) if p.rsplit("/", 1)[-1].startswith("checkpoint_")]
+    # Ray Train names them checkpoint_<date>_<time>: the name orders them.
+    complete = [p for p in found if exists(join(p, "trainer_state.pt"))]
+    return complete[-1] if complete else None
 
 
 def run_meta_training(inputs: MetaTrainInputs, cfg, storage_path: str, name: str, resume: bool = True,
                       max_failures: int = TRAIN_MAX_FAILURES):
     """Meta-train on `cfg.cluster.num_workers` Ray Train workers; returns Ray Train's Result.
 
-    A worker that dies is replaced and the group resumes from the last checkpoint (up to
+    `storage_path` (a folder every node sees, or a URI) keeps Ray Train's checkpoints and the
+    models rank 0 publishes, which the driver then fetches into `inputs.output_dir` (`best`,
+    `final`). A worker that dies is replaced and the group resumes from the last checkpoint (up to
     `max_failures` times); with `resume`, a new run of the same name continues a stopped one.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage_path = os.path.abspath(storage_path)
+    from .storage import exists, fetch, is_uri, join
+
+    storage_path = storage_path if is_uri(storage_path) else os.path.abspath(storage_path)
     if inputs.config["model"]["prefix_cache_dir"]:  # workers run in a working directory of their own
         inputs.config["model"]["prefix_cache_dir"] = os.path.abspath(inputs.config["model"]["prefix_cache_dir"])
-    if not resume and (Path(storage_path) / name).exists():
+    if not resume and exists(join(storage_path, name)):
         # Ray Train V2 restores a run of the same name and storage whatever it is told.
-        raise ValueError(f"{Path(storage_path) / name} holds an earlier run of {name}; remove it or give "
+        raise ValueError(f"{join(storage_path, name)} holds an earlier run of {name}; remove it or give "
                          "another name to start afresh")
     resume_from = latest_checkpoint(storage_path, name) if resume else None
     if resume_from is not None:
-        logger.info("resuming %s from %s", name, resume_from.path)
+        logger.info("resuming %s from %s", name, resume_from)
+    inputs = dataclasses.replace(inputs, models=join(storage_path, f"{name}-models"))
     c = cfg.cluster
     # No resume_from_checkpoint: Ray Train V2 (ray 2.60's default) refuses it. The same
     # RunConfig(name, storage_path) restores the run, and the checkpoint found on disk goes to the
@@ -309,7 +331,7 @@ def run_meta_training(inputs: MetaTrainInputs, cfg, storage_path: str, name: str
     trainer = TorchTrainer(
         meta_train_worker,
         train_loop_config={"inputs": ray.put(inputs), "threads": c.cpus_per_worker,
-                           "resume_from": resume_from.path if resume_from is not None else None},
+                           "resume_from": resume_from},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                      resources_per_worker={"CPU": c.cpus_per_worker,
                                                            **({"GPU": 1} if c.use_gpu else {})}),
@@ -319,7 +341,10 @@ def run_meta_training(inputs: MetaTrainInputs, cfg, storage_path: str, name: str
                              failure_config=FailureConfig(max_failures=max_failures),
                              worker_runtime_env={"env_vars": worker_env(c.use_gpu)}),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    for kind in ("best", "final"):  # what rank 0 published, wherever it ran
+        fetch(join(inputs.models, kind), Path(inputs.output_dir) / kind)
+    return result
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:

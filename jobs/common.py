@@ -124,16 +124,20 @@ def load_data(cfg, seed: int, targets: Sequence[str] | None = None) -> Data:
     return Data(source, dev, tests, files)
 
 
-def start_cluster(cfg, phases: Sequence[str] | None = None) -> None:
+def start_cluster(cfg, phases: Sequence[str] | None = None, out: Path | None = None) -> None:
     """Start (or join) Ray, then refuse actors the cluster cannot place together (`phases` as
-    cluster.runtime.check_resources takes them; default all)."""
+    cluster.runtime.check_resources takes them; default all) and, on several nodes, folders that
+    a process of another node writes or reads but does not see (the job's storage for `out`)."""
     from cluster.runtime import check_resources, init_ray
+    from cluster.storage import check_shared, job_storage
 
     init_ray(cfg.cluster.address)
     if phases is None:
         check_resources(cfg)
     else:
         check_resources(cfg, tuple(phases))
+    if out is not None:
+        check_shared(cfg, job_storage(cfg, out))
 
 
 # ---------------------------------------------------------------------------------- MLflow

@@ -27,9 +27,11 @@ logger = logging.getLogger(__name__)
 def _one(vcfg, name: str, checkpoint: str, lang: str, train_sample: list, test: list, seed: int, out: Path) -> float:
     from cluster.adapt_pool import adapt_targets
     from cluster.finetune import run_finetune
+    from cluster.storage import job_storage
     from cluster.report import score_language
 
     tuned = run_finetune(vcfg, train_sample, None, seed, str(out), init_checkpoint=checkpoint,
+                         storage=job_storage(vcfg, out),
                          num_steps=vcfg.train.low_resource_steps)
     if vcfg.adapt.enabled:
         supports = build_supports(vcfg, train_sample, {lang: test}, source_tasks=False).sentences(lang, train_sample)
@@ -65,7 +67,7 @@ def run(argv=None) -> int:
         logger.warning("%s has no entry in data.target_train_files: skipped", lang)
     pools = {lang: read_corpus(d.resolve(d.target_train_files[lang]), misc_to_o=lang in d.misc_to_o).sentences
              for lang in langs}
-    start_cluster(cfg)
+    start_cluster(cfg, out=args.out)
     supports = build_supports(cfg, data.source, {"dev": data.dev})
     scores: dict = {}
     with tracked_run(cfg, "low_resource") as tracked:

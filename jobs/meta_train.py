@@ -19,18 +19,20 @@ def train_one(cfg, seed: int, data: Data, supports: Supports, run, out: Path) ->
     """Train with `seed` into `out`; returns the selected checkpoint (best on English dev)."""
     from cluster.finetune import run_finetune
     from cluster.meta_train import MetaTrainInputs, run_in_process, run_meta_training
+    from cluster.storage import job_storage
     from cluster.tracking import tracking_uri
 
     uri = tracking_uri(cfg.mlflow.tracking_uri)
+    storage = job_storage(cfg, out)  # what workers on any node write, for this process to fetch
     if cfg.train.mode == "base":
-        return run_finetune(cfg, data.source, data.dev, seed, str(out), run.run_id, uri)
+        return run_finetune(cfg, data.source, data.dev, seed, str(out), run.run_id, uri, storage=storage)
     inputs = MetaTrainInputs(config=cfg.to_dict(), source=data.source, support=supports.source, dev=data.dev,
                              dev_support=supports.sentences("dev", data.source), seed=seed, run_id=run.run_id,
                              tracking_uri=uri, output_dir=str(out.resolve()))
     if cfg.cluster.num_workers == 0:
         run_in_process(inputs)
     else:
-        result = run_meta_training(inputs, cfg, str((out / "ray").resolve()), f"meta-seed{seed}")
+        result = run_meta_training(inputs, cfg, storage, f"meta-seed{seed}")
         if result.error is not None:
             raise result.error
     best, final = out / "best", out / "final"
@@ -44,7 +46,7 @@ def run(argv=None) -> int:
     records = {seed: inputs_record(cfg, seed, targets=[]) for seed in cfg.train.seeds}
     for seed, record in records.items():
         check_record(args.out / f"seed{seed}", record)
-    start_cluster(cfg, ("retrieval", "train"))
+    start_cluster(cfg, ("retrieval", "train"), args.out)
     for seed in cfg.train.seeds:
         write_record(args.out / f"seed{seed}", records[seed])
         data = load_data(cfg, seed, targets=[])

@@ -75,7 +75,7 @@ def run_variants(cfg, variants: list[str], out: Path) -> dict:
     from cluster.report import PAPER
     started = time.time()
     planned = plan(cfg, variants, out)
-    start_cluster(cfg)
+    start_cluster(cfg, out=out)
     data = load_data(cfg, cfg.train.seeds[0])  # one sample of dev and targets for every row, so rows compare
     by_retrieval: dict[str, object] = {}  # variants that retrieve alike share their support sets
     finished: dict = {}  # (variant, seed) -> scores.json of the seed

@@ -192,6 +192,12 @@ class ClusterConfig:
     adapt_unit_size: int = 32
     cpus_per_actor: float = 0.5
     gpus_per_actor: float = 0.0
+    # Where Ray Train keeps a job's checkpoints and the training workers put the models the driver
+    # collects (each job under a folder of its own): a folder every node mounts, or a pyarrow
+    # filesystem URI (s3://bucket/path, gs://bucket/path), as Ray Train's own storage_path. Unset:
+    # <out>/.../ray on the driver's disk, which a cluster of several nodes accepts only where every
+    # node sees it (checked before any work).
+    storage_path: Optional[str] = None
 
 
 @dataclass
@@ -599,6 +605,15 @@ def _check_more(cfg: Config) -> None:
     if r.ivf_nlist >= 1:
         _check(1 <= r.ivf_nprobe <= r.ivf_nlist, "retrieval.ivf_nprobe",
                f"must be between 1 and retrieval.ivf_nlist ({r.ivf_nlist})")
+    if c.gpus_per_actor > 0:
+        # Index shards then go to the GPU (cluster.retrieval.ShardedIndexSpec), where FAISS answers
+        # at most 2048 neighbours and probes at most 2048 lists (retrieval.index._GPU_MAX_K).
+        gpu_max = 2048
+        _check(r.k <= gpu_max, "retrieval.k", f"{r.k}: FAISS on a GPU (cluster.gpus_per_actor > 0) finds at most "
+               f"{gpu_max} neighbours; lower it, or set cluster.gpus_per_actor=0 for index shards on the CPU")
+        _check(r.index != "ivf" or r.ivf_nprobe <= gpu_max, "retrieval.ivf_nprobe",
+               f"{r.ivf_nprobe}: FAISS on a GPU (cluster.gpus_per_actor > 0) probes at most {gpu_max} lists; lower "
+               "it, or set cluster.gpus_per_actor=0 for index shards on the CPU")
     _check(a.lambda_max >= 0, "adapt.lambda_max", "must be 0 or more")
     for key in ("cpus_per_worker", "cpus_per_actor", "gpus_per_actor"):
         value = getattr(c, key)
@@ -610,12 +625,18 @@ def _check_more(cfg: Config) -> None:
         _check(_RAY_ADDRESS.match(c.address) is not None, "cluster.address",
                f"{c.address!r} is not a Ray address; give host:port, ray://host:port, 'auto' or null for a local "
                "cluster (the http:// job server address is for `ray job submit`, not for this key)")
+    if c.storage_path is not None:
+        _check(_STORAGE_URI.match(c.storage_path) is not None or os.path.isabs(os.path.expanduser(c.storage_path)),
+               "cluster.storage_path", f"{c.storage_path!r}: give an absolute folder that every node mounts, or a "
+               "URI such as s3://bucket/path or gs://bucket/path")
     _check(bool(cfg.mlflow.experiment.strip()), "mlflow.experiment", "give an experiment name")
     if cfg.mlflow.tracking_uri is not None:
         for problem in tracking_uri_problems(cfg.mlflow.tracking_uri, check_files=False):
             _check(False, "mlflow.tracking_uri", problem)
 
 
+# pyarrow's filesystems, as Ray Train reads its storage_path.
+_STORAGE_URI = re.compile(r"^(s3|gs|gcs|hdfs|viewfs|abfs|abfss|file)://\S+$")
 _RAY_ADDRESS = re.compile(r"^(auto|local|(ray://)?([\w.-]+|\[[0-9a-fA-F:]+\]):\d{1,5})$")
 # Schemes MLflow's tracking stores understand ("+driver" allowed on the database ones).
 TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
