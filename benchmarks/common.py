@@ -19,6 +19,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from benchmarks._setup import set_accelerator
+
 logger = logging.getLogger(__name__)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +57,7 @@ def check_args(args) -> None:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch sees no GPU")
+    set_accelerator(args.device)
     if args.limit < 0:
         raise SystemExit("--limit must be 0 (no cap) or positive")
 

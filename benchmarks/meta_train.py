@@ -15,12 +15,14 @@ trainer.sampling, are run by
 - `engine`: trainer.meta_trainer.MetaTrainer.train_step (frozen bottom kept once per window, the
   inner loops of chunks of tasks vectorised with torch.func, BertAdam in closed form);
 - `ds1`/`ds2`: the engine on 1 and 2 Ray Train workers with DeepSpeed engines (cluster.meta_train,
-  Ray local on 127.0.0.1, gloo), unless --no-distributed (none under --quick unless --workers);
+  Ray local on 127.0.0.1, gloo; with --device cuda NCCL, a whole GPU per worker, counts above the
+  GPUs present skipped), unless --no-distributed (none under --quick unless --workers);
   the worker counts take turns, --repeats (3) runs each, each timing --ds-steps (10)
   meta-steps after its first; ds2/ds1 is the median of the repeats' ratios (runs side by side),
   ds*/engine the best run of each count. With --without-ray, the same workers (the same trainer and
   DeepSpeed engine, cluster.meta_train.deepspeed_trainer) also run as plain processes on a gloo
-  group, before Ray starts: the cost of Ray's own processes beside them, apart from the workers'.
+  group (NCCL on GPUs where each rank has a GPU of its own), before Ray starts: the cost of Ray's
+  own processes beside them, apart from the workers'.
 Two settings: the model of record (bert-tiny-6l, layers 4-5 and the classifier train) and the
 replication setting (multilingual-e5-small with 10 of 12 layers frozen, jobs/configs/replicate_cpu.yaml),
 unless --no-e5. Every variant takes one warm-up step first (which fills the kept bottom of the
@@ -246,9 +248,21 @@ def distributed(b: common.Bundle, cfg, source, support, steps: int, workers: int
             "worker_peak_rss": max(peaks.peaks.values(), default=0)}
 
 
+def plain_group(rank: int, world: int, use_gpu: bool) -> tuple[str, int]:
+    """(backend, local GPU index) of a plain rank. Each rank uses the GPU it can see: with fewer
+    GPUs than ranks they share them round-robin (one GPU: every rank on cuda:0; LOCAL_RANK=rank
+    would ask rank 1 for a second GPU). NCCL refuses two ranks on one GPU, so ranks that share
+    meet on gloo, which takes CUDA tensors for the all-reduce of ZeRO 0 (the benchmark's stage)."""
+    import torch
+
+    gpus = torch.cuda.device_count() if use_gpu else 0
+    return ("nccl" if gpus and world <= gpus else "gloo"), rank % max(1, gpus)
+
+
 def plain_worker(rank: int, world: int, inputs, port: int) -> None:
     """One rank of `without_ray`: a plain process with the Ray Train worker's trainer and DeepSpeed
-    engine (cluster.meta_train.deepspeed_trainer), on a gloo group of its own; rank 0 writes its rate."""
+    engine (cluster.meta_train.deepspeed_trainer), on a process group of its own (see plain_group);
+    rank 0 writes its rate."""
     import json
 
     import torch
@@ -257,10 +271,14 @@ def plain_worker(rank: int, world: int, inputs, port: int) -> None:
     from cluster.meta_train import deepspeed_trainer
 
     common.quiet()
+    use_gpu = bool(inputs.config["cluster"]["use_gpu"])
+    backend, local = plain_group(rank, world, use_gpu)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+                      LOCAL_RANK=str(local), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if use_gpu:
+        torch.cuda.set_device(local)  # the trainer's model.cuda() and NCCL use the current device
+    dist.init_process_group(backend, rank=rank, world_size=world)
     try:
         trainer, _ = deepspeed_trainer(inputs, rank, world)
         metrics = trainer.fit()
@@ -405,6 +423,10 @@ def distributed_runs(done: dict, b: common.Bundle, args, workers, workdir: str) 
         if len(workers) > 1:
             out[f"meta_train_ds{hi}_vs_ds{lo}_without_ray"] = paired(b, f"ds{hi}/ds{lo} without Ray", rates[hi],
                                                                      rates[lo])
+    workers = ray_train_counts(workers, args.device)
+    if not workers:
+        return out
+    lo, hi = min(workers), max(workers)
     init_ray(num_cpus=2, log_to_driver=False)
     rates, runs = worker_counts(distributed, done, b, args, workers, workdir)
     report(b.name, runs, 0)
@@ -412,6 +434,21 @@ def distributed_runs(done: dict, b: common.Bundle, args, workers, workdir: str) 
     if len(workers) > 1:
         out[f"meta_train_ds{hi}_vs_ds{lo}"] = paired(b, f"ds{hi}/ds{lo}", rates[hi], rates[lo])
     return out
+
+
+def ray_train_counts(workers, device: str) -> list[int]:
+    """The worker counts Ray Train can place: on GPUs each worker takes a whole one
+    (cluster.use_gpu), so counts above the GPUs present would wait for ever."""
+    if device != "cuda":
+        return list(workers)
+    import torch
+
+    gpus = torch.cuda.device_count()
+    kept = [n for n in workers if n <= gpus]
+    if len(kept) < len(workers):
+        print(f"note: Ray Train runs of {sorted(set(workers) - set(kept))} workers skipped: each takes a whole GPU "
+              f"and this machine has {gpus}", flush=True)
+    return kept
 
 
 def worker_counts(launch, done: dict, b: common.Bundle, args, workers, workdir: str) -> tuple[dict, dict]:

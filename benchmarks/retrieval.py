@@ -64,6 +64,12 @@ def load(args, cfg):
     return source, targets
 
 
+def shard_gpus(device: str, shards: int) -> float:
+    """GPUs each index actor asks Ray for: an equal share of one GPU with --device cuda, so that
+    all shards run on the one GPU a benchmark is given; none on the CPU."""
+    return 1.0 / shards if device == "cuda" else 0.0
+
+
 def timed(times: dict, name: str, fn, *args, **kwargs):
     start = time.perf_counter()
     out = fn(*args, **kwargs)
@@ -119,6 +125,13 @@ def run(args) -> dict[str, float]:
 
     cfg = Config()
     k = cfg.retrieval.k
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda asked for, but torch sees no GPU")
+    if args.shards < 1:
+        raise SystemExit("--shards must be at least 1")
     print(machine(args.device), flush=True)
     source, targets = load(args, cfg)
     print(f"corpus en={len(source)} " + " ".join(f"{lang}={len(s)}" for lang, s in targets.items()), flush=True)
@@ -132,8 +145,9 @@ def run(args) -> dict[str, float]:
     target = {lang: timed(times, "search_flat1", target_support, q, xb, k, False, flat) for lang, q in xq.items()}
 
     init_ray(num_cpus=os.cpu_count(), log_to_driver=False)
+    # On a GPU the shards share it: without a GPU share Ray would give them no CUDA_VISIBLE_DEVICES.
     index = timed(times, "start_ray_shards", ShardedIndex, xb, num_shards=args.shards, spec=flat,
-                  num_cpus=cfg.cluster.cpus_per_actor, num_gpus=cfg.cluster.gpus_per_actor)
+                  num_cpus=cfg.cluster.cpus_per_actor, num_gpus=shard_gpus(args.device, args.shards))
     try:
         sharded = _Prebuilt(index)
         support_sharded = timed(times, "search_ray_shards", source_support, xb, source, k, sharded)
