@@ -124,6 +124,8 @@ class ShardedIndex:
         remote = ray.remote(IndexShard).options(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
                                                 max_task_retries=max_restarts)
         self.bounds = shard_bounds(self.ntotal, num_shards)
+        if 0 < num_gpus < 1:
+            _check_gpu_plan(xb, self.bounds, num_gpus)
         self.shards = [remote.remote(xb[a:b], a, kind=spec.kind, nlist=spec.nlist, nprobe=spec.nprobe,
                                      device=spec.device) for a, b in self.bounds]
         _wait_started(self.shards, start_timeout_s, "index shards")
@@ -143,6 +145,28 @@ class ShardedIndex:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_gpu_plan(xb: np.ndarray, bounds: list[tuple[int, int]], num_gpus: float) -> None:
+    """Fractional-GPU index shards: log what each holds on its GPU, and refuse, before any is
+    started, shards that cannot fit together in the GPU's memory where it is known (see
+    cluster.runtime.gpu_memory_problems, which counts the shards before their vectors exist)."""
+    from cluster.runtime import CUDA_CONTEXT_BYTES, FAISS_SCRATCH_BYTES, MIB, gpu_plan_problem, gpu_total_bytes
+
+    vectors = max(b - a for a, b in bounds) * xb.shape[1] * xb.itemsize
+    each = CUDA_CONTEXT_BYTES + FAISS_SCRATCH_BYTES + vectors
+    together = min(int(1 / num_gpus + 1e-9), len(bounds))
+    # A local cluster is bound to 127.0.0.1 (cluster.runtime.init_ray): its GPUs are this machine's.
+    local = ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    gpu, source = gpu_total_bytes(ray.nodes(), local)
+    logger.info("index shards on GPUs: up to %d share a GPU (%g GPU each), each about %.0f MiB (CUDA context %d MiB, "
+                "FAISS scratch %d MiB, vectors %.0f MiB); GPU memory %s", together, num_gpus, each / MIB,
+                CUDA_CONTEXT_BYTES // MIB, FAISS_SCRATCH_BYTES // MIB, vectors / MIB,
+                f"{gpu / MIB:.0f} MiB ({source})" if gpu else f"unknown ({source}): not checked")
+    problem = gpu_plan_problem(each, together, gpu)
+    if problem:
+        raise ValueError(f"{problem} (index shards of {len(bounds)} x up to {vectors / MIB:.0f} MiB of vectors, "
+                         f"GPU memory from {source})")
 
 
 class ShardedIndexSpec:

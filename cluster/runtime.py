@@ -7,9 +7,11 @@ import os
 logger = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True) -> str:
+def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_driver: bool = True,
+             num_gpus: int | None = None) -> str:
     """Join the cluster named by `address` or RAY_ADDRESS (as `ray job submit` sets it); otherwise
-    start a local one on loopback only. Returns the address of the cluster joined."""
+    start a local one on loopback only, with `num_cpus`/`num_gpus` (None: what Ray detects).
+    Returns the address of the cluster joined."""
     import ray
 
     if ray.is_initialized():
@@ -20,7 +22,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_dri
         ray.init(address=address, log_to_driver=log_to_driver)
     else:
         # Ray otherwise advertises the machine's external interface for the node and MASTER_ADDR.
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                  log_to_driver=log_to_driver)
         joined = ray.get_runtime_context().gcs_address
         if not joined.startswith("127.0.0.1:"):
@@ -59,17 +61,21 @@ def _phase_needs(c) -> dict:
 
 
 def check_resources(cfg, phases: tuple[str, ...] = PHASES) -> None:
-    """Refuse, before any work, actors that run together but cannot all be placed at once.
+    """Refuse, before any work, actors that run together but cannot all be placed at once, GPUs
+    asked for with a torch that cannot use them, and fractional-GPU actors that cannot fit in a
+    GPU's memory together.
 
     `phases` are what the job runs: "retrieval" (embedding and index actors, alive together),
     "adapt" (the adapter pool), "train" (the training workers), "tag" (all actors of a tagging
     stream). Ray queues an actor it cannot place and waits, silently, for resources that a local
     cluster will never get: GPUs on a CPU machine, or an actor larger than any node. On a cluster
-    joined by address an autoscaler may still add nodes: a warning.
+    joined by address an autoscaler may still add nodes: a warning. Every problem found is named,
+    one line each.
     """
     import ray
 
     c = cfg.cluster
+    local = c.address is None and not os.environ.get("RAY_ADDRESS")
     total = ray.cluster_resources()
     problems = []
     for phase in phases:
@@ -84,10 +90,15 @@ def check_resources(cfg, phases: tuple[str, ...] = PHASES) -> None:
     if "train" in phases:
         problems += _per_node(ray.nodes(), {"CPU": c.cpus_per_worker, "GPU": 1.0 if c.use_gpu else 0.0},
                               "cluster.cpus_per_worker / cluster.use_gpu")
-    for problem in dict.fromkeys(problems):
-        if c.address is None and not os.environ.get("RAY_ADDRESS"):
-            raise ValueError(problem)
-        logger.warning("%s (or wait for the autoscaler to add nodes)", problem)
+    if not local:
+        for problem in dict.fromkeys(problems):
+            logger.warning("%s (or wait for the autoscaler to add nodes)", problem)
+        problems = []
+    # Refused on a joined cluster too: no node an autoscaler adds brings another torch or a larger GPU.
+    problems += cuda_problems(cfg, phases, local)
+    problems += gpu_memory_problems(cfg, phases, ray.nodes(), local)
+    if problems:
+        raise ValueError("\n".join(dict.fromkeys(problems)))
 
 
 def _per_node(nodes: list, need: dict, keys: str) -> list[str]:
@@ -122,3 +133,156 @@ def wait_placed(actors: list, timeout_s: float, what: str) -> None:
         raise RuntimeError(f"{len(pending)} of {len(actors)} {what} were not placed within {timeout_s:g} s "
                            f"(tag.start_timeout_s); the Ray cluster has free {ray.available_resources()}: other "
                            "jobs hold the rest, or lower the cluster.* settings")
+
+
+# ------------------------------------------------------------------------------------- GPUs
+
+# The CUDA wheels of the torch release this project pins (CUDA 12.8).
+CUDA_TORCH_INDEX = "https://download.pytorch.org/whl/cu128"
+_ACTOR_PHASES = ("retrieval", "adapt", "tag")
+
+
+def cuda_torch_install() -> str:
+    """The pip line that installs a CUDA build of the torch version installed here."""
+    import torch
+
+    return f"pip install torch=={torch.__version__.split('+')[0]} --index-url {CUDA_TORCH_INDEX}"
+
+
+def cuda_problems(cfg, phases: tuple[str, ...] = PHASES, local: bool = True) -> list[str]:
+    """GPUs asked for (cluster.use_gpu for "train", cluster.gpus_per_actor for the actors' phases)
+    with a torch that cannot use them: Ray would hand the GPUs over and the work would run on the
+    CPU while holding them. A torch built without CUDA is refused on any cluster (its nodes run
+    the driver's image); a CUDA build that sees no GPU only on a local cluster (a joined
+    cluster's head may well have none)."""
+    c = cfg.cluster
+    asked = []
+    if c.use_gpu and "train" in phases:
+        asked.append(("cluster.use_gpu=true", "cluster.use_gpu=false"))
+    if c.gpus_per_actor > 0 and any(p in phases for p in _ACTOR_PHASES):
+        asked.append((f"cluster.gpus_per_actor={c.gpus_per_actor:g}", "cluster.gpus_per_actor=0"))
+    if not asked:
+        return []
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    what = " and ".join(a for a, _ in asked)
+    cpu = f"or set {' and '.join(off for _, off in asked)} to run on the CPU"
+    if torch.version.cuda is None:
+        return [f"{what}, but this torch ({torch.__version__}) is built without CUDA: the work would run on the CPU "
+                f"while holding the GPUs; install a CUDA build of torch, e.g. `{cuda_torch_install()}`, {cpu}"]
+    if local:
+        return [f"{what}, but torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU on this machine; "
+                f"check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES, {cpu}"]
+    return []
+
+
+# Estimates of what one fractional-GPU actor holds on its GPU, stated rather than measured: a
+# process's CUDA context and kernels before any tensor; activations and the caching allocator's
+# slack; FAISS's scratch memory (StandardGpuResources takes 1.5 GiB on GPUs over 8 GiB).
+MIB = 1 << 20
+CUDA_CONTEXT_BYTES = 512 * MIB
+ACTIVATION_MARGIN_BYTES = 512 * MIB
+FAISS_SCRATCH_BYTES = 1536 * MIB
+# The largest memory sold under each name Ray gives as 'accelerator_type' (an upper bound: a plan
+# is refused only where it cannot fit whichever variant the node has).
+_GPU_GIB = {"T4": 16, "P4": 8, "P100": 16, "V100": 32, "A10G": 24, "L4": 24, "L40S": 48, "A100": 80,
+            "A100-40G": 40, "A100-80G": 80, "H100": 96, "H20": 96, "H200": 144, "B200": 192}
+
+
+def gpu_plan_problem(per_actor_bytes: int, actors_per_gpu: int, gpu_bytes: int | None) -> str | None:
+    """Why `actors_per_gpu` actors of `per_actor_bytes` each cannot share a GPU of `gpu_bytes`;
+    None where they fit, or where the GPU's memory is unknown (None)."""
+    if gpu_bytes is None or per_actor_bytes * actors_per_gpu <= gpu_bytes:
+        return None
+    gib = lambda n: f"{n / (1 << 30):.1f} GiB"  # noqa: E731
+    fit = gpu_bytes // max(per_actor_bytes, 1)
+    if fit < 1:
+        return (f"cluster.gpus_per_actor: an actor of about {gib(per_actor_bytes)} needs more than a GPU of "
+                f"{gib(gpu_bytes)}; use a smaller model, or cluster.gpus_per_actor=0 to run on the CPU")
+    advice = f"let at most {fit} share a GPU: raise cluster.gpus_per_actor to {1 / fit:.4g}"
+    return (f"cluster.gpus_per_actor: {actors_per_gpu} actors of about {gib(per_actor_bytes)} each would share a GPU "
+            f"of {gib(gpu_bytes)} ({gib(per_actor_bytes * actors_per_gpu)} needed); {advice}")
+
+
+def model_weight_bytes(name_or_path: str) -> int | None:
+    """Bytes of a model's weight files: a local folder's, or a hub id's in the local Hugging Face
+    cache; None where they cannot be found without a download."""
+    names = ("model.safetensors", "pytorch_model.bin")
+    if os.path.isdir(name_or_path):
+        sizes = [os.path.getsize(os.path.join(name_or_path, n)) for n in os.listdir(name_or_path)
+                 if n.endswith((".safetensors", ".bin")) and os.path.isfile(os.path.join(name_or_path, n))]
+        return sum(sizes) if sizes else None
+    try:
+        import huggingface_hub
+
+        for name in names:
+            cached = huggingface_hub.try_to_load_from_cache(name_or_path, name)
+            if isinstance(cached, str):
+                return os.path.getsize(cached)
+    except Exception:  # a malformed id: the job's own checks name it
+        return None
+    return None
+
+
+def gpu_total_bytes(nodes: list, local: bool) -> tuple[int | None, str]:
+    """(bytes of the smallest GPU, where that was read), or (None, why it is unknown)."""
+    if local:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.device_count():
+            sizes = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+            return min(sizes), "torch.cuda.get_device_properties"
+    types = []
+    for node in nodes:
+        resources = node.get("Resources", {})
+        if node.get("Alive", True) and resources.get("GPU", 0) > 0:
+            found = [k.split(":", 1)[1] for k in resources if k.startswith("accelerator_type:")]
+            types.append(found[0] if found else None)
+    if not types:
+        return None, "no GPU node in the Ray cluster, and torch sees none here"
+    if any(t not in _GPU_GIB for t in types):
+        return None, f"Ray's accelerator types {sorted(map(str, set(types)))} are not all known here"
+    return min(_GPU_GIB[t] for t in types) << 30, f"Ray's accelerator types {sorted(set(types))}"
+
+
+def gpu_memory_problems(cfg, phases: tuple[str, ...], nodes: list, local: bool) -> list[str]:
+    """Fractional-GPU actors (0 < cluster.gpus_per_actor < 1): the memory each needs on its GPU
+    is logged per phase, and a plan whose actors sharing one GPU cannot fit in its memory is
+    refused where that memory is known. Ray packs up to 1/gpus_per_actor actors on a GPU, of any
+    kind: counted as that many of the phase's largest kind. Index shards are counted here without
+    their vectors, which cluster.retrieval.ShardedIndex adds when it has them."""
+    c = cfg.cluster
+    if not 0 < c.gpus_per_actor < 1 or not any(p in phases for p in _ACTOR_PHASES):
+        return []
+    weights = model_weight_bytes(cfg.model.name_or_path)
+    if weights is None:
+        logger.info("the size of %s's weights is unknown here: the GPU estimates below leave them out",
+                    cfg.model.name_or_path)
+    w = weights or 0
+    each = {"embedding actor": CUDA_CONTEXT_BYTES + w + ACTIVATION_MARGIN_BYTES,
+            # its weights, and at least as much again in the adapted copies, gradients and moments
+            "adapter actor": CUDA_CONTEXT_BYTES + 2 * w + ACTIVATION_MARGIN_BYTES,
+            "index shard": CUDA_CONTEXT_BYTES + FAISS_SCRATCH_BYTES}
+    counts = {"embedding actor": c.num_embed_actors, "index shard": c.num_index_shards,
+              "adapter actor": c.num_adapter_actors}
+    kinds = {"retrieval": ("embedding actor", "index shard"), "adapt": ("adapter actor",),
+             "tag": ("embedding actor", "index shard", "adapter actor")}
+    gpu, source = gpu_total_bytes(nodes, local)
+    per_gpu = int(1 / c.gpus_per_actor + 1e-9)
+    problems = []
+    for phase in (p for p in phases if p in kinds):
+        heaviest = max(kinds[phase], key=each.get)
+        together = min(per_gpu, sum(counts[k] for k in kinds[phase]))
+        logger.info("GPU plan, %s phase: up to %d actors share a GPU (cluster.gpus_per_actor=%g), each about %s "
+                    "(CUDA context %d MiB, weights %d MiB, twice for an adapter, margin %d MiB; an index shard "
+                    "FAISS's %d MiB of scratch and its vectors instead of weights)", phase, together,
+                    c.gpus_per_actor, ", ".join(f"{k} {each[k] / MIB:.0f} MiB" for k in kinds[phase]),
+                    CUDA_CONTEXT_BYTES // MIB, w // MIB, ACTIVATION_MARGIN_BYTES // MIB, FAISS_SCRATCH_BYTES // MIB)
+        problem = gpu_plan_problem(each[heaviest], together, gpu)
+        if problem:
+            problems.append(f"{problem} ({phase} phase, GPU memory from {source})")
+    if gpu is None:
+        logger.info("GPU memory unknown (%s): the plan of fractional-GPU actors is not checked against it", source)
+    return problems

@@ -25,7 +25,9 @@ KINDS = ("flat", "ivf")
 _MARGIN = 8
 # Candidates rescored at once are capped at this many float64 numbers (256 MiB).
 _RESCORE_BUDGET = 1 << 25
-# FAISS GPU indexes answer at most this many neighbours per query.
+# FAISS GPU indexes answer at most this many neighbours per query and probe at most this many IVF
+# lists (trainer.config refuses a larger retrieval.k or retrieval.ivf_nprobe for GPU index shards;
+# the candidate rounds of a search may still ask for more, and take the CPU copy for that round).
 _GPU_MAX_K = 2048
 _NO_ID = np.iinfo(np.int64).max
 
@@ -137,6 +139,8 @@ class IndexShard:
         self.ntotal, self.d = self.xb.shape
         self.cpu_index = self._build_cpu(nlist, nprobe)
         self.index, self._gpu_resources = self._to_device(self.cpu_index, device)
+        # Rounds of candidates fetched from the CPU copy because a GPU index cannot answer that many.
+        self.cpu_searches = 0
         # The largest norm bounds FAISS's float32 error, which decides when a candidate list is complete.
         self._max_norm = float(np.linalg.norm(self.xb, axis=1).max())
 
@@ -156,14 +160,21 @@ class IndexShard:
         index.add(self.xb)
         return index
 
-    @staticmethod
-    def _to_device(index, device: str):
+    def _to_device(self, index, device: str):
         if device == "cpu":
             return index, None
         # Moving to GPU 0 without a GPU fails late and obscurely: ask FAISS first.
         if faiss.get_num_gpus() == 0:
             if device == "cuda":
                 raise ValueError("device 'cuda' was asked for but FAISS sees no GPU; use device='cpu' or 'auto'")
+            return index, None
+        if self.kind == "ivf" and index.nprobe > _GPU_MAX_K:
+            # A GPU IVF index refuses to probe more lists, at every search.
+            if device == "cuda":
+                raise ValueError(f"nprobe {index.nprobe} is more than FAISS probes on a GPU ({_GPU_MAX_K}); lower "
+                                 "retrieval.ivf_nprobe, or build the index on the CPU (cluster.gpus_per_actor=0)")
+            logger.warning("ivf: nprobe=%d is more than FAISS probes on a GPU (%d); this shard stays on the CPU",
+                           index.nprobe, _GPU_MAX_K)
             return index, None
         resources = faiss.StandardGpuResources()
         return faiss.index_cpu_to_gpu(resources, 0, index), resources
@@ -192,8 +203,15 @@ class IndexShard:
         return D, I
 
     def _faiss_search(self, xq: np.ndarray, fetch: int):
-        index = self.index if not (self.on_gpu and fetch > _GPU_MAX_K) else self.cpu_index
-        return index.search(xq, fetch)
+        if self.on_gpu and fetch > _GPU_MAX_K:
+            # The CPU copy holds the same vectors, and the candidates are rescored exactly either
+            # way: the result is the GPU's, only slower.
+            self.cpu_searches += 1
+            if self.cpu_searches == 1:
+                logger.info("a search for %d candidates per query is more than FAISS answers on a GPU (%d): "
+                            "such rounds search the CPU copy of the index", fetch, _GPU_MAX_K)
+            return self.cpu_index.search(xq, fetch)
+        return self.index.search(xq, fetch)
 
     def _complete(self, xq, faiss_D, kth, fetch) -> np.ndarray:
         """Rows whose candidate list surely holds the top-k and everything tied with the k-th.
