@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any, Sequence
 from trainer.config import ACTOR_MAX_RESTARTS
 from trainer.digest import file_sha256, files_sha256
 from trainer.paths import write_atomic
+
+from .storage import pack, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -98,17 +101,31 @@ class UnitStore:
         return {int(k): v for k, v in json.loads(self._path(unit_id).read_text(encoding="utf-8")).items()}
 
 
+class ShippedAdapter:
+    """A `trainer.adapt.Adapter` whose checkpoint reaches it through Ray's object store
+    (`storage.pack`): the actor may run on a node that does not see the driver's disk. Unpacked
+    into a folder of the actor's own, removed when the actor ends."""
+
+    def __init__(self, files: dict, featurizer, cfg, device: str = "cpu", prefix_dir=None):
+        from trainer.adapt import Adapter  # torch and the model code: in the actor, not the driver's import
+
+        self._folder = tempfile.TemporaryDirectory(prefix="metaner-checkpoint-")
+        self.adapter = Adapter(unpack(files, self._folder.name), featurizer, cfg, device, prefix_dir)
+
+    def run(self, *args, **kwargs):
+        return self.adapter.run(*args, **kwargs)
+
+
 class AdapterPool:
-    """`num_adapter_actors` Adapter actors, each loading the checkpoint once."""
+    """`num_adapter_actors` Adapter actors, each loading the checkpoint once (put in Ray's object
+    store once by this process, whichever nodes the actors run on)."""
 
     def __init__(self, checkpoint: str, cfg, max_restarts: int = ACTOR_MAX_RESTARTS):
         import ray
 
-        from trainer.adapt import Adapter
-
         c = cfg.cluster
         threads = max(1, int(c.cpus_per_actor))
-        remote = ray.remote(Adapter).options(
+        remote = ray.remote(ShippedAdapter).options(
             num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor, max_restarts=max_restarts,
             max_task_retries=max_restarts,
             # Fractional-CPU actors would otherwise each start one torch thread per core.
@@ -116,8 +133,9 @@ class AdapterPool:
         device = "cuda" if c.gpus_per_actor > 0 else "cpu"
         # Absolute here: actors may run in another working directory (a Ray job's, a node's).
         prefix_dir = os.path.abspath(cfg.model.prefix_cache_dir) if cfg.model.prefix_cache_dir else None
-        self.actors = [remote.remote(str(checkpoint), None, cfg, device, prefix_dir)
-                       for _ in range(c.num_adapter_actors)]
+        # Held for the pool's life: a restarted actor is built again from the same files.
+        self.files = ray.put(pack(checkpoint))
+        self.actors = [remote.remote(self.files, None, cfg, device, prefix_dir) for _ in range(c.num_adapter_actors)]
 
     def pids(self) -> list[int]:
         import ray

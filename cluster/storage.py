@@ -112,6 +112,21 @@ def checkpoint_at(location: str):
     return Checkpoint(path=inner, filesystem=fs)
 
 
+def pack(folder: str | os.PathLike) -> dict[str, bytes]:
+    """The files of a local folder by relative path, to travel through Ray's object store to
+    processes on nodes that do not see the folder (a checkpoint on the driver's disk)."""
+    root = Path(folder)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def unpack(files: dict[str, bytes], folder: str | os.PathLike) -> Path:
+    root = Path(folder)
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
 # ------------------------------------------------------------------------------ several nodes
 
 
@@ -134,9 +149,9 @@ def unseen_by(folder: str, must_exist: bool = False) -> list[str]:
         Path(marker).write_text("seen")
     try:
         nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
-        probe = ray.remote(_sees).options(num_cpus=0)
-        seen = ray.get([probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(marker)
-                        for n in nodes])
+        probe = ray.remote(_sees)
+        seen = ray.get([probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False))
+                        .remote(marker) for n in nodes])
         return [n for n, ok in zip(nodes, seen) if not ok]
     finally:
         if not must_exist:
