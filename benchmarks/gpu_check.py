@@ -294,8 +294,8 @@ def demo_overrides(name: str) -> list[str]:
     zero = name.rsplit("zero", 1)[1]
     # One worker on the whole GPU for training; in the other phases the embedding actor, the two
     # FAISS shards and the two adapter actors each take a quarter of it.
-    return ["cluster.use_gpu=true", "cluster.num_workers=1", f"cluster.zero_stage={zero}", "cluster.gpus_per_actor=0.25",
-            "cluster.cpus_per_worker=2", "cluster.cpus_per_actor=1"] + short
+    return ["cluster.use_gpu=true", "cluster.num_workers=1", f"cluster.zero_stage={zero}",
+            "cluster.gpus_per_actor=0.25", "cluster.cpus_per_worker=2", "cluster.cpus_per_actor=1"] + short
 
 
 def check_demo(name: str, workdir: Path, cuda: bool, timeout_s: float) -> str:
@@ -308,9 +308,10 @@ def check_demo(name: str, workdir: Path, cuda: bool, timeout_s: float) -> str:
     table = out_dir / "synthetic" / "results.md"
     detail = f"`python -m jobs.demo {' '.join(overrides)}`: "
     if rc != 0 or not table.is_file():
-        raise CheckFailed(f"{detail}exit status {rc} after {t:.0f} s, results table {'written' if table.is_file() else 'missing'}"
-                          f":\n{_tail(out)}")
-    ours = next((line for line in table.read_text(encoding="utf-8").splitlines() if line.startswith("| Ours (this")), "")
+        written = "written" if table.is_file() else "missing"
+        raise CheckFailed(f"{detail}exit status {rc} after {t:.0f} s, results table {written}:\n{_tail(out)}")
+    rows = table.read_text(encoding="utf-8").splitlines()
+    ours = next((line for line in rows if line.startswith("| Ours (this")), "")
     detail += f"results table in {t:.0f} s ({ours.split('|')[-3].strip() if ours.count('|') > 3 else '?'} avg F1)"
     if not cuda:
         return detail
@@ -370,10 +371,12 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu-only", action="store_true", help="the CPU comparisons only (implied without a GPU)")
     parser.add_argument("--quick", action="store_true",
-                        help="leave out the CPU demo (minutes on 2 cores); the gpu tests of tests/test_gpu_readiness.py only")
+                        help="leave out the CPU demo (minutes on 2 cores); only the gpu tests of "
+                             "tests/test_gpu_readiness.py")
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
                         help="run only these checks (names as printed, or their prefixes: demo, faiss, ...)")
-    parser.add_argument("--keep", default=None, metavar="DIR", help="work in DIR and keep it (default: a temporary folder)")
+    parser.add_argument("--keep", default=None, metavar="DIR",
+                        help="work in DIR and keep it (default: a temporary folder)")
     parser.add_argument("--budget-s", type=float, default=570.0,
                         help="seconds the whole run may take (default 570): a demo is stopped at what is left")
     return parser.parse_args(argv)
@@ -439,8 +442,9 @@ def main(argv=None) -> int:
                 failed += 1
             except Exception as err:  # a check that cannot run is a failure of the machine, named
                 where = traceback.extract_tb(err.__traceback__)[-1]
-                print(f"FAIL {name} {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''} "
-                      f"({Path(where.filename).name}:{where.lineno})", flush=True)
+                first = (str(err).strip().splitlines() or [""])[0]
+                print(f"FAIL {name} {type(err).__name__}: {first} ({Path(where.filename).name}:{where.lineno})",
+                      flush=True)
                 failed += 1
     finally:
         if not args.keep:

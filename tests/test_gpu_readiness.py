@@ -77,8 +77,8 @@ def test_fractional_gpu_actors_are_estimated_and_checked_against_the_nodes_gpus(
     weights = model_weight_bytes(tiny_bert)
     assert weights and weights < 2 * 2 ** 20  # the tiny BERT's safetensors
     t4 = [{"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0, "accelerator_type:T4": 1.0}}]
-    settings = [f"model.name_or_path={tiny_bert}", "model.num_frozen_layers=1", "cluster.num_embed_actors=6", "cluster.num_index_shards=6",
-                "cluster.num_adapter_actors=2"]
+    settings = [f"model.name_or_path={tiny_bert}", "model.num_frozen_layers=1", "cluster.num_embed_actors=6",
+                "cluster.num_index_shards=6", "cluster.num_adapter_actors=2"]
     with caplog.at_level(logging.INFO, logger="cluster.runtime"):
         # 10 actors on a 16 GiB GPU: the index shards (context + FAISS scratch: 2 GiB) do not fit ten at once.
         problems = gpu_memory_problems(load_config(None, settings + ["cluster.gpus_per_actor=0.1"]),
