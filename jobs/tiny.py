@@ -16,15 +16,14 @@ def build_tiny_bert(out_dir: str | os.PathLike, texts: Iterable[Sequence[str]], 
                     max_length: int = 128, dropout: float = 0.1) -> str:
     """Train a cased WordPiece vocabulary on word lists `texts`, save tokenizer and random BERT."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, min_frequency=1)
-    tok.train_from_iterator((" ".join(words) for words in texts), trainer=trainer)
+    normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    vocab = wordpiece_vocab(texts, vocab_size, normalizer, pre_tokenizer)
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
@@ -41,3 +40,57 @@ def build_tiny_bert(out_dir: str | os.PathLike, texts: Iterable[Sequence[str]], 
     BertModel(config).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return os.fspath(out_dir)
+
+
+def wordpiece_vocab(texts: Iterable[Sequence[str]], vocab_size: int, normalizer, pre_tokenizer) -> dict[str, int]:
+    """A WordPiece vocabulary that depends on the words alone: the special tokens, every character
+    (alone, and as a continuation `##c` where it occurs inside a word), then the pieces of
+    repeated merges of the most frequent adjacent pair (ties in alphabetical order), until
+    `vocab_size` or until no pair occurs twice.
+
+    Written here rather than taken from `tokenizers.trainers.WordPieceTrainer`, which breaks ties
+    between equally frequent pairs in hash order: its vocabulary, and so the demo's model and
+    results, changed from one process to the next.
+    """
+    from collections import Counter
+
+    counts: Counter = Counter()
+    for words in texts:
+        text = normalizer.normalize_str(" ".join(words))
+        counts.update(piece for piece, _ in pre_tokenizer.pre_tokenize_str(text))
+    split = {word: [word[0], *(f"##{c}" for c in word[1:])] for word in counts}
+    tokens = list(SPECIAL) + sorted({piece for pieces in split.values() for piece in pieces})
+    known = set(tokens)
+    pairs: Counter = Counter()
+    holders: dict = {}  # pair -> the words whose pieces hold it
+    for word, pieces in split.items():
+        for pair in zip(pieces, pieces[1:]):
+            pairs[pair] += counts[word]
+            holders.setdefault(pair, set()).add(word)
+    while len(tokens) < vocab_size and pairs:
+        (a, b), count = min(pairs.items(), key=lambda item: (-item[1], item[0]))
+        if count < 2:
+            break
+        merged = a + b[2:]
+        for word in sorted(holders.pop((a, b), ())):
+            old = split[word]
+            for pair in zip(old, old[1:]):
+                pairs[pair] -= counts[word]
+                if pairs[pair] <= 0:
+                    del pairs[pair]
+            new, i = [], 0
+            while i < len(old):
+                if i + 1 < len(old) and old[i] == a and old[i + 1] == b:
+                    new.append(merged)
+                    i += 2
+                else:
+                    new.append(old[i])
+                    i += 1
+            split[word] = new
+            for pair in zip(new, new[1:]):
+                pairs[pair] += counts[word]
+                holders.setdefault(pair, set()).add(word)
+        if merged not in known:
+            tokens.append(merged)
+            known.add(merged)
+    return {token: i for i, token in enumerate(tokens)}
