@@ -38,8 +38,10 @@ def _finetune(config: dict, source, dev, seed: int, out_dir: str, run_id: str | 
         model = load_model(init_checkpoint)[0]
     else:
         model = build_model(cfg, seed=seed)
-    if cfg.cluster.use_gpu and torch.cuda.is_available():
-        model = model.cuda()
+    if cfg.cluster.use_gpu:
+        from .meta_train import gpu_device
+
+        model = model.cuda(gpu_device())
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     featurizer = Featurizer(tokenizer, cfg.model.max_length, cfg.model.window_context, model.labels)
     log = MlflowLogger(uri, run_id=run_id) if run_id else NullLogger()

@@ -82,8 +82,8 @@ def build_trainer(inputs: MetaTrainInputs, rank: int = 0, world_size: int = 1, m
     cfg = config_from_dict(inputs.config)
     torch.manual_seed(inputs.seed)
     model = build_model(cfg, seed=inputs.seed)
-    if cfg.cluster.use_gpu and torch.cuda.is_available():
-        model = model.cuda()
+    if cfg.cluster.use_gpu:
+        model = model.cuda(gpu_device())
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     featurizer = Featurizer(tokenizer, cfg.model.max_length, cfg.model.window_context, model.labels)
     trainer = (trainer_class or MetaTrainer)(
@@ -92,6 +92,19 @@ def build_trainer(inputs: MetaTrainInputs, rank: int = 0, world_size: int = 1, m
     if cfg.model.prefix_cache_dir:
         prepare_source_bottom(trainer, cfg.model.prefix_cache_dir, rank, world_size)
     return trainer, tokenizer
+
+
+def gpu_device():
+    """The GPU Ray gave this worker, or a clear error where it has none (`cluster.use_gpu=true`):
+    running on the CPU would hold the GPU and be slower by far, silently."""
+    import socket
+
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"cluster.use_gpu=true, but this worker ({socket.gethostname()}, torch {torch.__version__}) "
+                           "sees no GPU: install a CUDA build of torch on every node, or set cluster.use_gpu=false")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def prepare_source_bottom(trainer, folder: str, rank: int = 0, world_size: int = 1) -> None:

@@ -27,6 +27,9 @@ def parse(argv: Optional[Sequence[str]], job: str, add_arguments: Callable | Non
                                      description=f"python -m jobs.{job} [--config FILE] [section.key=value ...]")
     parser.add_argument("--config", default=str(CONFIGS / f"{job}.yaml"), help="job YAML (default: %(default)s)")
     parser.add_argument("--out", default=None, help="output folder (default: train.output_dir/<job>)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the workers' output and every INFO record on the console, not only in "
+                             "<out>/logs/job.log (also METANER_VERBOSE=1)")
     if add_arguments:
         add_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.meta_batch_size=16")
@@ -50,15 +53,19 @@ def parse(argv: Optional[Sequence[str]], job: str, add_arguments: Callable | Non
     if problems:
         raise ConfigError(problems)
     make_output_dir(args.out, "--out")
+    from .console import log_to_file
+
+    log_to_file(args.out, job)
     return cfg, args
 
 
 def main_guard(run: Callable[[Optional[Sequence[str]]], int]) -> Callable:
-    """Wrap a job's main: logging set up, a bad setting or input ends in one clear line, exit 2."""
+    """Wrap a job's main: the console and log file set up (jobs.console), a bad setting or input
+    ends in one clear line, exit 2."""
     def main(argv: Optional[Sequence[str]] = None) -> int:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        for noisy in ("httpx", "urllib3", "alembic", "filelock"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+        from .console import setup, verbose_requested
+
+        setup(verbose_requested(argv))
         try:
             return run(argv) or 0
         except (ValueError, OSError, RuntimeError, MemoryError) as err:
@@ -119,8 +126,8 @@ def load_data(cfg, seed: int, targets: Sequence[str] | None = None) -> Data:
         tests[lang] = sample(corpus.sentences, d.target_sample, seed)
         if lang in d.unspaced_languages:
             tests[lang] = [replace(s, unspaced=True) for s in tests[lang]]
-    logger.info("source %d sentences, dev %d, targets %s", len(source), len(dev),
-                {k: len(v) for k, v in tests.items()})
+    logger.info("data: %d English train sentences, %d dev; test %s", len(source), len(dev),
+                ", ".join(f"{k} {len(v)}" for k, v in tests.items()) or "none", extra={"stage": True})
     return Data(source, dev, tests, files)
 
 
@@ -128,9 +135,14 @@ def start_cluster(cfg, phases: Sequence[str] | None = None, out: Path | None = N
     """Start (or join) Ray, then refuse actors the cluster cannot place together (`phases` as
     cluster.runtime.check_resources takes them; default all) and, on several nodes, folders that
     a process of another node writes or reads but does not see (the job's storage for `out`)."""
-    from cluster.runtime import check_resources, init_ray
+    from cluster.runtime import PHASES, check_resources, cuda_problems, init_ray
     from cluster.storage import check_shared, job_storage
 
+    # GPUs asked of a torch that cannot use them: refused before Ray starts, not after.
+    local = cfg.cluster.address is None and not os.environ.get("RAY_ADDRESS")
+    problems = cuda_problems(cfg, tuple(phases) if phases is not None else PHASES, local)
+    if problems:
+        raise ValueError("\n".join(problems))
     init_ray(cfg.cluster.address)
     if phases is None:
         check_resources(cfg)

@@ -204,3 +204,27 @@ def test_a_checkpoint_from_more_gpus_restores_where_fewer_are_visible(monkeypatc
     # A state written by the earlier format (every visible GPU's) restores the current device's.
     set_rng_state({"torch": saved["torch"], "cuda": [torch.full((16,), 5, dtype=torch.uint8)] * 3})
     assert torch.equal(fewer.states[0], torch.full((16,), 5, dtype=torch.uint8))
+
+
+# ------------------------------------------------------------------------------ GPUs asked of a CPU torch
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a torch that sees no GPU")
+def test_a_gpu_job_on_a_torch_without_cuda_is_refused_before_ray_starts():
+    import subprocess
+    import sys
+
+    script = ("import ray\nfrom jobs.common import start_cluster\nfrom trainer.config import load_config\n"
+              "try:\n    start_cluster(load_config(None, ['cluster.use_gpu=true']), ('train',))\n"
+              "except ValueError as err:\n    print('refused:', err, '| ray started:', ray.is_initialized())\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"})
+    assert "refused: cluster.use_gpu=true" in done.stdout and "install a CUDA build of torch" in done.stdout
+    assert done.stdout.strip().endswith("ray started: False"), done.stdout + done.stderr[-2000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a worker that sees no GPU")
+def test_a_gpu_worker_that_sees_no_gpu_stops_instead_of_running_on_the_cpu():
+    from cluster.meta_train import gpu_device
+
+    with pytest.raises(RuntimeError, match="cluster.use_gpu=true, but this worker .* sees no GPU"):
+        gpu_device()
