@@ -106,14 +106,29 @@ class ShippedAdapter:
     (`storage.pack`): the actor may run on a node that does not see the driver's disk. Unpacked
     into a folder of the actor's own, removed when the actor ends."""
 
-    def __init__(self, files: dict, featurizer, cfg, device: str = "cpu", prefix_dir=None):
+    def __init__(self, files, featurizer, cfg, device: str = "cpu", prefix_dir=None):
+        """`files`: storage.pack's dict, or the `CheckpointHolder` actor that keeps one."""
         from trainer.adapt import Adapter  # torch and the model code: in the actor, not the driver's import
 
+        if not isinstance(files, dict):
+            import ray
+
+            files = ray.get(ray.get(files.files.remote())[0])
         self._folder = tempfile.TemporaryDirectory(prefix="metaner-checkpoint-")
         self.adapter = Adapter(unpack(files, self._folder.name), featurizer, cfg, device, prefix_dir)
 
     def run(self, *args, **kwargs):
         return self.adapter.run(*args, **kwargs)
+
+
+class CheckpointHolder:
+    """The ObjectRef of a packed checkpoint, for the adapter actors to ask at each (re)start."""
+
+    def __init__(self, files: list):
+        self._files = files  # [ObjectRef]: in a list, Ray hands the reference over, not the value
+
+    def files(self) -> list:
+        return self._files
 
 
 class AdapterPool:
@@ -133,9 +148,13 @@ class AdapterPool:
         device = "cuda" if c.gpus_per_actor > 0 else "cpu"
         # Absolute here: actors may run in another working directory (a Ray job's, a node's).
         prefix_dir = os.path.abspath(cfg.model.prefix_cache_dir) if cfg.model.prefix_cache_dir else None
-        # Held for the pool's life: a restarted actor is built again from the same files.
+        # Held for the pool's life: a restarted actor is built again from the same files. Ray logs
+        # an error on the console for a restartable actor whose constructor takes any object of
+        # its store, even nested in a list (ray-project/ray#53727: it may be gone at a restart),
+        # which this one, held here, never is: the actors ask a holder, which is not restarted.
         self.files = ray.put(pack(checkpoint))
-        self.actors = [remote.remote(self.files, None, cfg, device, prefix_dir) for _ in range(c.num_adapter_actors)]
+        self.holder = ray.remote(CheckpointHolder).options(num_cpus=0).remote([self.files])
+        self.actors = [remote.remote(self.holder, None, cfg, device, prefix_dir) for _ in range(c.num_adapter_actors)]
 
     def pids(self) -> list[int]:
         import ray
@@ -187,6 +206,7 @@ class AdapterPool:
 
         for actor in self.actors:
             ray.kill(actor)
+        ray.kill(self.holder)
 
 
 def collect(units: Sequence[Unit], store: UnitStore, sizes: dict[str, int]) -> dict[str, list[list[str]]]:

@@ -7,6 +7,7 @@ machine); starting it implicitly would bind the machine's external address.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -216,10 +217,14 @@ def build_supports(cfg, source: list, sets: dict[str, list], encoder=None, token
     from retrieval.tasks import build_pseudo_tasks, retrieve_support
 
     r = cfg.retrieval
+    started = time.perf_counter()
     cache = RetrievalCache(r.cache_dir)
     index = ShardedIndexSpec.from_config(cfg)
     with ShardedEmbedder.from_config(cfg, encoder, tokenizer) as embedder:
         support = build_pseudo_tasks(source, embedder, k=r.k, cache=cache, index=index) if source_tasks else None
         out = {name: retrieve_support(q, source, embedder, k=r.k, drop_top1=r.drop_top1_for_targets,
                                       cache=cache, index=index) for name, q in sets.items()}
+    logger.info("retrieval: %d support sentences each for %s%s in %.0f s (%s encoder)", r.k,
+                "the source's pseudo tasks and " if source_tasks else "", ", ".join(sets) or "no set",
+                time.perf_counter() - started, r.encoder, extra={"stage": True})
     return Supports(support, out)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 logger = logging.getLogger(__name__)
 
@@ -11,27 +12,121 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_dri
              num_gpus: int | None = None) -> str:
     """Join the cluster named by `address` or RAY_ADDRESS (as `ray job submit` sets it); otherwise
     start a local one on loopback only, with `num_cpus`/`num_gpus` (None: what Ray detects).
-    Returns the address of the cluster joined."""
+    Returns the address of the cluster joined.
+
+    Ray's own records and, with `log_to_driver`, every line the workers print reach this
+    process's logging (workers' lines on the logger `cluster.workers`) instead of its stderr: the
+    job's handlers decide where they go (jobs.console: the job's log file, the console for errors)."""
     import ray
 
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
     address = address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # Ray's "ray" logger prints through a handler of its own and does not propagate.
+    logging.getLogger("ray").propagate = True
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        ray.init(address=address, log_to_driver=log_to_driver, configure_logging=False)
     else:
-        # Ray otherwise advertises the machine's external interface for the node and MASTER_ADDR.
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 log_to_driver=log_to_driver)
-        joined = ray.get_runtime_context().gcs_address
-        if not joined.startswith("127.0.0.1:"):
-            ray.shutdown()
-            raise RuntimeError(f"the local Ray node bound {joined}, not 127.0.0.1: Ray was imported before "
-                               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set; import cluster first or export it")
+        _init_local(num_cpus, num_gpus, log_to_driver)
+    if log_to_driver:
+        forward_worker_output()
     joined = ray.get_runtime_context().gcs_address
-    logger.info("Ray cluster at %s with %s", joined, ray.cluster_resources())
+    resources = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive", True))
+    logger.info("Ray cluster: %s at %s, %d node%s, %g CPUs, %g GPUs, %.1f GiB memory",
+                "joined" if address else "local", joined, nodes, "" if nodes == 1 else "s", resources.get("CPU", 0),
+                resources.get("GPU", 0), resources.get("memory", 0) / (1 << 30), extra={"stage": True})
+    logger.info("Ray cluster resources: %s", resources)
     return joined
+
+
+def _init_local(num_cpus: int | None, num_gpus: int | None, log_to_driver: bool) -> None:
+    """A local node on loopback, with its dashboard on a free loopback port. The dashboard is
+    what Ray's state API asks: Ray Train's placement-group cleaner polls it every second to learn
+    whether the training controller still lives. Without one it logs a warning each time; with
+    none of its own cluster named, it asks whichever cluster answers on 127.0.0.1:8265, may find
+    no such controller there and remove the placement group of a training that is running. The
+    node's processes (started from this one) inherit RAY_API_SERVER_ADDRESS, naming this
+    cluster's dashboard."""
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    before = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        # Ray otherwise advertises the machine's external interface for the node and MASTER_ADDR.
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, _node_ip_address="127.0.0.1", log_to_driver=log_to_driver,
+                 configure_logging=False)
+    finally:
+        # This process may join another cluster later: only the node's processes keep it.
+        if before is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = before
+    joined = ray.get_runtime_context().gcs_address
+    if not joined.startswith("127.0.0.1:"):
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray node bound {joined}, not 127.0.0.1: Ray was imported before "
+                           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set; import cluster first or export it")
+
+
+WORKERS = logging.getLogger("cluster.workers")
+_TRACEBACK = re.compile(r"^Traceback \(most recent call last\):")
+
+
+def forward_worker_output() -> bool:
+    """Send the lines Ray forwards from its workers (log_to_driver) to the logger
+    `cluster.workers` instead of printing them: INFO each, except a traceback, which is one ERROR
+    record from its first line to the end of the batch, and the autoscaler's events, WARNINGs.
+    Ray 2.60 offers no public hook for this (RAY_DEDUP_LOGS_SKIP_REGEX drops lines, it does not
+    move them): its dispatcher's printing handler is replaced under the name that ray.shutdown()
+    removes. False, and Ray prints the lines as before, where that dispatcher is missing."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        logger.warning("this Ray has no dispatcher of worker output: workers' lines are printed, not logged")
+        return False
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", _log_worker_lines)
+    return True
+
+
+def _worker_prefix(data: dict) -> str:
+    """Ray's own prefix of a worker's line: (ActorName pid=N) or (task pid=N, ip=A)."""
+    name = data.get("actor_name") or data.get("task_name") or ""
+    ip = data.get("ip")
+    where = "" if ip == data.get("localhost") else f", ip={ip}"
+    return f"({name + ' ' if name else ''}pid={data.get('pid')}{where}) "
+
+
+def _log_worker_lines(data: dict) -> None:
+    pid = data.get("pid")
+    lines = [line for line in data.get("lines", ()) if line.strip()]
+    if pid == "autoscaler":
+        # Events such as a resource request no node can satisfy: the reason a job waits.
+        try:
+            from ray._private.worker import filter_autoscaler_events
+
+            lines = [line for line in filter_autoscaler_events(lines) if not line.startswith("Tip:")]
+        except ImportError:
+            pass
+        for line in lines:
+            WORKERS.warning("(autoscaler) %s", line, extra={"worker": True})
+        return
+    prefix = "" if pid == "raylet" else _worker_prefix(data)
+    start = next((i for i, line in enumerate(lines) if _TRACEBACK.match(line)), len(lines))
+    for line in lines[:start]:
+        WORKERS.info("%s%s", prefix, line, extra={"worker": True})
+    if start < len(lines):
+        # Shown once however many workers fail alike: the key leaves out which process it was.
+        trace = "\n".join(lines[start:])
+        WORKERS.error("%s%s", prefix, trace, extra={"worker": True, "dedup_key": trace})
 
 
 PHASES = ("retrieval", "adapt", "train")

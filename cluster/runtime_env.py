@@ -9,8 +9,8 @@ from pathlib import Path
 EXCLUDES = [".venv", ".venv-ci", "outputs", "mlruns", "mlflow.db", ".metaner", ".git", "*.egg-info"]
 # Passed through to the job's driver when set where the job is submitted. DeepSpeed's accelerator is
 # not: the training workers' follows cluster.use_gpu (cluster.meta_train.worker_env).
-PASSED = ("METANER_DATA", "MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME",
-          "TORCH_EXTENSIONS_DIR")
+PASSED = ("METANER_DATA", "METANER_VERBOSE", "MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+          "HF_HOME", "TORCH_EXTENSIONS_DIR")
 
 
 def runtime_env(working_dir: str | os.PathLike = ".") -> dict:

@@ -60,14 +60,19 @@ class MlflowLogger(NullLogger):
 
     def __init__(self, uri: str, experiment: str | None = None, run_name: str | None = None,
                  parent_run_id: str | None = None, run_id: str | None = None):
-        """A new run in `experiment`, or with `run_id` the existing run (e.g. in a worker)."""
+        """A new run in `experiment`, or with `run_id` the existing run (e.g. in a worker, whose
+        metrics then also reach the driver's progress bar of that run: cluster.progress)."""
         import mlflow
 
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         self.uri = uri
+        self.board = None
         if run_id is not None:
+            from .progress import find_board
+
             self.run_id = run_id
             self.experiment_id = self.client.get_run(run_id).info.experiment_id
+            self.board = find_board(run_id)
             return
         exp = self.client.get_experiment_by_name(experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
@@ -90,6 +95,10 @@ class MlflowLogger(NullLogger):
         items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         if items:
             self.client.log_batch(self.run_id, metrics=items)
+        if self.board is not None:
+            from .progress import publish
+
+            publish(self.board, step, metrics)
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, path, artifact_path)

@@ -14,6 +14,7 @@ from pathlib import Path
 from trainer.digest import text_sha256
 
 from .common import main_guard, parse
+from .console import shown
 from .pipeline import run_variants
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def run(argv=None) -> int:
         raise ValueError(f"--data {args.data}: no such folder; give the data root (e.g. ../shared/data)")
     out = data_folder(args.out, root)
     out.mkdir(parents=True, exist_ok=True)
-    logger.info("demo outputs in %s", out)
+    logger.info("demo: outputs in %s", shown(out), extra={"stage": True})
     if root:  # the real corpora at their usual places under that root, a sample of each test set
         real = DataConfig()
         cfg = with_overrides(cfg, [f"data.root={root}", f"data.source_train={real.source_train}",
@@ -94,20 +95,12 @@ def _where(cfg, out: Path) -> str:
     uri = tracking_uri(cfg.mlflow.tracking_uri)
     ui = f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000" if uri.startswith("sqlite") else uri
     return "\n".join([
-        "", f"Results table:   {_shown(out / 'results.md')}",
-        f"Predictions:     {_shown(seed / 'eval')}/predictions.<lang>.txt (and of base/, conlleval format)",
-        f"Charts:          {_shown(seed / 'eval')}/*.png",
+        "", f"Results table:   {shown(out / 'results.md')}",
+        f"Predictions:     {shown(seed / 'eval')}/predictions.<lang>.txt (and of base/, conlleval format)",
+        f"Charts:          {shown(seed / 'eval')}/*.png",
         f"MLflow:          {uri} (experiment {cfg.mlflow.experiment})",
-        "Next:", f"  metaner results {_shown(out)}          # the tables, decompositions and intervals",
-        f"  {ui}", f"  metaner tag --checkpoint {_shown(checkpoint)} --input PATH   # tag text with this run's model"])
-
-
-def _shown(path: Path) -> str:
-    """`path` relative to the working directory where it lies below it, as a user would type it."""
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
+        "Next:", f"  metaner results {shown(out)}          # the tables, decompositions and intervals",
+        f"  {ui}", f"  metaner tag --checkpoint {shown(checkpoint)} --input PATH   # tag text with this run's model"])
 
 
 main = main_guard(run)

@@ -10,6 +10,7 @@ from pathlib import Path
 from cluster.retrieval import Supports, build_supports
 
 from .common import Data, load_data, main_guard, parse, start_cluster, tracked_run
+from .console import shown
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def run(argv=None) -> int:
     with tracked_run(cfg, "evaluate", {"checkpoint": checkpoint}) as tracked:
         label = f"{Path(checkpoint).resolve().parent.name}, {Path(cfg.model.name_or_path).name}"
         results = evaluate_one(cfg, checkpoint, data, supports, tracked, args.out, PAPER_TABLE3["ours"], label)
+    logger.info("evaluate: predictions, scores and charts in %s", shown(args.out), extra={"stage": True})
     for lang, r in results.items():
         split = f"  ({r['entities_split']} gold entities split by pieces)" if "entities_split" in r else ""
         print(f"{lang}  F1 {r['f1']:6.2f}  P {r['precision']:6.2f}  R {r['recall']:6.2f}{split}")

@@ -18,6 +18,7 @@ from trainer.paths import write_atomic
 
 from .common import (RECORD, check_record, inputs_record, load_data, main_guard, parse,
                      start_cluster, tracked_run, write_record)
+from .console import duration, shown
 from .evaluate import evaluate_one
 from .meta_train import train_one
 from .variants import REUSES, STARTS_FROM, VARIANTS, markdown_table, parent_of, summarize, variant_config, with_parents
@@ -95,6 +96,9 @@ def run_variants(cfg, variants: list[str], out: Path) -> dict:
                     reused = finished[REUSES[name], seed]["checkpoint"] if name in REUSES else None
                     done = _train_and_evaluate(scfg, name, seed, data, by_retrieval[key], parent_run, folder,
                                                PAPER.get(name), record["hash"], reused)
+                else:
+                    logger.info("%s, seed %d: finished by an earlier run, read from %s", name, seed,
+                                shown(folder / "scores.json"), extra={"stage": True})
                 finished[name, seed] = done
             per_seed = {seed: finished[name, seed]["f1"] for seed in vcfg.train.seeds}
             table[name] = summarize(per_seed)
@@ -124,13 +128,22 @@ def _train_and_evaluate(cfg, name: str, seed: int, data, supports, parent, folde
     with parent.child(f"{name}-seed{seed}") as run:
         run.log_params({**cfg.flat(), "seed": seed, "variant": name})
         if checkpoint is None:
+            how = "fine-tuning" if cfg.train.mode == "base" else "meta-training"
+            logger.info("%s, seed %d: %s", name, seed, how, extra={"stage": True})
             checkpoint = train_one(cfg, seed, data, supports, run, folder)
+            logger.info("%s, seed %d: trained in %s, checkpoint %s", name, seed,
+                        duration(time.perf_counter() - started), shown(checkpoint), extra={"stage": True})
+        else:
+            logger.info("%s, seed %d: evaluating %s", name, seed, shown(checkpoint), extra={"stage": True})
         run.set_tags({"checkpoint": checkpoint})
         label = f"{name}, seed {seed}, {Path(cfg.model.name_or_path).name}"
         results = evaluate_one(cfg, checkpoint, data, supports, run, folder / "eval", paper, label)
         # Wall time of this process's work on the seed; a resumed seed counts only its last part.
         elapsed = time.perf_counter() - started
         run.log_metrics({"wall_s": elapsed})
+    average = sum(r["f1"] for r in results.values()) / max(1, len(results))
+    logger.info("%s, seed %d: done in %s, F1 %.2f on average over %d languages; predictions in %s", name, seed,
+                duration(elapsed), average, len(results), shown(folder / "eval"), extra={"stage": True})
     done = {metric: {lang: r[metric] for lang, r in results.items()} for metric in ("f1", "precision", "recall")}
     done.update(wall_s=elapsed, inputs=inputs, checkpoint=checkpoint, dev_curve=dev_curve(checkpoint))
     _write_json(folder / "scores.json", done)
@@ -147,6 +160,8 @@ def variants_job(job: str, default: list[str]):
         cfg, args = parse(argv, job, arguments)
         args.out.mkdir(parents=True, exist_ok=True)
         run_variants(cfg, args.variants, args.out)
+        logger.info("tables in %s and %s", shown(args.out / "results.md"), shown(args.out / "results.json"),
+                    extra={"stage": True})
         return 0
     return run
 
