@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+import uuid
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,19 +107,23 @@ class ShippedAdapter:
     (`storage.pack`): the actor may run on a node that does not see the driver's disk. Unpacked
     into a folder of the actor's own, removed when the actor ends."""
 
-    def __init__(self, files, featurizer, cfg, device: str = "cpu", prefix_dir=None):
-        """`files`: storage.pack's dict, or the `CheckpointHolder` actor that keeps one."""
+    def __init__(self, files: dict | str, featurizer, cfg, device: str = "cpu", prefix_dir=None):
+        """`files`: storage.pack's dict, or the name of the `CheckpointHolder` actor that keeps one."""
         from trainer.adapt import Adapter  # torch and the model code: in the actor, not the driver's import
 
-        if not isinstance(files, dict):
+        if isinstance(files, str):
             import ray
 
-            files = ray.get(ray.get(files.files.remote())[0])
+            holder = ray.get_actor(files, namespace=HOLDERS)
+            files = ray.get(ray.get(holder.files.remote())[0])
         self._folder = tempfile.TemporaryDirectory(prefix="metaner-checkpoint-")
         self.adapter = Adapter(unpack(files, self._folder.name), featurizer, cfg, device, prefix_dir)
 
     def run(self, *args, **kwargs):
         return self.adapter.run(*args, **kwargs)
+
+
+HOLDERS = "metaner-checkpoints"  # Ray namespace of the holders' names
 
 
 class CheckpointHolder:
@@ -149,12 +154,15 @@ class AdapterPool:
         # Absolute here: actors may run in another working directory (a Ray job's, a node's).
         prefix_dir = os.path.abspath(cfg.model.prefix_cache_dir) if cfg.model.prefix_cache_dir else None
         # Held for the pool's life: a restarted actor is built again from the same files. Ray logs
-        # an error on the console for a restartable actor whose constructor takes any object of
-        # its store, even nested in a list (ray-project/ray#53727: it may be gone at a restart),
-        # which this one, held here, never is: the actors ask a holder, which is not restarted.
+        # an error on the console for a restartable actor whose constructor takes any reference,
+        # an object's or an actor's, even nested in a list (ray-project/ray#53727: the object may
+        # be gone at a restart), which this one, held here, never is: the actors are given the
+        # name of a holder, not restarted, and ask it for the reference.
         self.files = ray.put(pack(checkpoint))
-        self.holder = ray.remote(CheckpointHolder).options(num_cpus=0).remote([self.files])
-        self.actors = [remote.remote(self.holder, None, cfg, device, prefix_dir) for _ in range(c.num_adapter_actors)]
+        name = f"checkpoint-{uuid.uuid4().hex}"
+        holder = ray.remote(CheckpointHolder).options(name=name, namespace=HOLDERS, num_cpus=0)
+        self.holder = holder.remote([self.files])
+        self.actors = [remote.remote(name, None, cfg, device, prefix_dir) for _ in range(c.num_adapter_actors)]
 
     def pids(self) -> list[int]:
         import ray
