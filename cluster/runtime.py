@@ -124,9 +124,10 @@ def _log_worker_lines(data: dict) -> None:
     for line in lines[:start]:
         WORKERS.info("%s%s", prefix, line, extra={"worker": True})
     if start < len(lines):
-        # Shown once however many workers fail alike: the key leaves out which process it was.
-        trace = "\n".join(lines[start:])
-        WORKERS.error("%s%s", prefix, trace, extra={"worker": True, "dedup_key": trace})
+        # Shown once however often it is printed: by each rank that fails alike, by Ray Train's
+        # controller (a shortened copy), at each retry. The key is its last line, the exception.
+        trace = lines[start:]
+        WORKERS.error("%s%s", prefix, "\n".join(trace), extra={"worker": True, "dedup_key": trace[-1].strip()})
 
 
 PHASES = ("retrieval", "adapt", "train")

@@ -69,8 +69,14 @@ def main_guard(run: Callable[[Optional[Sequence[str]]], int]) -> Callable:
         try:
             return run(argv) or 0
         except (ValueError, OSError, RuntimeError, MemoryError) as err:
+            logger.info("the job stopped", exc_info=True)  # the traceback in the log file only
             print(f"error: {err}", file=sys.stderr)
             return 2
+        except Exception:
+            # Anything else (a worker's error through Ray, a bug): its traceback on the console
+            # and in the log file.
+            logger.exception("the job failed")
+            return 1
     return main
 
 

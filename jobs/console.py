@@ -70,6 +70,16 @@ class _ConsoleFormat(logging.Formatter):
         return text
 
 
+class _BarAwareHandler(logging.StreamHandler):
+    """A line written while progress bars are drawn clears them first and redraws them after."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode(file=self.stream):
+            super().emit(record)
+
+
 def _ours(handler: logging.Handler) -> bool:
     return getattr(handler, "_metaner", False)
 
@@ -86,7 +96,7 @@ def setup(verbose: bool) -> None:
         root.removeHandler(handler)
         handler.close()
     root.setLevel(logging.INFO)
-    console = logging.StreamHandler(sys.stderr)
+    console = _BarAwareHandler(sys.stderr)
     console.addFilter(_Console(verbose))
     console.setFormatter(_ConsoleFormat(verbose))
     console._metaner = True
