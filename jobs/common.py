@@ -63,7 +63,7 @@ def main_guard(run: Callable[[Optional[Sequence[str]]], int]) -> Callable:
     """Wrap a job's main: the console and log file set up (jobs.console), a bad setting or input
     ends in one clear line, exit 2."""
     def main(argv: Optional[Sequence[str]] = None) -> int:
-        from .console import setup, verbose_requested
+        from .console import close_file, setup, verbose_requested
 
         setup(verbose_requested(argv))
         try:
@@ -77,6 +77,8 @@ def main_guard(run: Callable[[Optional[Sequence[str]]], int]) -> Callable:
             # and in the log file.
             logger.exception("the job failed")
             return 1
+        finally:
+            close_file()
     return main
 
 
@@ -272,7 +274,10 @@ def check_record(folder: Path, record: dict) -> None:
             raise ValueError(f"{folder} holds work made with other inputs: {key} was {values.get(key)!r}, now "
                              f"{new.get(key)!r}{more}; {redo}")
         return
-    if folder.is_dir() and any(folder.iterdir()):
+    from .console import LOG_NAME
+
+    # The job's log file is not work: a job writes it before this check.
+    if folder.is_dir() and any(p.name != LOG_NAME.parts[0] for p in folder.iterdir()):
         raise ValueError(f"{folder} holds work without a record of the inputs that made it ({RECORD}, written "
                          f"since this check exists); {redo}")
 

@@ -110,10 +110,8 @@ def log_to_file(out: Path, job: str) -> Path:
     the first stage line names it."""
     path = Path(out) / LOG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
+    close_file()
     root = logging.getLogger()
-    for handler in [h for h in root.handlers if _ours(h) and isinstance(h, logging.FileHandler)]:
-        root.removeHandler(handler)
-        handler.close()
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(FILE_FORMAT))
     handler._metaner = True
@@ -129,6 +127,14 @@ def log_to_file(out: Path, job: str) -> Path:
     logging.getLogger(__name__).info("metaner %s: log in %s (--verbose shows it here)", job.replace("_", "-"),
                                      shown(path), extra={"stage": True})
     return path
+
+
+def close_file() -> None:
+    """Stop writing to the job's log file (a job run in-process ends; another may start)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if _ours(h) and isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def shown(path: Path | str) -> str:
