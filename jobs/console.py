@@ -71,12 +71,19 @@ class _ConsoleFormat(logging.Formatter):
 
 
 class _BarAwareHandler(logging.StreamHandler):
-    """A line written while progress bars are drawn clears them first and redraws them after."""
+    """A line written while progress bars are drawn clears them first and redraws them after.
+    `header` (where the log file is) goes before the first stage line: a job that stops on a
+    bad setting before any stage still ends in its one `error:` line."""
+
+    header: Optional[str] = None
 
     def emit(self, record: logging.LogRecord) -> None:
         from tqdm import tqdm
 
         with tqdm.external_write_mode(file=self.stream):
+            if self.header and getattr(record, "stage", False):
+                self.stream.write(self.header + self.terminator)
+                self.header = None
             super().emit(record)
 
 
@@ -106,8 +113,8 @@ def setup(verbose: bool) -> None:
 
 
 def log_to_file(out: Path, job: str) -> Path:
-    """Append every record of this process (the workers' output included) to <out>/logs/job.log;
-    the first stage line names it."""
+    """Append every record of this process (the workers' output included) to <out>/logs/job.log,
+    named on the console before the first stage line."""
     path = Path(out) / LOG_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     close_file()
@@ -124,8 +131,10 @@ def log_to_file(out: Path, job: str) -> Path:
     for name in ("mlflow", "alembic", "sqlalchemy.engine", "huey"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
-    logging.getLogger(__name__).info("metaner %s: log in %s (--verbose shows it here)", job.replace("_", "-"),
-                                     shown(path), extra={"stage": True})
+    header = f"metaner {job.replace('_', '-')}: log in {shown(path)} (--verbose shows it here)"
+    logging.getLogger(__name__).info("%s", header)
+    for console in [h for h in root.handlers if isinstance(h, _BarAwareHandler)]:
+        console.header = header
     return path
 
 
