@@ -36,6 +36,8 @@ class _Console(logging.Filter):
         self.seen: set = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "header", False):  # the console handler writes it itself
+            return False
         if not self.verbose:
             own = record.name.split(".", 1)[0] in OWN
             wanted = (getattr(record, "stage", False) or record.levelno >= logging.ERROR
@@ -132,7 +134,7 @@ def log_to_file(out: Path, job: str) -> Path:
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
     header = f"metaner {job.replace('_', '-')}: log in {shown(path)} (--verbose shows it here)"
-    logging.getLogger(__name__).info("%s", header)
+    logging.getLogger(__name__).info("%s", header, extra={"header": True})
     for console in [h for h in root.handlers if isinstance(h, _BarAwareHandler)]:
         console.header = header
     return path

@@ -30,8 +30,9 @@ def _demo(tmp_path, *extra):
 
 
 def _lines(text: str) -> list[str]:
-    """Lines as a terminal shows them: a bar redrawn with carriage returns is one line."""
-    return text.rstrip("\n").split("\n")
+    """Lines as a terminal shows them: a bar redrawn with carriage returns is one line, what is
+    written over it after the last carriage return is what remains."""
+    return [line.rsplit("\r", 1)[-1] for line in text.rstrip("\n").split("\n")]
 
 
 @pytest.mark.slow
