@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -52,12 +51,10 @@ def _finetune(config: dict, source, dev, seed: int, out_dir: str, run_id: str | 
     if models is None:  # this task runs where the driver reads
         return str(save_checkpoint(Path(out_dir) / "best", model.cpu(), tokenizer=tokenizer, config=cfg,
                                    meta={"mode": "base", **stats}))
-    from .storage import join, publish
+    from .storage import join, publish_written
 
-    with tempfile.TemporaryDirectory(prefix="metaner-") as tmp:
-        save_checkpoint(Path(tmp) / "best", model.cpu(), tokenizer=tokenizer, config=cfg, meta={"mode": "base", **stats})
-        publish(Path(tmp) / "best", join(models, "best"))
-    return join(models, "best")
+    return publish_written(lambda folder: save_checkpoint(folder, model.cpu(), tokenizer=tokenizer, config=cfg,
+                                                          meta={"mode": "base", **stats}), join(models, "best"))
 
 
 def finetune_cpus(cluster, node_cpus: Sequence[float]) -> float:

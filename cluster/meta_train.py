@@ -251,11 +251,9 @@ def meta_train_worker(loop_config: dict) -> None:
         if inputs.models is None:
             t.save(str(out / kind), tokenizer, with_optimizer=False)
             return
-        from .storage import join, publish
+        from .storage import join, publish_written
 
-        with tempfile.TemporaryDirectory(prefix="metaner-") as tmp:
-            t.save(str(Path(tmp) / kind), tokenizer, with_optimizer=False)
-            publish(Path(tmp) / kind, join(inputs.models, kind))
+        publish_written(lambda folder: t.save(str(folder), tokenizer, with_optimizer=False), join(inputs.models, kind))
 
     def on_checkpoint(t, metrics: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -83,6 +83,17 @@ def publish(local: str | os.PathLike, dest: str) -> None:
     fs.move(staging, inner)
 
 
+def publish_written(write, dest: str) -> str:
+    """`write(folder)` into a local temporary folder, then `publish` it at `dest`; returns `dest`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="metaner-") as tmp:
+        folder = Path(tmp) / "model"
+        write(folder)
+        publish(folder, dest)
+    return dest
+
+
 def fetch(src: str, local: str | os.PathLike) -> Optional[Path]:
     """The folder `src` of the storage copied to the local folder `local` (replacing it); None
     where `src` does not exist."""
