@@ -196,3 +196,22 @@ def test_a_claimed_chunk_draws_its_dropout_from_the_step_and_chunk(tiny_bert, ti
     for name, x, y in zip(names, one, other):
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12, msg=name)
     assert not all(torch.allclose(x, y) for x, y in zip(one, split(1, step=6)))
+
+
+def test_cpu_chunks_hold_a_few_tasks_even_where_one_weight_copy_fills_the_byte_budget(
+        tiny_bert, tiny_tokenizer, toy_corpus, monkeypatch):
+    """A copy larger than the CPU byte budget (e5-small at 4 frozen layers) still gets
+    CPU_MIN_CHUNK tasks per chunk, as memory allows; small copies keep the byte budget's count, and
+    an explicit budget_bytes is taken as it is."""
+    import trainer.engine as engine_module
+
+    cfg, model, featurizer, source = _setup(tiny_bert, tiny_tokenizer, toy_corpus, [])
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    engine = TaskEngine(model, featurizer, cfg, FrozenBottom(model, featurizer), seed=7, names=names)
+    one_copy = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                   if p.requires_grad and not n.startswith("encoder.pooler."))
+    assert engine.machine_capacity() == engine_module.CPU_CHUNK_BYTES // one_copy > engine_module.CPU_MIN_CHUNK
+    monkeypatch.setattr(engine_module, "CPU_CHUNK_BYTES", one_copy - 1)
+    assert engine.machine_capacity() == engine_module.CPU_MIN_CHUNK
+    engine.budget_bytes = one_copy - 1
+    assert engine.machine_capacity() == 1

@@ -47,3 +47,20 @@ def test_cpu_replication_differs_from_the_paper_scale_only_in_marked_reductions(
     for cfg in (cpu, full):
         assert not any(Path(p.partition("#")[0]).is_absolute() for p in cfg.data.target_files.values())
         assert cfg.data.resolve(cfg.data.target_files["zh"]).startswith(cfg.data.root)
+
+
+def test_deep_replication_is_the_cpu_one_at_the_papers_freezing():
+    """replicate_cpu_deep.yaml: replicate_cpu.yaml with embeddings + 4 of 12 layers frozen (the
+    official code's), the same one-pass budget; what else differs is marked as a reduction or is
+    the learning rate chosen on English dev."""
+    deep_path = CONFIGS / "replicate_cpu_deep.yaml"
+    deep, shallow = load_job_config(deep_path), load_job_config(CONFIGS / "replicate_cpu.yaml")
+    full = load_config(CONFIGS / "replicate.yaml")
+    assert deep.model.num_frozen_layers == full.model.num_frozen_layers == 4
+    assert shallow.model.num_frozen_layers == 11
+    differ = {k for k, v in deep.flat().items() if shallow.flat()[k] != v}
+    chosen = {"train.meta_lr", "train.classifier_lr_scale"}
+    assert differ - chosen - _marked_reductions(deep_path) == {"model.num_frozen_layers"}
+    assert deep.train.num_meta_steps * deep.train.meta_batch_size >= 14_041 and deep.train.meta_batch_size == 32
+    assert deep.train.num_meta_steps == shallow.train.num_meta_steps
+    assert deep.data.target_sample >= 500 and deep.mlflow.experiment != shallow.mlflow.experiment

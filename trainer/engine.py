@@ -40,6 +40,11 @@ from .optim import batched_bertadam_step
 logger = logging.getLogger(__name__)
 
 CPU_CHUNK_BYTES = 64 * 2 ** 20
+# Fewest tasks per chunk on a CPU, memory allowing: with larger weight copies the byte budget
+# above would leave one task per chunk, whose per-task matmuls are too small to run fast. On
+# e5-small with 4 of 12 layers frozen (14.2 M trainable weights, 57 MB per copy), one thread:
+# 1.29 tasks/s at 1 task per chunk, 2.22 at 4, 2.19 at 8 (AMD EPYC, 2026-12-02).
+CPU_MIN_CHUNK = 4
 # Attention under vmap: torch has no batching rule for the fused CPU attention kernel (SDPA) and
 # runs it once per task; the plain matmul/softmax form batches, several times faster on small models.
 VMAP_ATTENTION = "eager"
@@ -278,15 +283,21 @@ class TaskEngine:
         step) at about eight copies of the trainable weights per task (weights, moments, gradients,
         temporaries). On a CPU, chunks whose weight copies stay within CPU_CHUNK_BYTES: every pass
         over larger fresh tensors pays page faults, and measured on e5-small (3.5 M trainable) 4
-        tasks per chunk ran twice as fast as 32. `budget_bytes`, where set, replaces either budget
-        (bytes of a chunk's weight copies).
+        tasks per chunk ran twice as fast as 32; but at least CPU_MIN_CHUNK where a quarter of the
+        free memory holds their eight copies each. `budget_bytes`, where set, replaces either
+        budget (bytes of a chunk's weight copies).
 
         Computed once per engine: the ranks of a distributed meta-step must map the shared chunk
         claims onto the same chunks, so a caller with several ranks agrees on the smallest of
         theirs and sets `capacity` (MetaTrainer does, before its first step).
         """
-        one_copy = sum(p.numel() * p.element_size() for n, p in zip(self.names, self.params) if n in self._used)
-        return max(1, int(self.chunk_budget() // max(one_copy, 1)))
+        one_copy = max(1, sum(p.numel() * p.element_size() for n, p in zip(self.names, self.params) if n in self._used))
+        fits = int(self.chunk_budget() // one_copy)
+        if self.budget_bytes is None and self.bottom.device.type == "cpu":
+            free = available_bytes(self.bottom.device)
+            room = CPU_MIN_CHUNK if free is None else int(0.25 * free / 8 // one_copy)
+            fits = max(fits, min(CPU_MIN_CHUNK, room))
+        return max(1, fits)
 
     def chunk_budget(self) -> int:
         """Bytes that one chunk's copies of the trainable weights may take (see machine_capacity)."""
