@@ -34,7 +34,7 @@ def _finetune(config: dict, source, dev, seed: int, out_dir: str, run_id: str | 
     if init_checkpoint:  # continue from a trained model (e.g. on a few target-language sentences)
         from trainer.checkpoint import load_model
 
-        model = load_model(init_checkpoint)[0]
+        model = load_model(init_checkpoint)[0].set_precision(cfg.train.precision)
     else:
         model = build_model(cfg, seed=seed)
     if cfg.cluster.use_gpu:

@@ -39,8 +39,13 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         "zero_optimization": {"stage": cfg.cluster.zero_stage},
         # The meta optimiser is BertAdam, a client optimiser DeepSpeed has not tested with ZeRO.
         "zero_allow_untested_optimizer": True,
+        # train.precision=bf16 is torch.autocast over fp32 weights (DeepSpeed's own "bf16" block
+        # would cast the module's weights to bf16); with no "lower precision safe" module, no
+        # gradient is all-reduced in bf16: the meta-gradient is summed in fp32.
         "fp16": {"enabled": False},
         "bf16": {"enabled": False},
+        "torch_autocast": {"enabled": cfg.train.precision == "bf16", "dtype": "bfloat16",
+                           "lower_precision_safe_modules": []},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

@@ -198,7 +198,7 @@ class Adapter:
             model = source
         if featurizer is None:
             raise ValueError("Adapter needs a featurizer when given a model")
-        self.model, self.featurizer = model.to(device), featurizer
+        self.model, self.featurizer = model.to(device).set_precision(self.cfg.train.precision), featurizer
         self.model.eval()
         self.store = BottomStore(prefix_dir, self.model, featurizer) if prefix_dir else None
 

@@ -65,6 +65,18 @@ class FrozenBottom:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """What states are computed and kept in (the model's train.precision)."""
+        return self.model.compute_dtype
+
+    @property
+    def top_dtype(self) -> torch.dtype:
+        """What states are handed to the trainable top in: the weights' dtype. Under bf16 autocast
+        the residual stream between layers is fp32 anyway (LayerNorm runs in fp32), and torch's
+        vmap of LayerNorm's backward fails on a bf16 residual input (torch 2.13)."""
+        return next(self.model.parameters()).dtype
+
     def __len__(self) -> int:
         return len(self.states)
 
@@ -76,7 +88,7 @@ class FrozenBottom:
         device = self.device
         with torch.no_grad(), evaluating(self.model):
             mask4d = self.model.attention_mask_4d(attention_mask.to(device))
-            return self.model.prefix(input_ids.to(device), mask4d, self.num_layers)
+            return self.model.prefix(input_ids.to(device), mask4d, self.num_layers)  # in self.dtype
 
     def batches(self, rows: Sequence[tuple[int, ...]]) -> Iterator[list[Window]]:
         """Windows of the distinct `rows` (input ids) in a fixed order (length, then ids), cut into
@@ -134,7 +146,8 @@ class FrozenBottom:
         return len(missing)
 
     def _check_room(self, missing: Collection[tuple]) -> None:
-        need = sum(len(ids) for ids in missing) * self.hidden_size * 4 + len(missing) * _ENTRY_OVERHEAD
+        need = (sum(len(ids) for ids in missing) * self.hidden_size * self.dtype.itemsize
+                + len(missing) * _ENTRY_OVERHEAD)
         free = available_bytes(self.device)
         logger.info("frozen bottom: %d new windows, %.1f MiB (%d kept, %.1f MiB)", len(missing), need / 2 ** 20,
                     len(self.states), self.nbytes() / 2 ** 20)
@@ -145,8 +158,7 @@ class FrozenBottom:
 
     def gather(self, windows: Sequence[Window], width: int) -> torch.Tensor:
         """States [N, width, H] of kept windows, zeros where padded (`fill` them first)."""
-        out = torch.zeros(len(windows), width, self.hidden_size, device=self.device,
-                          dtype=next(self.model.parameters()).dtype)
+        out = torch.zeros(len(windows), width, self.hidden_size, device=self.device, dtype=self.top_dtype)
         for row, w in enumerate(windows):
             out[row, : len(w)] = self.states[w.input_ids]
         return out
@@ -160,8 +172,7 @@ class FrozenBottom:
             return None
         self.fill([w for g in groups for w in g])
         count = max(len(g) for g in groups)
-        out = torch.zeros(len(groups), count, width, self.hidden_size, device=self.device,
-                          dtype=next(self.model.parameters()).dtype)
+        out = torch.zeros(len(groups), count, width, self.hidden_size, device=self.device, dtype=self.top_dtype)
         for b, group in enumerate(groups):
             for i, w in enumerate(group):
                 out[b, i, : len(w)] = self.states[w.input_ids]
@@ -178,8 +189,11 @@ class BottomStore:
 
     def __init__(self, folder: Union[str, os.PathLike], model: NerModel, featurizer: Featurizer):
         self.num_layers = model.num_frozen_prefix()
-        h = hashlib.sha256(repr((self.num_layers, featurizer.max_length, featurizer.context,
-                                 type(model.encoder).__name__, FEATURES_VERSION)).encode())
+        key = (self.num_layers, featurizer.max_length, featurizer.context, type(model.encoder).__name__,
+               FEATURES_VERSION)
+        if model.precision != "fp32":  # states computed in bf16 differ; fp32 files keep their old key
+            key += (model.precision,)
+        h = hashlib.sha256(repr(key).encode())
         if self.num_layers:
             frozen = [model.encoder.embeddings, *list(model.encoder.encoder.layer[:self.num_layers])]
             for module in frozen:

@@ -134,6 +134,12 @@ class TrainConfig:
     # one CPU thread: 6 % faster at hidden 384, 10 % slower at 64). Needs a frozen bottom and an
     # encoder with absolute positions (else never).
     pack_support: Literal["auto", "always", "never"] = "auto"
+    # The arithmetic of every forward and backward pass (meta-training, fine-tuning, adaptation,
+    # tagging): "bf16" under torch.autocast, the frozen bottom computed and kept in bf16 (half its
+    # memory), with fp32 weights, BertAdam moments and meta-gradient sums; "fp32" everywhere, which
+    # keeps the equality with the official code exact. bf16 is what GPUs run fast; a CPU without
+    # AVX512-BF16 or AMX runs it many times slower (benchmarks/README.md).
+    precision: Literal["fp32", "bf16"] = "fp32"
     # Which positions the loss covers: a word's first subword (this project), or every position
     # of a window with continuation subwords as X and [CLS]/[SEP] as classes (the official code).
     loss_positions: Literal["first_subword", "all"] = "first_subword"

@@ -144,8 +144,7 @@ def stack(model: NerModel, featurizer: Featurizer, bottom: FrozenBottom, groups:
     hidden = None
     if bottom.num_layers:
         states = _bottom_states(bottom, groups, _changed_rows(groups, batches, changed), fresh)
-        hidden = torch.zeros(len(groups), count, width, bottom.hidden_size, device=device,
-                             dtype=next(model.parameters()).dtype)
+        hidden = torch.zeros(len(groups), count, width, bottom.hidden_size, device=device, dtype=bottom.top_dtype)
         for b, group in enumerate(groups):
             for i, w in enumerate(group):
                 hidden[b, i, : len(w)] = states(b, i)
@@ -179,7 +178,7 @@ def stack_packed(model: NerModel, featurizer: Featurizer, bottom: FrozenBottom, 
         segment[b, :n] = torch.arange(len(lengths[b])).repeat_interleave(torch.tensor(lengths[b]))
     device, dtype = bottom.device, next(model.parameters()).dtype
     states = _bottom_states(bottom, groups, _changed_rows(groups, batches, changed), fresh)
-    hidden = torch.zeros(len(groups), 1, width, bottom.hidden_size, device=device, dtype=dtype)
+    hidden = torch.zeros(len(groups), 1, width, bottom.hidden_size, device=device, dtype=bottom.top_dtype)
     for b, group in enumerate(groups):
         hidden[b, 0, : sum(lengths[b])] = torch.cat([states(b, i) for i in range(len(group))])
     allowed = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -13,6 +13,10 @@ from .config import ModelConfig
 from .corpus import LABELS
 
 logger = logging.getLogger(__name__)
+
+# train.precision: the arithmetic of forward passes. Weights, gradients and optimiser state stay
+# fp32 whatever it is; "bf16" runs the matmuls under torch.autocast.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # Files of which a local model folder needs at least one for its tokenizer: transformers 5 builds
@@ -101,6 +105,27 @@ class NerModel(nn.Module):
         with torch.no_grad():
             self.classifier.weight.copy_(torch.randn(self.classifier.weight.shape, generator=generator) * std)
             self.classifier.bias.zero_()
+        self.precision = "fp32"
+
+    def set_precision(self, precision: str) -> "NerModel":
+        """The arithmetic of every forward pass from now on (train.precision), fp32 weights kept."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"train.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+        self.precision = precision
+        return self
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of hidden states between layers (and of the kept frozen bottom): bf16, or the
+        weights' own."""
+        return torch.bfloat16 if self.precision == "bf16" else next(self.parameters()).dtype
+
+    def mixed_precision(self):
+        """torch.autocast to bf16 on the weights' device where train.precision is bf16 (its
+        backward follows the forward's casts), else nothing."""
+        if self.precision != "bf16":
+            return nullcontext()
+        return torch.autocast(next(self.parameters()).device.type, dtype=torch.bfloat16)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, labels: Sequence[str] = LABELS, dropout: float = ModelConfig.dropout,
@@ -118,6 +143,13 @@ class NerModel(nn.Module):
         `keep` [batch, S] (positions of each row; 4-D mask, `can_keep()`), the last layer and the
         classifier run at those positions only and the logits are [batch, S, labels].
         """
+        with self.mixed_precision():
+            hidden = self._last_hidden(input_ids, attention_mask, hidden_states, start_layer, keep)
+            logits = self.classifier(self.dropout(hidden))
+        # The loss and the predictions read fp32 logits (a bf16 softmax loses the max term's ranks).
+        return logits.float() if self.precision == "bf16" else logits
+
+    def _last_hidden(self, input_ids, attention_mask, hidden_states, start_layer: int, keep) -> torch.Tensor:
         if keep is not None:
             hidden = self.encoder.embeddings(input_ids=input_ids) if hidden_states is None else hidden_states
             layers = encoder_layers(self.encoder)[0 if hidden_states is None else start_layer:]
@@ -130,7 +162,7 @@ class NerModel(nn.Module):
             hidden = hidden_states
             for layer in encoder_layers(self.encoder)[start_layer:]:
                 hidden = layer(hidden, attention_mask)
-        return self.classifier(self.dropout(hidden))
+        return hidden
 
     def can_keep(self) -> bool:
         """Whether `forward(keep=...)` applies: a BERT-style encoder whose last layer is an
@@ -153,11 +185,13 @@ class NerModel(nn.Module):
                 and isinstance(getattr(inner, "layer", None), nn.ModuleList))
 
     def prefix(self, input_ids: torch.Tensor, mask4d: torch.Tensor, num_layers: int) -> torch.Tensor:
-        """Hidden states after the embeddings and the first `num_layers` layers (4-D mask)."""
-        hidden = self.encoder.embeddings(input_ids=input_ids)
-        for layer in encoder_layers(self.encoder)[:num_layers]:
-            hidden = layer(hidden, mask4d)
-        return hidden
+        """Hidden states after the embeddings and the first `num_layers` layers (4-D mask), in
+        `compute_dtype`."""
+        with self.mixed_precision():
+            hidden = self.encoder.embeddings(input_ids=input_ids)
+            for layer in encoder_layers(self.encoder)[:num_layers]:
+                hidden = layer(hidden, mask4d)
+        return hidden.to(self.compute_dtype)
 
     def num_frozen_prefix(self) -> int:
         """Layers at the bottom whose parameters, and the embeddings', are all frozen."""
@@ -286,6 +320,7 @@ def build_model(cfg, labels: Optional[Sequence[str]] = None, seed: Optional[int]
 
     labels = labels_for(cfg.train.loss_positions) if labels is None else labels
     model = NerModel.from_pretrained(cfg.model.name_or_path, labels, cfg.model.dropout, seed)
+    model.set_precision(cfg.train.precision)
     if cfg.model.init_checkpoint:
         start_from(model, cfg.model.init_checkpoint)
     freeze(model, cfg.model.num_frozen_layers, cfg.model.freeze_embeddings, cfg.model.freeze_pooler)
