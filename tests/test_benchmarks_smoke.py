@@ -163,3 +163,16 @@ def test_tag_benchmark_prints_the_actor_and_memory_ratios(trained_checkpoint):
                   (line.split() for line in done.stdout.splitlines() if line.startswith("ratio ")))
     assert set(ratios) == {"tag_actors2_vs_1", "tag_peak_rss_80_over_40", "tag_driver_peak_rss_80_over_40"}
     assert all(v > 0 for v in ratios.values())
+
+
+@needs_data
+@needs_tiny_6l
+@pytest.mark.slow
+@pytest.mark.skipif(not (MODELS / "me5-small-ner").is_dir(),
+                    reason=f"benchmarks/depth.py times e5-small, absent from {MODELS / 'me5-small-ner'}")
+def test_depth_benchmark_prints_the_engine_and_precision_ratios():
+    ratios = dict(_run("depth.py", "--e5-frozen", "11", "--limit", "24", "--steps", "1", "--no-distributed",
+                        "--precision-tasks", "1", "--precision-sentences", "1"))
+    assert set(ratios) == {"meta_train_engine_vs_sequential_e5_f11", "meta_train_bf16_vs_fp32_e5_f11",
+                           "adaptation_bf16_vs_fp32_e5_f11"}
+    assert all(v > 0 for v in ratios.values())
