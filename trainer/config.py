@@ -129,10 +129,11 @@ class TrainConfig:
     # than it saves).
     compile_updates: Literal["auto", "always", "never"] = "auto"
     # A task's support windows end to end in one row (block-diagonal attention) rather than a row
-    # per window padded to the chunk's longest: fewer padded positions, longer attention rows.
-    # "auto" from a hidden size of 256, where the per-position layers outweigh the attention (on
-    # one CPU thread: 6 % faster at hidden 384, 10 % slower at 64). Needs a frozen bottom and an
-    # encoder with absolute positions (else never).
+    # per window padded to the chunk's longest, and a fine-tuning batch's windows end to end in
+    # rows of 128 positions rather than padded to its longest: fewer padded positions, longer
+    # attention rows. "auto" from a hidden size of 256, where the per-position layers outweigh the
+    # attention (on one CPU thread: 6 % faster at hidden 384, 10 % slower at 64). Needs a frozen
+    # bottom and an encoder with absolute positions (else never).
     pack_support: Literal["auto", "always", "never"] = "auto"
     # The arithmetic of every forward and backward pass (meta-training, fine-tuning, adaptation,
     # tagging): "bf16" under torch.autocast, the frozen bottom computed and kept in bf16 (half its
