@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 
 from trainer.config import CHECKPOINTS_KEPT, TRAIN_MAX_FAILURES
+from trainer.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +108,8 @@ def gpu_device():
     import torch
 
     if not torch.cuda.is_available():
-        raise RuntimeError(f"cluster.use_gpu=true, but this worker ({socket.gethostname()}, torch {torch.__version__}) "
-                           "sees no GPU: install a CUDA build of torch on every node, or set cluster.use_gpu=false")
+        raise ConfigError(f"cluster.use_gpu=true, but this worker ({socket.gethostname()}, torch {torch.__version__}) "
+                          "sees no GPU: install a CUDA build of torch on every node, or set cluster.use_gpu=false")
     return torch.device("cuda", torch.cuda.current_device())
 
 
@@ -334,7 +335,7 @@ def run_meta_training(inputs: MetaTrainInputs, cfg, storage_path: str, name: str
         inputs.config["model"]["prefix_cache_dir"] = os.path.abspath(inputs.config["model"]["prefix_cache_dir"])
     if not resume and exists(join(storage_path, name)):
         # Ray Train V2 restores a run of the same name and storage whatever it is told.
-        raise ValueError(f"{join(storage_path, name)} holds an earlier run of {name}; remove it or give "
+        raise InputError(f"{join(storage_path, name)} holds an earlier run of {name}; remove it or give "
                          "another name to start afresh")
     resume_from = latest_checkpoint(storage_path, name) if resume else None
     if resume_from is not None:

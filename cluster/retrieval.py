@@ -16,6 +16,7 @@ import ray
 
 from retrieval.embed import Embedder, as_sentences
 from retrieval.index import IndexShard, IndexSpec, as_matrix, merge_topk, shard_bounds
+from trainer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -166,8 +167,8 @@ def _check_gpu_plan(xb: np.ndarray, bounds: list[tuple[int, int]], num_gpus: flo
                 f"{gpu / MIB:.0f} MiB ({source})" if gpu else f"unknown ({source}): not checked")
     problem = gpu_plan_problem(each, together, gpu)
     if problem:
-        raise ValueError(f"{problem} (index shards of {len(bounds)} x up to {vectors / MIB:.0f} MiB of vectors, "
-                         f"GPU memory from {source})")
+        raise ConfigError(f"{problem} (index shards of {len(bounds)} x up to {vectors / MIB:.0f} MiB of vectors, "
+                          f"GPU memory from {source})")
 
 
 class ShardedIndexSpec:

@@ -5,6 +5,8 @@ import logging
 import os
 import re
 
+from trainer.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -194,7 +196,7 @@ def check_resources(cfg, phases: tuple[str, ...] = PHASES) -> None:
     problems += cuda_problems(cfg, phases, local)
     problems += gpu_memory_problems(cfg, phases, ray.nodes(), local)
     if problems:
-        raise ValueError("\n".join(dict.fromkeys(problems)))
+        raise ConfigError("\n".join(dict.fromkeys(problems)))
 
 
 def _per_node(nodes: list, need: dict, keys: str) -> list[str]:
@@ -226,9 +228,9 @@ def wait_placed(actors: list, timeout_s: float, what: str) -> None:
     if pending:
         for actor in actors:
             ray.kill(actor)
-        raise RuntimeError(f"{len(pending)} of {len(actors)} {what} were not placed within {timeout_s:g} s "
-                           f"(tag.start_timeout_s); the Ray cluster has free {ray.available_resources()}: other "
-                           "jobs hold the rest, or lower the cluster.* settings")
+        raise ConfigError(f"{len(pending)} of {len(actors)} {what} were not placed within {timeout_s:g} s "
+                          f"(tag.start_timeout_s); the Ray cluster has free {ray.available_resources()}: other "
+                          "jobs hold the rest, or lower the cluster.* settings")
 
 
 # ------------------------------------------------------------------------------------- GPUs

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from trainer.digest import text_sha256
+from trainer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -206,4 +207,4 @@ def shared_problems(cfg, storage: str) -> list[str]:
 def check_shared(cfg, storage: str) -> None:
     problems = shared_problems(cfg, storage)
     if problems:
-        raise ValueError("\n".join(problems))
+        raise ConfigError("\n".join(problems))

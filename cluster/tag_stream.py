@@ -32,6 +32,8 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from trainer.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # An adapter unit whose actor died for good is sent to another actor at most this many times.
@@ -88,8 +90,8 @@ class TagStream:
         self.cfg, self.source = cfg, list(source)
         self.fetch = target_fetch(r.k, r.drop_top1_for_targets)
         if self.fetch > len(self.source):
-            raise ValueError(f"retrieval.k={r.k}{' + 1 dropped' if r.drop_top1_for_targets else ''} support sentences "
-                             f"asked of an English source of {len(self.source)} sentences; lower retrieval.k")
+            raise ConfigError(f"retrieval.k={r.k}{' + 1 dropped' if r.drop_top1_for_targets else ''} support sentences "
+                              f"asked of an English source of {len(self.source)} sentences; lower retrieval.k")
         self.embedder = self.index = self.pool = None
         try:
             # Adapter actors load their checkpoint while retrieval starts (they are placed at once:

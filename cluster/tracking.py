@@ -11,6 +11,8 @@ import urllib.request
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from trainer.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 # MLflow caps a parameter value's length; longer values (e.g. target file maps) are cut.
@@ -35,8 +37,8 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             problem = f"answered HTTP {response.status}"
     except (urllib.error.URLError, OSError) as err:
         problem = f"cannot be reached ({getattr(err, 'reason', err)})"
-    raise RuntimeError(f"MLflow tracking server {uri} {problem}; start it (mlflow server --host 127.0.0.1 "
-                       f"--port PORT) or set mlflow.tracking_uri / MLFLOW_TRACKING_URI to a reachable store")
+    raise ConfigError(f"MLflow tracking server {uri} {problem}; start it (mlflow server --host 127.0.0.1 "
+                      f"--port PORT) or set mlflow.tracking_uri / MLFLOW_TRACKING_URI to a reachable store")
 
 
 class NullLogger:

@@ -6,6 +6,12 @@ import importlib
 import json
 import logging
 import sys
+import traceback
+
+from trainer.errors import InputError
+
+from .common import DEBUG_HELP, exit_status, one_line
+from .console import debug_requested
 
 # Subcommands that are whole jobs: each module has `main(argv)`; imported only when asked for,
 # so that `metaner inspect` does not pay for torch, transformers or Ray.
@@ -83,7 +89,7 @@ def _score(args: argparse.Namespace) -> int:
     types = [t.strip() for t in args.types.split(",") if t.strip()]
     bad = [t for t in types if not t.replace("_", "").isalnum()]
     if not types or bad:
-        raise ValueError(f"--types {args.types!r}: give entity type names separated by commas, e.g. PER,LOC,ORG,MISC")
+        raise InputError(f"--types {args.types!r}: give entity type names separated by commas, e.g. PER,LOC,ORG,MISC")
     _, gold, pred = read_conll(args.file, types=types, special_to_o=args.special_to_o)
     result = score(gold, pred)
     if args.json:
@@ -110,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="read each sentence unspaced with this tokenizer (a model folder or hub id), as for a "
                         "language of data.unspaced_languages, and count the entities with a boundary inside a piece")
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     p.set_defaults(func=_inspect)
     p = sub.add_parser("score", help="phrase-level P/R/F1 of a conlleval file (token ... gold pred)")
     p.add_argument("file")
@@ -118,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="entity types a tag may name, comma-separated (default: %(default)s); any other tag is an error")
     p.add_argument("--special-to-o", action="store_true",
                    help="read the official Meta-Cross code's X, [CLS] and [SEP] labels as O")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     p.set_defaults(func=_score)
     for name, module in JOBS.items():
         p = sub.add_parser(name, help=f"run {module} (see its --help)", add_help=False)
@@ -143,12 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except ValueError as err:  # CorpusError and bad settings carry their own file/line message
-        print(f"metaner {args.command}: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # the readers name every OSError themselves; this is the last guard
-        print(f"metaner {args.command}: {err.filename or args.file}: {err.strerror or err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # as a job's main (jobs.common.main_guard) shows it
+        if not one_line(err, args.debug or debug_requested(())):
+            traceback.print_exc(file=sys.stderr)
+        elif isinstance(err, OSError):  # the readers name every OSError themselves; this is the last guard
+            print(f"metaner {args.command}: {err.filename or args.file}: {err.strerror or err}", file=sys.stderr)
+        else:  # CorpusError and bad options carry their own file/line message
+            print(f"metaner {args.command}: {err}", file=sys.stderr)
+        return exit_status(err)
 
 
 if __name__ == "__main__":

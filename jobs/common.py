@@ -11,9 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+from trainer.errors import ConfigError, CorpusError, InputError, MetanerError
+
 logger = logging.getLogger(__name__)
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
+# Errors whose message is all a user needs (what is wrong, and what to do): a command ends in one
+# `error:` line. A file error names its file. Anything else (a bug, CUDA out of memory, a worker
+# that died) keeps its traceback: the line that raised it is what tells what went wrong.
+USER_ERRORS = (MetanerError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+               PermissionError)
+DEBUG_HELP = "show the traceback of every error, a bad setting or input's too (also METANER_DEBUG=1)"
 
 
 def parse(argv: Optional[Sequence[str]], job: str, add_arguments: Callable | None = None,
@@ -30,6 +38,7 @@ def parse(argv: Optional[Sequence[str]], job: str, add_arguments: Callable | Non
     parser.add_argument("--verbose", action="store_true",
                         help="show the workers' output and every INFO record on the console, not only in "
                              "<out>/logs/job.log (also METANER_VERBOSE=1)")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     if add_arguments:
         add_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.meta_batch_size=16")
@@ -40,7 +49,7 @@ def parse(argv: Optional[Sequence[str]], job: str, add_arguments: Callable | Non
         cfg.model.name_or_path = os.path.abspath(cfg.model.name_or_path)
     args.out = Path(args.out or Path(cfg.train.output_dir) / job)
     from cluster.tracking import check_reachable, tracking_uri
-    from trainer.config import ConfigError, hub_problems, tracking_uri_problems
+    from trainer.config import hub_problems, tracking_uri_problems
     from trainer.paths import make_output_dir
 
     if cfg.mlflow.tracking_uri is None and os.environ.get("MLFLOW_TRACKING_URI"):
@@ -59,37 +68,55 @@ def parse(argv: Optional[Sequence[str]], job: str, add_arguments: Callable | Non
     return cfg, args
 
 
+def exit_status(err: BaseException) -> int:
+    """2 for an error of USER_ERRORS (a bad setting or input), 1 for anything else."""
+    return 2 if isinstance(err, USER_ERRORS) else 1
+
+
+def one_line(err: BaseException, debug: bool) -> bool:
+    """Whether `err` is shown as one line without its traceback: one of USER_ERRORS, unless
+    --debug or METANER_DEBUG asks for every traceback."""
+    return isinstance(err, USER_ERRORS) and not debug
+
+
 def main_guard(run: Callable[[Optional[Sequence[str]]], int]) -> Callable:
-    """Wrap a job's main: the console and log file set up (jobs.console), a bad setting or input
-    ends in one clear line, exit 2."""
+    """Wrap a job's main: the console and log file set up (jobs.console); a bad setting or input
+    ends in one `error:` line, exit 2, anything else in its traceback, exit 1 (see USER_ERRORS;
+    --debug or METANER_DEBUG=1: every error with its traceback)."""
     def main(argv: Optional[Sequence[str]] = None) -> int:
-        from .console import close_file, setup, verbose_requested
+        from .console import close_file, debug_requested, setup, verbose_requested
 
         setup(verbose_requested(argv))
         try:
             return run(argv) or 0
-        except (ValueError, OSError, RuntimeError, MemoryError) as err:
-            logger.info("the job stopped", exc_info=True)  # the traceback in the log file only
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        except Exception:
-            # Anything else (a worker's error through Ray, a bug): its traceback on the console
-            # and in the log file.
-            logger.exception("the job failed")
-            return 1
+        except Exception as err:
+            if one_line(err, debug_requested(argv)):
+                logger.info("the job stopped", exc_info=True)  # the traceback in the log file only
+                print(f"error: {err}", file=sys.stderr)
+            else:
+                logger.exception("the job failed")  # on the console and in the log file
+            return exit_status(err)
         finally:
             close_file()
     return main
 
 
-def print_or_fail(make: Callable[[], str]) -> int:
-    """Print what `make` returns; a bad input or path ends in one `error:` line and exit status 2
-    (the read-only commands: results, compare)."""
+def print_or_fail(make: Callable[[], str], debug: bool = False) -> int:
+    """Print what `make` returns (the read-only commands: results, compare); an error ends as a
+    job's does (main_guard), without a log file: one `error:` line and exit status 2 for a bad
+    input or path, the traceback otherwise or with `debug` (--debug, METANER_DEBUG=1)."""
+    import traceback
+
+    from .console import debug_requested
+
     try:
         print(make(), end="")
-    except (ValueError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        if one_line(err, debug or debug_requested(())):
+            print(f"error: {err}", file=sys.stderr)
+        else:
+            traceback.print_exc(file=sys.stderr)
+        return exit_status(err)
     return 0
 
 
@@ -126,11 +153,12 @@ def load_data(cfg, seed: int, targets: Sequence[str] | None = None) -> Data:
     tests, files = {}, {}
     for lang in langs:
         if lang not in d.target_files:
-            raise ValueError(f"data.target_files has no entry for {lang!r}; add data.target_files.{lang}=PATH")
+            raise ConfigError(f"data.target_files has no entry for {lang!r}; add data.target_files.{lang}=PATH")
         files[lang] = d.resolve(d.target_files[lang])
         corpus = read_corpus(files[lang], misc_to_o=lang in d.misc_to_o)
         if not corpus.sentences:
-            raise ValueError(f"{files[lang]}: the {lang} test set is empty")
+            raise CorpusError(files[lang], None, f"the {lang} test set is empty",
+                              f"Point data.target_files.{lang} at a corpus with sentences")
         tests[lang] = sample(corpus.sentences, d.target_sample, seed)
         if lang in d.unspaced_languages:
             tests[lang] = [replace(s, unspaced=True) for s in tests[lang]]
@@ -150,7 +178,7 @@ def start_cluster(cfg, phases: Sequence[str] | None = None, out: Path | None = N
     local = cfg.cluster.address is None and not os.environ.get("RAY_ADDRESS")
     problems = cuda_problems(cfg, tuple(phases) if phases is not None else PHASES, local)
     if problems:
-        raise ValueError("\n".join(problems))
+        raise ConfigError("\n".join(problems))
     init_ray(cfg.cluster.address)
     if phases is None:
         check_resources(cfg)
@@ -196,7 +224,7 @@ _NOT_RESULTS = ("mlflow.", "tag.", "cluster.address", "cluster.num_embed_actors"
                 "model.name_or_path", "model.init_checkpoint")
 def file_digest(path: str) -> str:
     """sha256 of a file's content (16 hex digits); CorpusError naming a file that cannot be read."""
-    from trainer.corpus import CorpusError, os_error
+    from trainer.corpus import os_error
     from trainer.digest import file_sha256
 
     try:
@@ -263,7 +291,8 @@ def check_record(folder: Path, record: dict) -> None:
             old = json.loads(path.read_text(encoding="utf-8"))
             values = dict(old["values"])
         except (ValueError, KeyError, TypeError, OSError):
-            raise ValueError(f"{path} is damaged, so the work in {folder} cannot be matched to its inputs; {redo}") from None
+            raise InputError(f"{path} is damaged, so the work in {folder} cannot be matched to its inputs; "
+                             f"{redo}") from None
         if old.get("hash") == record["hash"]:
             return
         new = record["values"]
@@ -271,14 +300,14 @@ def check_record(folder: Path, record: dict) -> None:
         if changed:
             key = changed[0]
             more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
-            raise ValueError(f"{folder} holds work made with other inputs: {key} was {values.get(key)!r}, now "
+            raise InputError(f"{folder} holds work made with other inputs: {key} was {values.get(key)!r}, now "
                              f"{new.get(key)!r}{more}; {redo}")
         return
     from .console import LOG_NAME
 
     # The job's log file is not work: a job writes it before this check.
     if folder.is_dir() and any(p.name != LOG_NAME.parts[0] for p in folder.iterdir()):
-        raise ValueError(f"{folder} holds work without a record of the inputs that made it ({RECORD}, written "
+        raise InputError(f"{folder} holds work without a record of the inputs that made it ({RECORD}, written "
                          f"since this check exists); {redo}")
 
 

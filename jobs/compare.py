@@ -14,14 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import print_or_fail
+from trainer.errors import InputError
+
+from .common import DEBUG_HELP, print_or_fail
 from .tables import markdown
 
 
 def predictions(out: Path, seed: int | None = None) -> dict[str, dict[str, Path]]:
     """{row: {lang: predictions file}} of `seed` (default: the lowest seed) of each row."""
     if not out.is_dir():
-        raise ValueError(f"{out}: no such folder; give the --out folder of a pipeline, ablation or replicate job")
+        raise InputError(f"{out}: no such folder; give the --out folder of a pipeline, ablation or replicate job")
     rows = {}
     for folder in sorted(p for p in out.iterdir() if p.is_dir()):
         if seed is None:  # the lowest seed: seed95 before seed495, whatever the string order
@@ -48,7 +50,7 @@ def compare(out: Path, against: str, resamples: int, seed: int = 0, run_seed: in
     rows = predictions(out, run_seed)
     if against not in rows:
         which = "" if run_seed is None else f" for seed {run_seed}"
-        raise ValueError(f"{out} has no evaluated row {against!r}{which}; rows found: {', '.join(rows) or 'none'}")
+        raise InputError(f"{out} has no evaluated row {against!r}{which}; rows found: {', '.join(rows) or 'none'}")
     table = []
     for lang in rows[against]:
         _, gold, reference = read_conll(rows[against][lang])
@@ -57,7 +59,7 @@ def compare(out: Path, against: str, resamples: int, seed: int = 0, run_seed: in
             if name != against and lang in files:
                 _, gold_other, pred = read_conll(files[lang])
                 if gold_other != gold:
-                    raise ValueError(f"{files[lang]} and {rows[against][lang]} are not the same test sentences")
+                    raise InputError(f"{files[lang]} and {rows[against][lang]} are not the same test sentences")
                 preds[name] = pred
         samples = bootstrap_f1(gold, preds, resamples, seed)
         for name, f1 in samples.items():
@@ -84,8 +86,9 @@ def main(argv=None) -> int:
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000)")
     parser.add_argument("--seed", type=int, default=None,
                         help="training seed whose predictions compare (default: each row's lowest)")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
-    return print_or_fail(lambda: compare(args.out, args.against, args.resamples, run_seed=args.seed))
+    return print_or_fail(lambda: compare(args.out, args.against, args.resamples, run_seed=args.seed), args.debug)
 
 
 if __name__ == "__main__":

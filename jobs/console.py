@@ -27,6 +27,14 @@ def verbose_requested(argv: Optional[Sequence[str]]) -> bool:
     return "--verbose" in args or os.environ.get("METANER_VERBOSE", "").lower() in ("1", "true", "yes")
 
 
+def debug_requested(argv: Optional[Sequence[str]]) -> bool:
+    """--debug among the arguments, or METANER_DEBUG set to 1/true/yes: every error shown with its
+    traceback (jobs.common.main_guard). Read from argv itself: a bad setting stops a job inside
+    its parsing, before the parsed arguments exist."""
+    args = sys.argv[1:] if argv is None else argv
+    return "--debug" in args or os.environ.get("METANER_DEBUG", "").lower() in ("1", "true", "yes")
+
+
 class _Console(logging.Filter):
     """Stage lines, own warnings and every error; a message already shown is not shown again."""
 

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from trainer.digest import text_sha256
+from trainer.errors import InputError
 
 from .common import main_guard, parse
 from .console import shown
@@ -66,7 +67,7 @@ def run(argv=None) -> int:
     cfg, args = parse(argv, "demo", arguments, model_from_config=False)
     root = Path(args.data).resolve() if args.data else None
     if root and not root.is_dir():
-        raise ValueError(f"--data {args.data}: no such folder; give the data root (e.g. ../shared/data)")
+        raise InputError(f"--data {args.data}: no such folder; give the data root (e.g. ../shared/data)")
     out = data_folder(args.out, root)
     out.mkdir(parents=True, exist_ok=True)
     logger.info("demo: outputs in %s", shown(out), extra={"stage": True})

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from cluster.retrieval import Supports, build_supports
+from trainer.errors import InputError
 
 from .common import Data, load_data, main_guard, parse, start_cluster, tracked_run
 from .console import shown
@@ -69,7 +70,7 @@ def _checkpoint_of(args) -> str:
 
     run = mlflow.MlflowClient(tracking_uri=tracking_uri(None)).get_run(args.run_id)
     if "checkpoint" not in run.data.tags:
-        raise ValueError(f"MLflow run {args.run_id} has no checkpoint tag; pass --checkpoint FOLDER")
+        raise InputError(f"MLflow run {args.run_id} has no checkpoint tag; pass --checkpoint FOLDER")
     return run.data.tags["checkpoint"]
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from cluster.retrieval import build_supports
+from trainer.errors import InputError
 from trainer.paths import write_atomic
 
 from .common import (RECORD, check_record, inputs_record, load_data, main_guard, parse,
@@ -38,7 +39,7 @@ def _done(folder: Path, record: dict) -> dict | None:
     except ValueError:
         return None  # cut short by a kill while written: the seed's evaluation runs again
     if done.get("inputs") != record["hash"]:
-        raise ValueError(f"{path} was made from other inputs than {folder / RECORD} records; "
+        raise InputError(f"{path} was made from other inputs than {folder / RECORD} records; "
                          f"delete {folder} to run the seed again")
     if "checkpoint" not in done:  # written before scores named their checkpoint
         done["checkpoint"] = str(folder / "best" if (folder / "best").is_dir() else folder / "final")

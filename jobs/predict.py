@@ -13,6 +13,7 @@ import json
 import sys
 
 from trainer.digest import text_sha256
+from trainer.errors import InputError
 
 from .common import check_record, main_guard, parse, write_record
 from .tag import input_arguments, open_input, prepare, record, tag
@@ -27,7 +28,7 @@ def run(argv=None) -> int:
     job_cfg, args = parse(argv, "predict", arguments, model_from_config=False)
     lines = [t.replace("\n", " ").strip() for t in args.text if t.strip()]
     if not lines and not args.file:
-        raise ValueError("nothing to label: give --text SENTENCE or --file FILE with one sentence per line")
+        raise InputError("nothing to label: give --text SENTENCE or --file FILE with one sentence per line")
     cfg, found = prepare(job_cfg, args)
     specs = []
     if lines:

@@ -15,7 +15,9 @@ import json
 import statistics
 from pathlib import Path
 
-from .common import print_or_fail
+from trainer.errors import InputError
+
+from .common import DEBUG_HELP, print_or_fail
 from .tables import markdown
 from .variants import PAPER_ROWS, REUSES
 
@@ -30,7 +32,7 @@ def read_rows(out: Path) -> dict[str, dict[int, dict]]:
     from .replicate import ROWS
 
     if not out.is_dir():
-        raise ValueError(f"{out}: no such folder; give the --out folder of a replicate, pipeline or ablation job")
+        raise InputError(f"{out}: no such folder; give the --out folder of a replicate, pipeline or ablation job")
     found = {}
     for folder in sorted(p for p in out.iterdir() if p.is_dir()):
         seeds = {}
@@ -157,7 +159,7 @@ def page(out: Path, chart: Path | None = None, resamples: int = 1000) -> str:
 
     rows = read_rows(out)
     if not rows:
-        raise ValueError(f"{out} holds no finished seed (no <row>/seed<S>/scores.json); run the job first")
+        raise InputError(f"{out} holds no finished seed (no <row>/seed<S>/scores.json); run the job first")
     parts = ["### F1 (mean ± std over seeds)\n", f1_table(rows, PAPER),
              "\n### Precision / recall (mean over seeds)\n", precision_recall_table(rows),
              "\n### Decompositions (paired by seed, mean ± std over seeds)\n", decomposition_table(rows),
@@ -180,8 +182,9 @@ def main(argv=None) -> int:
     parser.add_argument("out", type=Path, help="output folder of a replicate, pipeline or ablation job")
     parser.add_argument("--chart", type=Path, default=None, help="write the English-dev curves here (PNG)")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default: 1000)")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = parser.parse_args(argv)
-    return print_or_fail(lambda: page(args.out, args.chart, args.resamples))
+    return print_or_fail(lambda: page(args.out, args.chart, args.resamples), args.debug)
 
 
 if __name__ == "__main__":

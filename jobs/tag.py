@@ -19,6 +19,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from trainer.errors import InputError
+
 from .common import check_record, main_guard, parse, write_record
 
 logger = logging.getLogger(__name__)
@@ -62,14 +64,14 @@ def open_input(specs: list[str], cfg, args, text_field: str = "text"):
     from trainer.textio import InputSet, expand
 
     if args.lang is not None and not re.fullmatch(r"[a-z]{2,3}", args.lang):
-        raise ValueError(f"--lang {args.lang}: give a language code such as es, de or zh")
+        raise InputError(f"--lang {args.lang}: give a language code such as es, de or zh")
     files = [f for spec in specs for f in expand(spec)]
     unspaced = args.lang in cfg.data.unspaced_languages
     inputs = InputSet(files, format=getattr(args, "format", "text"), unspaced=unspaced, text_field=text_field,
                       max_words=cfg.tag.max_words)
     total = inputs.count()
     if total == 0:
-        raise ValueError(f"--input {' '.join(specs)}: no sentence to tag in {len(files)} file(s)")
+        raise InputError(f"--input {' '.join(specs)}: no sentence to tag in {len(files)} file(s)")
     return inputs, total
 
 

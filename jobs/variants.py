@@ -5,6 +5,7 @@ import statistics
 from typing import Sequence
 
 from trainer.config import Config, with_overrides
+from trainer.errors import ConfigError
 
 from .tables import markdown
 
@@ -67,7 +68,7 @@ def with_parents(names: list[str]) -> list[str]:
 def variant_config(cfg: Config, name: str) -> Config:
     """A copy of `cfg` with the variant's overrides applied (and checked)."""
     if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+        raise ConfigError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
     return with_overrides(cfg, VARIANTS[name])
 
 

@@ -18,6 +18,8 @@ from typing import Literal, Optional, Sequence
 import faiss
 import numpy as np
 
+from trainer.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("flat", "ivf")
@@ -171,8 +173,8 @@ class IndexShard:
         if self.kind == "ivf" and index.nprobe > _GPU_MAX_K:
             # A GPU IVF index refuses to probe more lists, at every search.
             if device == "cuda":
-                raise ValueError(f"nprobe {index.nprobe} is more than FAISS probes on a GPU ({_GPU_MAX_K}); lower "
-                                 "retrieval.ivf_nprobe, or build the index on the CPU (cluster.gpus_per_actor=0)")
+                raise ConfigError(f"nprobe {index.nprobe} is more than FAISS probes on a GPU ({_GPU_MAX_K}); lower "
+                                  "retrieval.ivf_nprobe, or build the index on the CPU (cluster.gpus_per_actor=0)")
             logger.warning("ivf: nprobe=%d is more than FAISS probes on a GPU (%d); this shard stays on the CPU",
                            index.nprobe, _GPU_MAX_K)
             return index, None

@@ -20,6 +20,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from trainer.errors import ConfigError
+
 from .cache import RetrievalCache, corpus_hash, key_hash
 from .index import IndexSpec, as_matrix, merge_topk
 
@@ -64,8 +66,8 @@ def source_support(xb, sentences: Sequence[Any], k: int, index: IndexBuilder | N
     sizes = np.bincount(groups)[groups]
     if (xb.shape[0] - sizes < k).any():
         worst = int(np.argmax(sizes))
-        raise ValueError(f"sentence {worst} has only {xb.shape[0] - sizes[worst]} other distinct sentences "
-                         f"but k={k} supports were asked; lower retrieval.k or add source sentences")
+        raise ConfigError(f"sentence {worst} has only {xb.shape[0] - sizes[worst]} other distinct sentences "
+                          f"but k={k} supports were asked; lower retrieval.k or add source sentences")
     # A query's own group (itself and its duplicates) can fill at most `size` of the candidates,
     # so k + size candidates always leave k others. Queries are searched per group size.
     by_size = [np.flatnonzero(sizes == g) for g in np.unique(sizes)]
@@ -74,8 +76,8 @@ def source_support(xb, sentences: Sequence[Any], k: int, index: IndexBuilder | N
     for rows, (_, I) in zip(by_size, results):
         keep = (I >= 0) & (groups[np.clip(I, 0, None)] != groups[rows][:, None])
         if (keep.sum(1) < k).any():
-            raise RuntimeError("the index returned fewer candidates than asked; is it approximate (ivf) "
-                               "with too small an nprobe?")
+            raise ConfigError("the index returned fewer candidates than asked; it is approximate (ivf) with too "
+                              "small an nprobe: raise retrieval.ivf_nprobe")
         first = np.argsort(~keep, axis=1, kind="stable")[:, :k]
         support[rows] = np.take_along_axis(I, first, 1)
     return support
@@ -89,15 +91,15 @@ def target_support(xq, xb, k: int, drop_top1: bool = False, index: IndexBuilder 
     xq, xb = as_matrix("target embeddings", xq), as_matrix("source embeddings", xb)
     fetch = k + int(drop_top1)
     if k < 1 or fetch > xb.shape[0]:
-        raise ValueError(f"k={k}{' + 1 dropped' if drop_top1 else ''} supports asked of {xb.shape[0]} "
-                         "source sentences; lower retrieval.k")
+        raise ConfigError(f"k={k}{' + 1 dropped' if drop_top1 else ''} supports asked of {xb.shape[0]} "
+                          "source sentences; lower retrieval.k")
     (_, I), = _search(index or IndexSpec("flat"), xb, [(xq, fetch)])
     return _drop(I, drop_top1)
 
 
 def _drop(I: np.ndarray, drop_top1: bool) -> np.ndarray:
     if (I < 0).any():
-        raise RuntimeError("the index returned fewer candidates than asked; raise retrieval.ivf_nprobe")
+        raise ConfigError("the index returned fewer candidates than asked; raise retrieval.ivf_nprobe")
     return np.ascontiguousarray(I[:, int(drop_top1):])
 
 

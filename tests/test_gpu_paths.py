@@ -14,6 +14,7 @@ import torch
 
 from conftest import REPO
 from trainer.config import load_config
+from trainer.errors import ConfigError
 
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
                "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "gather",
@@ -226,5 +227,5 @@ def test_a_gpu_job_on_a_torch_without_cuda_is_refused_before_ray_starts():
 def test_a_gpu_worker_that_sees_no_gpu_stops_instead_of_running_on_the_cpu():
     from cluster.meta_train import gpu_device
 
-    with pytest.raises(RuntimeError, match="cluster.use_gpu=true, but this worker .* sees no GPU"):
+    with pytest.raises(ConfigError, match="cluster.use_gpu=true, but this worker .* sees no GPU"):
         gpu_device()

@@ -2,6 +2,7 @@
 import pytest
 
 from cluster.tracking import NullLogger, check_reachable, make_logger, tracking_uri
+from trainer.errors import ConfigError
 
 
 def test_rank_zero_logs_and_other_ranks_do_nothing(tmp_path):
@@ -43,5 +44,5 @@ def test_unreachable_server_fails_at_start_with_the_uri():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     uri = f"http://127.0.0.1:{port}"
-    with pytest.raises(RuntimeError, match=uri.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=uri.replace(".", r"\.")):
         check_reachable(uri, timeout=2)

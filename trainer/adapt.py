@@ -30,6 +30,7 @@ from .losses import token_loss
 from .model import NerModel, attention, in_mode, trainable_parameters
 from .bottom import BottomStore, FrozenBottom
 from .engine import VMAP_ATTENTION, Top, quiet_vmap, stack
+from .errors import CheckpointError
 from .inner import adapting
 from .optim import batched_bertadam_step, param_groups
 from .predict import device_of, predict, to_device
@@ -191,7 +192,7 @@ class Adapter:
             model, tokenizer, _ = load_model(source)
             if featurizer is None:
                 if tokenizer is None:
-                    raise ValueError(f"checkpoint {source} holds no tokenizer; pass a featurizer")
+                    raise CheckpointError(f"checkpoint {source} holds no tokenizer; pass a featurizer")
                 featurizer = Featurizer(tokenizer, self.cfg.model.max_length, self.cfg.model.window_context,
                                         model.labels)
         else:

@@ -20,6 +20,7 @@ import torch
 
 from .config import EVAL_BATCH_SIZE
 from .digest import text_sha256
+from .errors import ConfigError
 from .features import FEATURES_VERSION, IGNORE, Featurizer, Window
 from .model import NerModel, evaluating
 from .paths import atomic_file
@@ -152,7 +153,7 @@ class FrozenBottom:
         logger.info("frozen bottom: %d new windows, %.1f MiB (%d kept, %.1f MiB)", len(missing), need / 2 ** 20,
                     len(self.states), self.nbytes() / 2 ** 20)
         if free is not None and need > 0.9 * free:
-            raise MemoryError(f"the frozen-bottom states of {len(missing)} windows need {need / 2 ** 30:.2f} GiB but "
+            raise ConfigError(f"the frozen-bottom states of {len(missing)} windows need {need / 2 ** 30:.2f} GiB but "
                               f"only {free / 2 ** 30:.2f} GiB is free on {self.device}; freeze fewer layers "
                               "(model.num_frozen_layers), use fewer source sentences, or run on a larger machine")
 

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .digest import file_sha256, files_sha256
+from .errors import CheckpointError, InputError
 from .model import NerModel
 from .paths import make_output_dir
 
@@ -94,17 +95,17 @@ def read_info(path: str | os.PathLike) -> dict:
     """labels, config dict and meta info of a checkpoint."""
     folder = Path(path)
     if not folder.is_dir():
-        raise ValueError(f"checkpoint {folder}: no such folder; give the folder a training job wrote "
-                         "(e.g. <out>/seed95/best)")
+        raise CheckpointError(f"checkpoint {folder}: no such folder; give the folder a training job wrote "
+                              "(e.g. <out>/seed95/best)")
     for name in (WEIGHTS, LABELS_FILE, META_FILE, "config.json"):
         if not (folder / name).is_file():
-            raise ValueError(f"{folder} is not a metaner checkpoint: {name} is missing")
+            raise CheckpointError(f"{folder} is not a metaner checkpoint: {name} is missing")
     try:
         info = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
         info["labels"] = json.loads((folder / LABELS_FILE).read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"checkpoint {folder}: {META_FILE} or {LABELS_FILE} is not valid JSON ({err}); "
-                         "the checkpoint is damaged, save it again") from None
+        raise CheckpointError(f"checkpoint {folder}: {META_FILE} or {LABELS_FILE} is not valid JSON ({err}); "
+                              "the checkpoint is damaged, save it again") from None
     return info
 
 
@@ -123,8 +124,8 @@ def weights_file(path: str | os.PathLike) -> dict:
     try:
         return load_file(str(folder / WEIGHTS))
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"checkpoint {folder}: {WEIGHTS} cannot be read ({err}); it is damaged or cut short, "
-                         "save the checkpoint again") from None
+        raise CheckpointError(f"checkpoint {folder}: {WEIGHTS} cannot be read ({err}); it is damaged or cut short, "
+                              "save the checkpoint again") from None
 
 
 def load_model(path: str | os.PathLike, labels: Optional[Sequence[str]] = None,
@@ -140,19 +141,20 @@ def load_model(path: str | os.PathLike, labels: Optional[Sequence[str]] = None,
     folder = Path(path)
     info = read_info(folder)
     if labels is not None and list(labels) != list(info["labels"]):
-        raise ValueError(f"label set {list(labels)} differs from the checkpoint's {info['labels']} in {folder}; "
-                         "load with the checkpoint's labels or train a new model")
+        raise CheckpointError(f"label set {list(labels)} differs from the checkpoint's {info['labels']} in {folder}; "
+                              "load with the checkpoint's labels or train a new model")
     encoder = AutoModel.from_config(AutoConfig.from_pretrained(folder))
     model = NerModel(encoder, info["labels"], info.get("dropout", ModelConfig.dropout))
     state = weights_file(folder)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatch, e.g. labels.json edited to another label count
-        raise ValueError(f"checkpoint {folder}: the weights do not fit {LABELS_FILE} ({len(info['labels'])} labels) "
-                         f"or config.json: {str(err).splitlines()[-1].strip()}") from None
+        raise CheckpointError(f"checkpoint {folder}: the weights do not fit {LABELS_FILE} "
+                              f"({len(info['labels'])} labels) or config.json: "
+                              f"{str(err).splitlines()[-1].strip()}") from None
     if missing or unexpected:
-        raise ValueError(f"checkpoint {folder} does not fit the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+        raise CheckpointError(f"checkpoint {folder} does not fit the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
     frozen = set(info.get("frozen", []))
     for name, p in model.named_parameters():
         p.requires_grad_(name not in frozen)
@@ -171,8 +173,8 @@ def load_trainer_state(path: str | os.PathLike) -> Optional[dict]:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError (or RuntimeError) for forbidden payloads
-        raise ValueError(f"{file} holds something other than tensors and plain values; refusing to load it "
-                         f"({type(err).__name__})") from None
+        raise CheckpointError(f"{file} holds something other than tensors and plain values; refusing to load it "
+                              f"({type(err).__name__})") from None
 
 
 def rng_state() -> dict:
@@ -271,13 +273,13 @@ class AdaptationInputs:
 
 
 def _matches(want: Optional[str], digest, mismatch) -> bool:
-    """Whether a recorded digest was checked (False: none recorded); ValueError(mismatch(have))
+    """Whether a recorded digest was checked (False: none recorded); CheckpointError(mismatch(have))
     when the content's `digest()` differs from it."""
     if want is None:
         return False
     have = digest()
     if have != want:
-        raise ValueError(mismatch(have))
+        raise CheckpointError(mismatch(have))
     return True
 
 
@@ -290,18 +292,20 @@ def _encoder_of(folder: Path, cfg, recorded: dict, given: Optional[str]) -> tupl
     hint = f"(weights sha256 {want[:12]}...)" if want else ""
     if given:
         if not os.path.isdir(given):
-            raise ValueError(f"--encoder {given}: no such folder; give the folder of the retrieval encoder {name} {hint}")
+            raise InputError(f"--encoder {given}: no such folder; give the folder of the retrieval encoder "
+                             f"{name} {hint}")
         path = given
     elif os.path.isdir(name):
         path = name
     elif recorded.get("kind") == "folder" or os.path.isabs(name):
-        raise ValueError(f"checkpoint {folder} retrieves with the encoder in {name}, which is not on this machine; "
-                         f"pass --encoder FOLDER holding it {hint}")
+        raise CheckpointError(f"checkpoint {folder} retrieves with the encoder in {name}, which is not on this "
+                              f"machine; pass --encoder FOLDER holding it {hint}")
     else:
         path = hub_snapshot(name)
         if path is None:
-            raise ValueError(f"checkpoint {folder} retrieves with the hub model {name}, which is not in this machine's "
-                             f"Hugging Face cache (the hub is not asked); pass --encoder FOLDER holding it {hint}")
+            raise CheckpointError(f"checkpoint {folder} retrieves with the hub model {name}, which is not in this "
+                                  f"machine's Hugging Face cache (the hub is not asked); pass --encoder FOLDER "
+                                  f"holding it {hint}")
     return path, _matches(want, lambda: weights_sha256(path), lambda have: (
         f"checkpoint {folder} was trained with the retrieval encoder {name} {hint}, but the weights in {path} differ "
         f"(sha256 {str(have)[:12]}...); pass --encoder FOLDER with the original weights"))
@@ -321,8 +325,8 @@ def _source_of(folder: Path, cfg, recorded: dict, given: Optional[str]) -> tuple
         path, split = split_selector(cfg.data.resolve(cfg.data.source_train))
     hint = f"(sha256 {want[:12]}...)" if want else ""
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {folder} adapts from the English source {path}, which is not on this machine; "
-                         f"pass --source FILE with that corpus {hint}")
+        raise CheckpointError(f"checkpoint {folder} adapts from the English source {path}, which is not on this "
+                              f"machine; pass --source FILE with that corpus {hint}")
     selected = f"{path}#{split}" if split else path
     return selected, _matches(want, lambda: file_sha256(path), lambda have: (
         f"checkpoint {folder} was trained on the English source {recorded.get('path') or path} {hint}, but {path} "
@@ -332,7 +336,7 @@ def _source_of(folder: Path, cfg, recorded: dict, given: Optional[str]) -> tuple
 def adaptation_inputs(path: str | os.PathLike, encoder: Optional[str] = None,
                       source: Optional[str] = None) -> AdaptationInputs:
     """The checkpoint's settings, labels, retrieval encoder and English source, each found on this
-    machine and matched against the hashes it recorded (ValueError naming what to pass otherwise).
+    machine and matched against the hashes it recorded (CheckpointError naming what to pass otherwise).
     `encoder` and `source` replace the recorded locations, not the recorded content."""
     from .config import config_from_dict
 
@@ -341,8 +345,8 @@ def adaptation_inputs(path: str | os.PathLike, encoder: Optional[str] = None,
     try:
         cfg = config_from_dict(info.get("config") or {})
     except ValueError as err:
-        raise ValueError(f"checkpoint {folder}: the settings in {META_FILE} do not load with this version ({err}); "
-                         "train it again with this version") from None
+        raise CheckpointError(f"checkpoint {folder}: the settings in {META_FILE} do not load with this version "
+                              f"({err}); train it again with this version") from None
     recorded = info.get(PROVENANCE) or {}
     enc, enc_ok = _encoder_of(folder, cfg, recorded.get("retrieval_encoder") or {}, encoder)
     src, src_ok = _source_of(folder, cfg, recorded.get("source") or {}, source)

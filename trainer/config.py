@@ -18,6 +18,8 @@ from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
+from .errors import ConfigError
+
 LANGUAGES = ("en", "es", "nl", "de", "fr", "zh")
 
 # Settings of the machinery rather than of the method: not in the YAML files, and not part of any
@@ -262,18 +264,6 @@ class Config:
 # names the dotted key the user wrote.
 
 
-class ConfigError(ValueError):
-    """Every problem found in one configuration, one line each, naming the key (and file:line)."""
-
-    def __init__(self, problems: Sequence[str]):
-        self.problems = list(dict.fromkeys(problems))  # in order, each once
-        if len(self.problems) == 1:
-            text = self.problems[0]
-        else:
-            text = f"{len(self.problems)} problems in the configuration:\n" + "\n".join(f"  {p}" for p in self.problems)
-        super().__init__(text)
-
-
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -284,23 +274,23 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return _coerce(key, value, inner[0])
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return {str(k): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
     if hint is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
         if isinstance(value, str):
@@ -310,14 +300,14 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
         if not math.isfinite(value):
             # .inf, .nan and 1e999 parse as floats; no setting of this project works with them.
-            raise ValueError(f"{key}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ValueError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise TypeError(f"{key}: unsupported type {hint}")  # a programming error, not user input
 
@@ -338,7 +328,8 @@ def _apply(obj: Any, updates: dict[str, Any], prefix: str, problems: Problems) -
         try:
             if dataclasses.is_dataclass(current):
                 if not isinstance(value, dict):
-                    raise ValueError(f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(current))}")
+                    names = ", ".join(f.name for f in dataclasses.fields(current))
+                    raise ConfigError(f"{key}: expected a mapping of {names}")
                 _apply(current, value, key + ".", problems)
             elif isinstance(current, dict) and isinstance(value, dict):
                 # A mapping setting (e.g. data.target_files) is updated key by key, so that
@@ -397,7 +388,7 @@ def _load_yaml(text: str, name: str) -> tuple[Any, dict[str, int]]:
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
-        raise ValueError(f"override {text!r}: write it as section.key=value, e.g. train.meta_batch_size=16")
+        raise ConfigError(f"override {text!r}: write it as section.key=value, e.g. train.meta_batch_size=16")
     key, _, raw = text.partition("=")
     value = _load_yaml(raw, f"override {text!r}")[0] if raw.strip() else ""
     return key.strip().split("."), value
@@ -479,7 +470,7 @@ def _apply_file(cfg: Config, path: Path, problems: Problems, chain: tuple[Path, 
     includes = [includes] if isinstance(includes, str) else includes
     if not isinstance(includes, list) or not all(isinstance(i, str) and i for i in includes):
         raise ConfigError([f"{name}:{lines.get('include', 1)}: include: give a file name or a list of file names, "
-                           "relative to this file"])
+                          "relative to this file"])
     for included in includes:
         _apply_file(cfg, path.parent / included, problems, chain + (path.resolve(),))
     found: Problems = []

@@ -29,6 +29,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
 
+from .errors import CorpusError
+
 logger = logging.getLogger(__name__)
 
 ENTITY_TYPES = ("PER", "LOC", "ORG", "MISC")
@@ -68,15 +70,6 @@ _UNSEGMENTED_MIN_LINES = 1000
 # They are read (word = first column, tag = last) while they stay this rare; more means the
 # file is not one format.
 _MAX_ODD_COLUMN_FRACTION = 0.01
-
-
-class CorpusError(ValueError):
-    """A corpus file cannot be read; the message names the file, the line and what to do."""
-
-    def __init__(self, path: str, line: int | None, problem: str, fix: str):
-        where = f"{path}:{line}" if line else str(path)
-        super().__init__(f"{where}: {problem}. {fix}")
-        self.path, self.line, self.problem = path, line, problem
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import torch
 
 from .config import ModelConfig
 from .corpus import LABELS, Sentence, entity_spans
+from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ LOSS_POSITIONS = ("first_subword", "all")
 def labels_for(loss_positions: str) -> tuple[str, ...]:
     """The classifier's label set for `train.loss_positions`."""
     if loss_positions not in LOSS_POSITIONS:
-        raise ValueError(f"train.loss_positions={loss_positions!r}: choose one of {', '.join(LOSS_POSITIONS)}")
+        raise ConfigError(f"train.loss_positions={loss_positions!r}: choose one of {', '.join(LOSS_POSITIONS)}")
     return LABELS + (OFFICIAL_EXTRA if loss_positions == "all" else ())
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import ConfigError
 from .features import IGNORE
 
 _MIX = (1_000_003, 998_244_353)
@@ -31,7 +32,7 @@ def mask_entities(input_ids: torch.Tensor, labels: torch.Tensor, mask_id: int, r
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"mask ratio {ratio} must be in [0, 1]")
     if mask_id is None:
-        raise ValueError("the tokenizer has no mask token; entity masking needs one (set train.mask_ratio=0)")
+        raise ConfigError("the tokenizer has no mask token; entity masking needs one (set train.mask_ratio=0)")
     if input_ids.shape != labels.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} differ in shape")
     entity = (labels != IGNORE) & (labels != outside_id)
@@ -53,5 +54,5 @@ def masked_sides(mask_on: str) -> tuple[bool, bool]:
     """(mask support?, mask query?) for `train.mask_on`."""
     sides = {"query": (False, True), "support": (True, False), "both": (True, True)}
     if mask_on not in sides:
-        raise ValueError(f"train.mask_on={mask_on!r}: choose one of {', '.join(sides)}")
+        raise ConfigError(f"train.mask_on={mask_on!r}: choose one of {', '.join(sides)}")
     return sides[mask_on]

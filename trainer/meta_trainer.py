@@ -24,6 +24,7 @@ from .corpus import Sentence
 from .digest import values_sha256
 from .distributed import agree_min, all_gather_object, all_reduce_sum
 from .engine import TaskEngine
+from .errors import CheckpointError
 from .features import Featurizer
 from .maml import Task, group_windows
 from .model import NerModel, evaluating
@@ -273,7 +274,8 @@ class MetaTrainer:
         """Refuse a state written with another seed or other settings, naming the first difference."""
         redo = "start a new run (another --out), or pass force=True to resume anyway"
         if int(state.get("seed", self.seed)) != self.seed:
-            raise ValueError(f"{where} was written with seed {state['seed']}, this run has seed {self.seed}; {redo}")
+            raise CheckpointError(f"{where} was written with seed {state['seed']}, this run has seed {self.seed}; "
+                                  f"{redo}")
         now = config_fingerprint(self.cfg)
         if "config_hash" not in state or state["config_hash"] == fingerprint_hash(now):
             return
@@ -281,8 +283,8 @@ class MetaTrainer:
         changed = [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
         if changed:
             key = changed[0]
-            raise ValueError(f"{where} was written with {key}={then.get(key)!r}, this run has {now.get(key)!r}"
-                             f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; {redo}")
+            raise CheckpointError(f"{where} was written with {key}={then.get(key)!r}, this run has {now.get(key)!r}"
+                                  f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; {redo}")
 
     def load_state_dict(self, state: dict, force: bool = False, where: str = "the checkpoint",
                         optimizer_elsewhere: bool = False) -> None:
@@ -328,7 +330,7 @@ class MetaTrainer:
         folder = Path(folder)
         state = load_trainer_state(folder)
         if state is None:
-            raise ValueError(f"{folder} holds no trainer state; give a checkpoint written by meta-training")
+            raise CheckpointError(f"{folder} holds no trainer state; give a checkpoint written by meta-training")
         weights = load_file(str(folder / WEIGHTS))
         state["model"] = {n: weights[n] for n in self.names}
         self.load_state_dict(state, force=force, where=str(folder), optimizer_elsewhere=optimizer_elsewhere)

@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .corpus import LABELS
+from .errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +31,13 @@ def _local_folder(name_or_path: str, what: str) -> bool:
     if os.path.isdir(name_or_path):
         return True
     if os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or os.path.exists(name_or_path):
-        raise ValueError(f"{what} {name_or_path!r} is not a folder; set model.name_or_path to a hub id or "
-                         "a folder holding config.json, the weights and the tokenizer files")
+        raise ConfigError(f"{what} {name_or_path!r} is not a folder; set model.name_or_path to a hub id or "
+                          "a folder holding config.json, the weights and the tokenizer files")
     return False
 
 
 def load_encoder(name_or_path: str | os.PathLike) -> nn.Module:
-    """`AutoModel` from a hub id or local folder, with a ValueError that names the setting."""
+    """`AutoModel` from a hub id or local folder, with a ConfigError that names the setting."""
     from transformers import AutoModel
 
     name_or_path = os.fspath(name_or_path)
@@ -49,15 +50,16 @@ def load_encoder(name_or_path: str | os.PathLike) -> nn.Module:
     try:
         encoder, info = AutoModel.from_pretrained(name_or_path, output_loading_info=True)
     except OSError as err:
-        raise ValueError(f"cannot load the encoder {name_or_path!r} ({err}); set model.name_or_path to a "
-                         "hub id or a folder holding config.json and the weights") from None
+        raise ConfigError(f"cannot load the encoder {name_or_path!r} ({err}); set model.name_or_path to a "
+                          "hub id or a folder holding config.json and the weights") from None
     # The pooler is not used (tokens' states and [CLS] come from the last layer); anything else
     # missing would be randomly initialised and silently give meaningless vectors and tags.
     missing = [k for k in info.get("missing_keys", []) if not k.startswith("pooler.")]
     if missing:
-        raise ValueError(f"the encoder {name_or_path!r} lacks {len(missing)} of its weights ({', '.join(sorted(missing)[:3])}"
-                         f"{', ...' if len(missing) > 3 else ''}), which would start random; point model.name_or_path "
-                         "at a folder written by save_pretrained, or pass a metaner checkpoint as --checkpoint")
+        shown = ", ".join(sorted(missing)[:3]) + (", ..." if len(missing) > 3 else "")
+        raise ConfigError(f"the encoder {name_or_path!r} lacks {len(missing)} of its weights ({shown}), which would "
+                          "start random; point model.name_or_path at a folder written by save_pretrained, or pass a "
+                          "metaner checkpoint as --checkpoint")
     return encoder
 
 
@@ -73,14 +75,14 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     name_or_path = os.fspath(name_or_path)
     if _local_folder(name_or_path, "tokenizer") and not any(
             os.path.isfile(os.path.join(name_or_path, f)) for f in TOKENIZER_FILES):
-        raise ValueError(f"{name_or_path} holds no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
-                         "save the tokenizer into it with tokenizer.save_pretrained, or point "
-                         "model.name_or_path at a folder that has one")
+        raise ConfigError(f"{name_or_path} holds no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); "
+                          "save the tokenizer into it with tokenizer.save_pretrained, or point "
+                          "model.name_or_path at a folder that has one")
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except OSError as err:
-        raise ValueError(f"cannot load the tokenizer {name_or_path!r} ({err}); set model.name_or_path to a "
-                         "hub id or a folder holding the tokenizer files") from None
+        raise ConfigError(f"cannot load the tokenizer {name_or_path!r} ({err}); set model.name_or_path to a "
+                          "hub id or a folder holding the tokenizer files") from None
 
 
 class NerModel(nn.Module):
@@ -110,7 +112,7 @@ class NerModel(nn.Module):
     def set_precision(self, precision: str) -> "NerModel":
         """The arithmetic of every forward pass from now on (train.precision), fp32 weights kept."""
         if precision not in PRECISIONS:
-            raise ValueError(f"train.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+            raise ConfigError(f"train.precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
         self.precision = precision
         return self
 
@@ -284,8 +286,8 @@ def encoder_layers(encoder: nn.Module) -> nn.ModuleList:
                 break
         if isinstance(module, nn.ModuleList):
             return module
-    raise ValueError(f"cannot find the transformer layers of {type(encoder).__name__}; "
-                     "freezing supports encoders with encoder.layer or transformer.layer")
+    raise ConfigError(f"cannot find the transformer layers of {type(encoder).__name__}; "
+                      "freezing supports encoders with encoder.layer or transformer.layer")
 
 
 def freeze(model: NerModel, num_frozen_layers: int, freeze_embeddings: bool = True,
@@ -293,8 +295,8 @@ def freeze(model: NerModel, num_frozen_layers: int, freeze_embeddings: bool = Tr
     """Make everything trainable, then freeze embeddings, pooler and layers 0..num_frozen_layers-1."""
     layers = encoder_layers(model.encoder)
     if not 0 <= num_frozen_layers <= len(layers):
-        raise ValueError(f"model.num_frozen_layers={num_frozen_layers} but the encoder has {len(layers)} "
-                         f"layers; choose 0..{len(layers)}")
+        raise ConfigError(f"model.num_frozen_layers={num_frozen_layers} but the encoder has {len(layers)} "
+                          f"layers; choose 0..{len(layers)}")
     for p in model.parameters():
         p.requires_grad_(True)
     frozen: list[nn.Module] = list(layers[:num_frozen_layers])
@@ -337,16 +339,16 @@ def start_from(model: NerModel, folder: str | os.PathLike) -> None:
 
     where = f"model.init_checkpoint={folder}"
     if not os.path.isdir(folder):
-        raise ValueError(f"{where}: no such checkpoint folder; train it first or give another folder")
+        raise CheckpointError(f"{where}: no such checkpoint folder; train it first or give another folder")
     info = read_info(folder)
     if list(info["labels"]) != list(model.labels):
-        raise ValueError(f"{where}: its labels {info['labels']} differ from the ones training uses "
-                         f"{list(model.labels)} (train.loss_positions); start from a checkpoint trained alike")
+        raise CheckpointError(f"{where}: its labels {info['labels']} differ from the ones training uses "
+                              f"{list(model.labels)} (train.loss_positions); start from a checkpoint trained alike")
     state = weights_file(folder)
     mine = model.state_dict()
     wrong = sorted(set(mine) ^ set(state)) or sorted(k for k in mine if mine[k].shape != state[k].shape)
     if wrong:
-        raise ValueError(f"{where}: its weights do not fit model.name_or_path's encoder ({wrong[:3]} differ); "
-                         "start from a checkpoint of the same encoder")
+        raise CheckpointError(f"{where}: its weights do not fit model.name_or_path's encoder ({wrong[:3]} differ); "
+                              "start from a checkpoint of the same encoder")
     model.load_state_dict(state)
     logger.info("weights from %s", folder)

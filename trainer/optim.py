@@ -20,6 +20,8 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch.optim import Optimizer
 
+from .errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 SCHEDULES = ("warmup_linear", "constant")
@@ -172,7 +174,7 @@ def param_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]] | torch.
         named_params = named_params.named_parameters()
     named = [(n, p) for n, p in named_params if p.requires_grad]
     if not named:
-        raise ValueError("no trainable parameters: check model.num_frozen_layers and the freeze settings")
+        raise ConfigError("no trainable parameters: check model.num_frozen_layers and the freeze settings")
     split = classifier_lr_scale != 1.0
     parts = [(1.0, [x for x in named if not (split and is_classifier(x[0]))])]
     if split:
@@ -213,7 +215,7 @@ def make_optimizer(params, cfg, lr: float, t_total: int):
             return optimizer, get_constant_schedule(optimizer)
         # The same factors as `schedule_factor` (tests/test_optim.py checks it step by step).
         return optimizer, get_linear_schedule_with_warmup(optimizer, train.warmup_proportion * t_total, t_total)
-    raise ValueError(f"train.optimizer={train.optimizer!r}: choose bertadam or adamw")
+    raise ConfigError(f"train.optimizer={train.optimizer!r}: choose bertadam or adamw")
 
 
 def optimizer_step(optimizer, scheduler, max_grad_norm: float) -> None:

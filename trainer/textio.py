@@ -28,6 +28,7 @@ from typing import Iterator, Sequence
 
 from .corpus import CorpusError, Sentence, entity_spans, os_error
 from .digest import files_sha256
+from .errors import InputError
 from .paths import write_atomic
 
 logger = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ class RawSentence:
 
 def expand(spec: str) -> list[str]:
     """The files named by a file, a folder (every regular file below it, hidden ones left out) or a
-    glob, in sorted order; a ValueError naming `spec` when there are none."""
+    glob, in sorted order; an InputError naming `spec` when there are none."""
     if os.path.isdir(spec):
         found = []
         for root, dirs, files in os.walk(spec):
@@ -112,16 +113,16 @@ def expand(spec: str) -> list[str]:
             found += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
         files = [f for f in found if os.path.isfile(f)]
         if not files:
-            raise ValueError(f"--input {spec}: the folder holds no files; put the text to tag in it")
+            raise InputError(f"--input {spec}: the folder holds no files; put the text to tag in it")
         return files
     if os.path.exists(spec):
         return [spec]
     if glob.has_magic(spec):
         files = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
         if not files:
-            raise ValueError(f"--input {spec}: the pattern matches no file")
+            raise InputError(f"--input {spec}: the pattern matches no file")
         return files
-    raise ValueError(f"--input {spec}: no such file or folder; give a file, a folder or a glob such as 'news/*.txt'")
+    raise InputError(f"--input {spec}: no such file or folder; give a file, a folder or a glob such as 'news/*.txt'")
 
 
 def _lines(path: str, encoding: str) -> Iterator[tuple[int, str]]:
