@@ -7,6 +7,8 @@ With a CUDA device (the GPU checks):
 - `meta-step`: one meta-gradient of a tiny BERT (2 layers, hidden 64, built on the fly, dropout
   off, train.compile_updates=always) on cuda against the same on the CPU, float32: every tensor
   within a relative L2 error of META_TOL (the masks are drawn on the CPU, so both see the same);
+- `meta-step-bf16`: the same meta-gradient on cuda with train.precision=bf16 against fp32: the
+  whole gradient within a relative L2 error of BF16_TOL, float32 out, the kept bottom in bf16;
 - `faiss-k2`, `faiss-k2040`, `faiss-k2100`: a flat index on the GPU (retrieval.index.IndexShard)
   against numpy brute force over 6,000 unit vectors with a 51-way tie, ids equal up to ties
   within 1e-6; k=2100 is more than FAISS answers on a GPU and must take the CPU fallback;
@@ -17,7 +19,7 @@ With a CUDA device (the GPU checks):
   worker, FAISS shards, embedding and adapter actors on a quarter of the GPU each, ZeRO 0 and 1:
   it finishes its results table, and nvidia-smi sees processes on the GPU meanwhile.
 Without a CUDA device, or with --cpu-only, the same comparisons on the CPU: the meta-step compiled
-against not compiled, FAISS on the CPU, adaptation sequential against batched, the gpu-marked
+against not compiled, bf16 against fp32 on the CPU, FAISS on the CPU, adaptation sequential against batched, the gpu-marked
 tests (skipped there), and the demo with cluster.use_gpu=false at a tiny size (`demo-cpu`; left
 out by --quick).
 """
@@ -49,6 +51,9 @@ REPO = Path(__file__).resolve().parents[1]
 # relative L2 error (floored at 1e-3 of the whole gradient's norm): what the order of float32 sums
 # changes is ~1e-6; a wrong kernel or a lost term changes far more.
 META_TOL = 1e-4
+# bf16 keeps 8 bits of mantissa: the tiny model's whole meta-gradient in bf16 is 0.3 % from fp32
+# on a CPU (tests/test_precision.py); a lost autocast or a bf16 sum would be far off or not bf16.
+BF16_TOL = 0.03
 # A run must finish within the 10 minutes a GPU check is given; a demo is stopped at this.
 DEMO_TIMEOUT_S = 300
 ADAPT_SENTENCES = 200
@@ -95,8 +100,10 @@ class Tiny:
 # ---------------------------------------------------------------------------------- checks
 
 
-def meta_gradient(tiny: Tiny, device: str, compile_updates: str):
-    """(names, gradients as float64 on the CPU, totals) of one meta-step of 8 tasks."""
+def meta_gradient(tiny: Tiny, device: str, compile_updates: str, precision: str = "fp32"):
+    """(names, gradients as float64 on the CPU, totals, compiled, engine) of one meta-step of 8 tasks."""
+    import torch
+
     from trainer.bottom import FrozenBottom
     from trainer.config import load_config
     from trainer.engine import TaskEngine
@@ -106,26 +113,49 @@ def meta_gradient(tiny: Tiny, device: str, compile_updates: str):
     cfg = load_config(None, ["train.schedule_inner_lr=false", "train.warmup_proportion=0.0",
                              "train.num_inner_steps=2", "train.inner_lr=0.001", "train.lambda_max=2.0",
                              "train.mask_ratio=0.5", "train.classifier_lr_scale=3.0",
-                             f"train.compile_updates={compile_updates}"])
+                             f"train.compile_updates={compile_updates}", f"train.precision={precision}"])
     labels = labels_for(cfg.train.loss_positions)
-    model = tiny.model(labels, device)
+    model = tiny.model(labels, device).set_precision(precision)
     featurizer = Featurizer(tiny.tokenizer(), max_length=16, context=4, labels=labels)
     source = group_windows(featurizer.encode(tiny.corpus["en"][:16]))
     tasks = [Task((i, (i + 5) % 16), (i + 9) % 16) for i in range(8)]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     engine = TaskEngine(model, featurizer, cfg, FrozenBottom(model, featurizer), seed=7, names=names)
     grads, totals = engine.meta_gradient(tasks, source, epoch=3, inner_lr=cfg.train.inner_lr)
-    return names, [g.detach().double().cpu() for g in grads], totals, engine.compiled
+    if any(g.dtype != torch.float32 for g in grads):
+        raise CheckFailed(f"train.precision={precision}: the meta-gradient is {grads[0].dtype}, not float32")
+    return names, [g.detach().double().cpu() for g in grads], totals, engine.compiled, engine
+
+
+def check_meta_step_bf16(tiny: Tiny, cuda: bool) -> str:
+    import torch
+
+    device = "cuda" if cuda else "cpu"
+    # On a CPU the comparison is the point, not the compiled update (whose first compile under
+    # bf16 takes a minute there).
+    compiled = "always" if cuda else "never"
+    (_, got, totals, _, engine), t = _timed(meta_gradient, tiny, device, compiled, "bf16")
+    (_, ref, ref_totals, _, _), t_ref = _timed(meta_gradient, tiny, device, compiled, "fp32")
+    states = {s.dtype for s in engine.bottom.states.values()}
+    diff = float(sum(float((a - b).norm()) ** 2 for a, b in zip(got, ref))) ** 0.5
+    error = diff / float(sum(float(b.norm()) ** 2 for b in ref)) ** 0.5
+    loss_error = abs(totals["meta_loss"] - ref_totals["meta_loss"]) / abs(ref_totals["meta_loss"])
+    detail = (f"{device} train.precision=bf16 against fp32: relative L2 error of the meta-gradient {error:.1e}, "
+              f"meta-loss {loss_error:.1e}, tolerance {BF16_TOL:g}; kept bottom {sorted(map(str, states))} "
+              f"({t:.1f} s and {t_ref:.1f} s)")
+    if states != {torch.bfloat16} or not 0 < error <= BF16_TOL or loss_error > BF16_TOL:
+        raise CheckFailed(detail)
+    return detail
 
 
 def check_meta_step(tiny: Tiny, cuda: bool) -> str:
     if cuda:
-        (names, got, totals, compiled), t = _timed(meta_gradient, tiny, "cuda", "always")
-        (_, ref, ref_totals, _), t_ref = _timed(meta_gradient, tiny, "cpu", "always")
+        (names, got, totals, compiled, _), t = _timed(meta_gradient, tiny, "cuda", "always")
+        (_, ref, ref_totals, _, _), t_ref = _timed(meta_gradient, tiny, "cpu", "always")
         what = f"cuda against cpu, both compiled={compiled}"
     else:
-        (names, got, totals, compiled), t = _timed(meta_gradient, tiny, "cpu", "always")
-        (_, ref, ref_totals, _), t_ref = _timed(meta_gradient, tiny, "cpu", "never")
+        (names, got, totals, compiled, _), t = _timed(meta_gradient, tiny, "cpu", "always")
+        (_, ref, ref_totals, _, _), t_ref = _timed(meta_gradient, tiny, "cpu", "never")
         what = f"cpu compiled={compiled} against not compiled"
     whole = float(sum(float(b.norm()) ** 2 for b in ref)) ** 0.5
     worst, worst_name = 0.0, ""
@@ -418,7 +448,8 @@ def main(argv=None) -> int:
             state["shard"] = IndexShard(state["vectors"][1], device="cuda" if cuda else "cpu")
         return state["shard"]
 
-    checks = [("meta-step", lambda: check_meta_step(tiny(), cuda))]
+    checks = [("meta-step", lambda: check_meta_step(tiny(), cuda)),
+              ("meta-step-bf16", lambda: check_meta_step_bf16(tiny(), cuda))]
     checks += [(f"faiss-k{k}", lambda k=k: check_faiss(shard(), *state["vectors"], k, cuda)) for k in (2, 2040, 2100)]
     checks += [("adapt-tags", lambda: check_adapt(tiny(), cuda)),
                ("pytest-gpu", lambda: check_pytest(cuda, args.quick, min(240.0, left())))]

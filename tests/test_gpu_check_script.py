@@ -11,7 +11,7 @@ import sys
 
 from conftest import REPO
 
-CHECKS = ["meta-step", "faiss-k2", "faiss-k2040", "faiss-k2100", "adapt-tags", "pytest-gpu"]
+CHECKS = ["meta-step", "meta-step-bf16", "faiss-k2", "faiss-k2040", "faiss-k2100", "adapt-tags", "pytest-gpu"]
 
 
 def test_the_cpu_only_checks_pass_one_line_each(tmp_path):
