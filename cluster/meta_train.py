@@ -74,15 +74,19 @@ class MetaTrainInputs:
 # ------------------------------------------------------------------------------ inside a worker
 
 
-def build_trainer(inputs: MetaTrainInputs, rank: int = 0, world_size: int = 1, metrics_logger=None,
-                  trainer_class=None):
+def build_trainer(inputs: MetaTrainInputs, rank: int = 0, world_size: int = 1, metrics_logger=None):
     """(trainer, tokenizer): the model, featurizer and `trainer.meta_trainer.MetaTrainer` of a
     run, the frozen bottom of English train prepared (kept under model.prefix_cache_dir)."""
+    cfg, model, tokenizer, featurizer = _model_of(inputs)
+    return _trainer(inputs, cfg, model, featurizer, rank, world_size, metrics_logger), tokenizer
+
+
+def _model_of(inputs: MetaTrainInputs):
+    """(config, model, tokenizer, featurizer) of a run, the model on this worker's GPU where asked."""
     import torch
 
     from trainer.config import config_from_dict
     from trainer.features import Featurizer
-    from trainer.meta_trainer import MetaTrainer
     from trainer.model import build_model, load_tokenizer
 
     cfg = config_from_dict(inputs.config)
@@ -92,12 +96,19 @@ def build_trainer(inputs: MetaTrainInputs, rank: int = 0, world_size: int = 1, m
         model = model.cuda(gpu_device())
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     featurizer = Featurizer(tokenizer, cfg.model.max_length, cfg.model.window_context, model.labels)
-    trainer = (trainer_class or MetaTrainer)(
-        model, featurizer, cfg, inputs.source, inputs.support, seed=inputs.seed, dev=inputs.dev,
-        dev_support=inputs.dev_support, rank=rank, world_size=world_size, metrics_logger=metrics_logger)
+    return cfg, model, tokenizer, featurizer
+
+
+def _trainer(inputs: MetaTrainInputs, cfg, model, featurizer, rank: int, world_size: int, metrics_logger,
+             optimizer=None, meta_update=None):
+    from trainer.meta_trainer import MetaTrainer
+
+    trainer = MetaTrainer(model, featurizer, cfg, inputs.source, inputs.support, seed=inputs.seed, dev=inputs.dev,
+                          dev_support=inputs.dev_support, rank=rank, world_size=world_size,
+                          metrics_logger=metrics_logger, optimizer=optimizer, meta_update=meta_update)
     if cfg.model.prefix_cache_dir:
         prepare_source_bottom(trainer, cfg.model.prefix_cache_dir, rank, world_size)
-    return trainer, tokenizer
+    return trainer
 
 
 def gpu_device():
@@ -121,58 +132,53 @@ def prepare_source_bottom(trainer, folder: str, rank: int = 0, world_size: int =
     keep_source(trainer.bottom, folder, [w for group in trainer.windows for w in group], rank, world_size)
 
 
-class DeepSpeedMetaTrainer:
-    """Mixin: the meta-update through a DeepSpeed engine, which all-reduces the ranks' summed
-    gradients (under every ZeRO stage) and steps the meta optimiser once.
+def clips_before_engine(optimizer, cfg) -> bool:
+    """Whether the meta-update clips the meta-gradient itself (call before deepspeed.initialize).
+
+    Under ZeRO 1/2 DeepSpeed hands the optimiser flat partitions of whole parameter groups, so
+    BertAdam's per-tensor clipping would clip partitions instead: the meta-update all-reduces the
+    meta-gradient and clips each tensor itself, and the optimiser inside DeepSpeed clips nothing."""
+    from trainer.optim import BertAdam
+
+    clip = cfg.cluster.zero_stage > 0 and isinstance(optimizer, BertAdam)
+    if clip:
+        for group in optimizer.param_groups:
+            group["max_grad_norm"] = 0.0
+    return clip
+
+
+def deepspeed_update(engine, world_size: int, clip_norm: Optional[float] = None):
+    """The meta-update through a DeepSpeed engine, which all-reduces the ranks' summed gradients
+    (under every ZeRO stage) and steps the meta optimiser once; `clip_norm`: each tensor of the
+    all-reduced meta-gradient clipped to it first (see clips_before_engine).
 
     DeepSpeed averages gradients over data-parallel ranks, so the surrogate is scaled by the world
     size: the meta-gradient stays the paper's SUM over all tasks of the batch, whatever the number
     of workers.
     """
+    from trainer.distributed import all_reduce_sum
+    from trainer.optim import clip_tensor_grad
 
-    ds_engine = None
-    clip_before = False  # BertAdam under ZeRO 1/2: see prepare_optimizer
-
-    def prepare_optimizer(self) -> None:
-        """Before deepspeed.initialize. Under ZeRO 1/2 DeepSpeed hands the optimiser flat partitions
-        of whole parameter groups, so BertAdam's per-tensor clipping would clip partitions instead:
-        the trainer all-reduces the meta-gradient and clips each tensor itself, and the optimiser
-        inside DeepSpeed clips nothing."""
-        from trainer.optim import BertAdam
-
-        self.clip_before = self.cfg.cluster.zero_stage > 0 and isinstance(self.meta_optimizer, BertAdam)
-        if self.clip_before:
-            for group in self.meta_optimizer.param_groups:
-                group["max_grad_norm"] = 0.0
-
-    def apply(self, buffer) -> None:
-        scale = self.world_size
-        if self.clip_before:
-            from trainer.distributed import all_reduce_sum
-            from trainer.optim import clip_tensor_grad
-
+    def update(params, buffer) -> None:
+        scale = world_size
+        if clip_norm is not None:
             # Every rank then holds the same clipped sum, which DeepSpeed's average leaves as it is.
-            buffer = [clip_tensor_grad(all_reduce_sum(b), self.cfg.train.max_grad_norm) for b in buffer]
+            buffer = [clip_tensor_grad(all_reduce_sum(b), clip_norm) for b in buffer]
             scale = 1
-        surrogate = scale * sum((p * b).sum() for p, b in zip(self.params, buffer))
-        self.ds_engine.backward(surrogate)
-        self.ds_engine.step()
-
-
-def _trainer_class():
-    from trainer.meta_trainer import MetaTrainer
-
-    return type("DistributedMetaTrainer", (DeepSpeedMetaTrainer, MetaTrainer), {})
+        surrogate = scale * sum((p * b).sum() for p, b in zip(params, buffer))
+        engine.backward(surrogate)
+        engine.step()
+    return update
 
 
 DS_FOLDER, DS_TAG = "deepspeed", "state"
 
 
-def _save(folder: str, trainer, tokenizer, zero_stage: int) -> None:
+def _save(folder: str, trainer, engine, tokenizer, zero_stage: int) -> None:
     """Rank 0's checkpoint folder; under ZeRO 1/2 the optimiser state is partitioned across ranks
     and every rank adds its part through DeepSpeed's own checkpointing (call on every rank)."""
     if zero_stage > 0:
-        trainer.ds_engine.save_checkpoint(str(Path(folder) / DS_FOLDER), tag=DS_TAG, exclude_frozen_parameters=True)
+        engine.save_checkpoint(str(Path(folder) / DS_FOLDER), tag=DS_TAG, exclude_frozen_parameters=True)
     if trainer.rank == 0:
         if zero_stage > 0:  # keep what DeepSpeed wrote beside the metaner files
             kept = Path(folder).with_name(Path(folder).name + ".ds")
@@ -182,13 +188,13 @@ def _save(folder: str, trainer, tokenizer, zero_stage: int) -> None:
             os.replace(kept, Path(folder) / DS_FOLDER)
 
 
-def _restore(trainer, checkpoint, zero_stage: int) -> None:
+def _restore(trainer, engine, checkpoint, zero_stage: int) -> None:
     """Weights, meta optimiser (DeepSpeed's partitions under ZeRO 1/2), step, best dev F1, RNG."""
     with checkpoint.as_directory() as folder:
         ds = Path(folder) / DS_FOLDER
         trainer.load(folder, optimizer_elsewhere=zero_stage > 0 and ds.is_dir())
         if zero_stage > 0 and ds.is_dir():
-            trainer.ds_engine.load_checkpoint(str(ds), tag=DS_TAG, load_module_strict=False,
+            engine.load_checkpoint(str(ds), tag=DS_TAG, load_module_strict=False,
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
 
 
@@ -199,21 +205,33 @@ def _write_pid(out: Path, rank: int) -> None:
     (folder / f"rank{rank}.pid").write_text(str(os.getpid()))
 
 
-def deepspeed_trainer(inputs: MetaTrainInputs, rank: int, world_size: int, metrics_logger=None):
-    """(trainer, tokenizer) of one data-parallel rank, its meta-update through a DeepSpeed engine;
-    call on every rank once the process group is up (Ray Train's, or any env:// launcher's)."""
+def deepspeed_engine_trainer(inputs: MetaTrainInputs, rank: int, world_size: int, metrics_logger=None):
+    """(trainer, tokenizer, engine) of one data-parallel rank: the DeepSpeed engine over the model
+    and its meta optimiser, and the trainer whose meta-update goes through it; call on every rank
+    once the process group is up (Ray Train's, or any env:// launcher's)."""
     import deepspeed
 
-    trainer, tokenizer = build_trainer(inputs, rank, world_size, metrics_logger, _trainer_class())
-    cfg = trainer.cfg
+    from trainer.meta_trainer import meta_optimizer
+
+    cfg, model, tokenizer, featurizer = _model_of(inputs)
+    optimizer, scheduler = meta_optimizer(model, cfg)
+    clip = clips_before_engine(optimizer, cfg)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                      config=deepspeed_config(cfg, world_size))
+    update = deepspeed_update(engine, world_size, cfg.train.max_grad_norm if clip else None)
+    trainer = _trainer(inputs, cfg, model, featurizer, rank, world_size, metrics_logger, (optimizer, scheduler),
+                       update)
     if cfg.cluster.task_balance == "dynamic":
         from trainer.distributed import chunk_claims
 
         trainer.claims = chunk_claims()
-    trainer.prepare_optimizer()
-    trainer.ds_engine, *_ = deepspeed.initialize(model=trainer.model, optimizer=trainer.meta_optimizer,
-                                                 lr_scheduler=trainer.scheduler,
-                                                 config=deepspeed_config(cfg, world_size))
+    return trainer, tokenizer, engine
+
+
+def deepspeed_trainer(inputs: MetaTrainInputs, rank: int, world_size: int, metrics_logger=None):
+    """(trainer, tokenizer) of `deepspeed_engine_trainer`, for a caller that keeps no checkpoint of
+    DeepSpeed's own (the engine lives on in the trainer's meta-update)."""
+    trainer, tokenizer, _ = deepspeed_engine_trainer(inputs, rank, world_size, metrics_logger)
     return trainer, tokenizer
 
 
@@ -235,7 +253,7 @@ def meta_train_worker(loop_config: dict) -> None:
     out = Path(inputs.output_dir)
     _write_pid(out, rank)
     log = MlflowLogger(inputs.tracking_uri, run_id=inputs.run_id) if rank == 0 and inputs.run_id else NullLogger()
-    trainer, tokenizer = deepspeed_trainer(inputs, rank, world, log)
+    trainer, tokenizer, engine = deepspeed_engine_trainer(inputs, rank, world, log)
     cfg = trainer.cfg
     zero = cfg.cluster.zero_stage
     # Ray Train hands over the group's last checkpoint after a worker failure, and, under Train V2,
@@ -247,7 +265,7 @@ def meta_train_worker(loop_config: dict) -> None:
 
         checkpoint = checkpoint_at(loop_config["resume_from"])
     if checkpoint is not None:
-        _restore(trainer, checkpoint, zero)
+        _restore(trainer, engine, checkpoint, zero)
         logger.info("rank %d resumed at meta-step %d", rank, trainer.step)
         (out / "workers" / f"rank{rank}.resumed").write_text(str(trainer.step))
 
@@ -263,7 +281,7 @@ def meta_train_worker(loop_config: dict) -> None:
 
     def on_checkpoint(t, metrics: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            _save(tmp, t, tokenizer, zero)
+            _save(tmp, t, engine, tokenizer, zero)
             if t.rank == 0 and t.step == cfg.train.num_meta_steps:
                 keep(t, "final")
             has_files = t.rank == 0 or zero > 0

@@ -4,9 +4,9 @@ selection and checkpoint cadences, and a state that resumes exactly.
 `MetaTrainer` runs in one process with nothing but PyTorch (a laptop, a debugger,
 `cluster.num_workers=0`). A distributed caller (cluster/meta_train.py) builds the same trainer
 with its rank and world size, so that each rank computes its share of every meta-batch with the
-same code, and replaces `apply` with an all-reduce and step of its own (DeepSpeed's). Which tasks a
-step uses depends on (seed, step) alone, so any number of ranks, and a resumed run, see the same
-meta-batches.
+same code, and gives it a meta-update of its own that all-reduces and steps (DeepSpeed's). Which
+tasks a step uses depends on (seed, step) alone, so any number of ranks, and a resumed run, see
+the same meta-batches.
 """
 from __future__ import annotations
 
@@ -58,21 +58,38 @@ class NullLogger:
         pass
 
 
+# A meta-update: applies the ranks' summed meta-gradient (one tensor per parameter, in the order of
+# `ordered_groups`) to those parameters, as one step of the meta optimiser.
+MetaUpdate = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], None]
+
+
+def meta_optimizer(model: NerModel, cfg):
+    """(meta optimiser, scheduler) over the model's trainable weights in `ordered_groups` order, as
+    `cfg.train` says."""
+    groups, _, _ = ordered_groups(model, cfg)
+    return make_optimizer(groups, cfg, cfg.train.meta_lr, cfg.train.num_meta_steps)
+
+
 class MetaTrainer:
     """Owns the model's meta optimiser, the task sampling, the step count and the best dev score.
 
     `source` are the English sentences whose pseudo tasks are trained on, `support[i]` the ids of
     sentence i's support set; `dev`/`dev_support` select the model (adapted as at test time).
     `metrics_logger` is any object with `log_metrics(dict, step)`.
+
+    `optimizer`: the (meta optimiser, scheduler) of `meta_optimizer(model, cfg)`, made by a caller
+    that hands them to an engine before the trainer exists (default: made here). `meta_update`:
+    how a summed meta-gradient is applied (default: the meta optimiser's step, `optimizer_update`);
+    a distributed caller passes one that all-reduces over the ranks first.
     """
 
     def __init__(self, model: NerModel, featurizer: Featurizer, cfg, source: Sequence[Sentence],
                  support: np.ndarray, *, seed: int, dev: Sequence[Sentence] = (),
                  dev_support: Sequence[Sequence[Sentence]] = (), rank: int = 0, world_size: int = 1,
-                 metrics_logger=None, bottom: Optional[FrozenBottom] = None):
+                 metrics_logger=None, bottom: Optional[FrozenBottom] = None, optimizer=None,
+                 meta_update: Optional[MetaUpdate] = None):
         self.model, self.featurizer, self.cfg, self.seed = model, featurizer, cfg, seed
         self.rank, self.world_size = rank, world_size
-        train = cfg.train
         support = np.asarray(support)
         if support.ndim != 2 or len(support) != len(source):
             raise ValueError(f"support must give each of the {len(source)} source sentences its support ids "
@@ -80,8 +97,9 @@ class MetaTrainer:
         self.source, self.support = source, support
         self.windows = group_windows(featurizer.encode(source))
         self.dev, self.dev_support = list(dev), list(dev_support)
-        groups, self.params, self.names = ordered_groups(model, cfg)
-        self.meta_optimizer, self.scheduler = make_optimizer(groups, cfg, train.meta_lr, train.num_meta_steps)
+        _, self.params, self.names = ordered_groups(model, cfg)
+        self.meta_optimizer, self.scheduler = optimizer or meta_optimizer(model, cfg)
+        self.meta_update: MetaUpdate = meta_update or self.optimizer_update
         self.bottom = FrozenBottom(model, featurizer) if bottom is None else bottom
         self.engine = TaskEngine(model, featurizer, cfg, self.bottom, seed, self.names)
         self.log = metrics_logger or NullLogger()
@@ -156,9 +174,9 @@ class MetaTrainer:
                 f"than once and of {never} never (of {len(counts)}); every rank must cut the batch into the same "
                 "chunks (the same config, code and train.task_chunk_size on every worker)")
 
-    def apply(self, buffer: Sequence[torch.Tensor]) -> None:
-        """One meta-optimiser step on the summed meta-gradient (a distributed caller all-reduces first)."""
-        for p, g in zip(self.params, buffer):
+    def optimizer_update(self, params: Sequence[torch.Tensor], buffer: Sequence[torch.Tensor]) -> None:
+        """One meta-optimiser step on the summed meta-gradient: the meta-update of one process."""
+        for p, g in zip(params, buffer):
             p.grad = g
         optimizer_step(self.meta_optimizer, self.scheduler, self.cfg.train.max_grad_norm)
         self.meta_optimizer.zero_grad(set_to_none=True)
@@ -177,7 +195,7 @@ class MetaTrainer:
         self._check_summed(stats[3:])
         reduced = time.perf_counter()
         lrs = {"meta_lr": self.meta_lr(), "inner_lr": self.inner_lr()}
-        self.apply(buffer)
+        self.meta_update(self.params, buffer)
         self.step += 1
         done = time.perf_counter()
         seconds = done - started
