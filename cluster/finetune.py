@@ -21,11 +21,11 @@ def _finetune(config: dict, source, dev, seed: int, out_dir: str, run_id: str | 
     torch.set_num_threads(threads)
 
     from trainer.bottom import FrozenBottom
-    from trainer.checkpoint import save_checkpoint
+    from trainer.checkpoint import build_model, save_checkpoint
     from trainer.config import config_from_dict
     from trainer.features import Featurizer
     from trainer.finetune import finetune
-    from trainer.model import build_model, load_tokenizer
+    from trainer.model import load_tokenizer
 
     from .tracking import MlflowLogger, NullLogger
 

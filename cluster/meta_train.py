@@ -85,9 +85,10 @@ def _model_of(inputs: MetaTrainInputs):
     """(config, model, tokenizer, featurizer) of a run, the model on this worker's GPU where asked."""
     import torch
 
+    from trainer.checkpoint import build_model
     from trainer.config import config_from_dict
     from trainer.features import Featurizer
-    from trainer.model import build_model, load_tokenizer
+    from trainer.model import load_tokenizer
 
     cfg = config_from_dict(inputs.config)
     torch.manual_seed(inputs.seed)

@@ -64,9 +64,10 @@ class Embedder:
     def __init__(self, encoder, tokenizer=None, *, max_length: int | None = None,
                  pooling: Literal["cls", "mean"] | None = None, batch_size: int | None = None,
                  device: str | None = None, progress: bool = True):
+        from trainer.checkpoint import load_encoder
         from trainer.config import Config
         from trainer.features import Featurizer
-        from trainer.model import load_encoder, load_tokenizer
+        from trainer.model import load_tokenizer
 
         defaults = Config()
         max_length = max_length if max_length is not None else defaults.model.max_length

@@ -120,8 +120,9 @@ def test_checkpoint_round_trip_is_exact(model, tiny_tokenizer, tmp_path):
 def test_training_can_start_from_a_trained_checkpoint(model, tiny_bert, tmp_path):
     """model.init_checkpoint: every weight is the checkpoint's, the frozen layers follow the config,
     and a checkpoint of another label set or encoder is refused, naming the key."""
+    from trainer import model as pretrained
+    from trainer.checkpoint import build_model
     from trainer.config import load_config
-    from trainer.model import build_model
 
     with torch.no_grad():
         for p in model.parameters():
@@ -141,6 +142,8 @@ def test_training_can_start_from_a_trained_checkpoint(model, tiny_bert, tmp_path
     with pytest.raises(ValueError, match=r"model.init_checkpoint=.*none: no such checkpoint folder"):
         build_model(load_config(None, [f"model.name_or_path={tiny_bert}", "model.num_frozen_layers=1",
                                         f"model.init_checkpoint={tmp_path / 'none'}"]))
+    with pytest.raises(ValueError, match="trainer.checkpoint.build_model"):  # the pretrained builder reads none
+        pretrained.build_model(cfg)
 
 
 def test_a_different_label_set_is_refused_naming_both(model, tmp_path):

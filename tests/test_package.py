@@ -25,3 +25,83 @@ def test_trainer_imports_no_distributed_stack():
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "", f"trainer imported {out.stdout.strip()}"
+
+
+
+def _imports(root: Path = REPO) -> dict[str, set[str]]:
+    """{module: the project's modules it imports}, at module level and inside functions alike, for
+    trainer/, cluster/, retrieval/ and jobs/ under `root` (read with ast, nothing imported)."""
+    import ast
+
+    modules = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+               for package in ("trainer", "cluster", "retrieval", "jobs") for p in (root / package).glob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+                # `from . import x` and `from pkg import module` name modules; other names are
+                # attributes of `base`.
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            found.update(t for t in targets if t in modules and t != name)
+        graph[name] = found
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One import cycle of `graph` (its modules in order, the first again at the end), or []."""
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = "open"
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        state[node] = "done"
+        path.pop()
+        return []
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return []
+
+
+def test_the_import_graph_sees_every_kind_of_import(tmp_path):
+    (tmp_path / "trainer").mkdir()
+    (tmp_path / "trainer" / "__init__.py").write_text("")
+    (tmp_path / "trainer" / "a.py").write_text("from .b import x\n\ndef f():\n    from trainer import c\n")
+    (tmp_path / "trainer" / "b.py").write_text("import trainer.c\nx = 1\n")
+    (tmp_path / "trainer" / "c.py").write_text("def g():\n    from . import a\n")
+    graph = _imports(tmp_path)
+    assert graph == {"trainer": set(), "trainer.a": {"trainer.b", "trainer.c"}, "trainer.b": {"trainer.c"},
+                     "trainer.c": {"trainer.a"}}
+    assert _cycle(graph) == ["trainer.a", "trainer.b", "trainer.c", "trainer.a"]
+    assert _cycle({"a": {"b"}, "b": set()}) == []
+
+
+def test_trainer_modules_import_each_other_without_a_cycle():
+    """A cycle works only while one of its imports stays inside a function, and hides which module
+    builds on which: checkpoints are read in trainer.checkpoint, on top of trainer.model."""
+    graph = _imports()
+    assert {"trainer.config", "trainer.errors"} <= graph["trainer.model"]
+    trainer = {name: {m for m in found if m.split(".")[0] == "trainer"}
+               for name, found in graph.items() if name.split(".")[0] == "trainer"}
+    assert _cycle(trainer) == [], " -> ".join(_cycle(trainer))

@@ -168,8 +168,7 @@ def test_an_encoder_that_is_not_on_this_machine_is_named_before_any_work(trained
 def test_a_checkpoint_given_as_an_encoder_loads_its_own_encoder(trained):
     import torch
 
-    from trainer.checkpoint import load_model
-    from trainer.model import load_encoder
+    from trainer.checkpoint import load_encoder, load_model
 
     encoder = load_encoder(str(trained / "best"))
     reference = load_model(trained / "best")[0].encoder

@@ -1,11 +1,16 @@
 """Checkpoints as plain folders: safetensors weights, the encoder's config, tokenizer, labels, job config.
 
+Everything read from a checkpoint loads here: its model, its encoder where one is named as an
+encoder, and the weights training starts from (model.init_checkpoint). trainer.model builds models
+from pretrained encoders only.
+
 Weights are read with safetensors only and trainer state with `torch.load(weights_only=True)`, so a
 checkpoint can never run code when loaded. The encoder is rebuilt from its saved config, with no
 hub access.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,14 +26,17 @@ from safetensors.torch import load_file, save_file
 from .config import ModelConfig
 from .digest import file_sha256, files_sha256
 from .errors import CheckpointError, InputError
-from .model import NerModel
+from .model import (TOKENIZER_FILES, NerModel, build_model as pretrained_model, load_encoder as pretrained_encoder,
+                    load_tokenizer as tokenizer_of)
 from .paths import make_output_dir
 
 logger = logging.getLogger(__name__)
 
+# The files of a checkpoint folder, named here only.
 WEIGHTS = "model.safetensors"
 LABELS_FILE = "labels.json"
 META_FILE = "metaner.json"
+ENCODER_CONFIG = "config.json"  # the encoder's transformers config
 TRAINER_STATE = "trainer_state.pt"
 FORMAT = 1
 # Key of metaner.json naming what adapting with the checkpoint needs besides its own files.
@@ -97,7 +105,7 @@ def read_info(path: str | os.PathLike) -> dict:
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint {folder}: no such folder; give the folder a training job wrote "
                               "(e.g. <out>/seed95/best)")
-    for name in (WEIGHTS, LABELS_FILE, META_FILE, "config.json"):
+    for name in (WEIGHTS, LABELS_FILE, META_FILE, ENCODER_CONFIG):
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder} is not a metaner checkpoint: {name} is missing")
     try:
@@ -136,8 +144,6 @@ def load_model(path: str | os.PathLike, labels: Optional[Sequence[str]] = None,
     """
     from transformers import AutoConfig, AutoModel
 
-    from .model import TOKENIZER_FILES, load_tokenizer as tokenizer_of
-
     folder = Path(path)
     info = read_info(folder)
     if labels is not None and list(labels) != list(info["labels"]):
@@ -150,7 +156,7 @@ def load_model(path: str | os.PathLike, labels: Optional[Sequence[str]] = None,
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatch, e.g. labels.json edited to another label count
         raise CheckpointError(f"checkpoint {folder}: the weights do not fit {LABELS_FILE} "
-                              f"({len(info['labels'])} labels) or config.json: "
+                              f"({len(info['labels'])} labels) or {ENCODER_CONFIG}: "
                               f"{str(err).splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {folder} does not fit the model: missing {missing[:5]}, "
@@ -162,6 +168,55 @@ def load_model(path: str | os.PathLike, labels: Optional[Sequence[str]] = None,
     if load_tokenizer and any((folder / f).is_file() for f in TOKENIZER_FILES):
         tokenizer = tokenizer_of(folder)
     return model, tokenizer, info
+
+
+def is_checkpoint(folder: str | os.PathLike) -> bool:
+    """A metaner checkpoint folder, not a plain pretrained model's."""
+    return all(os.path.isfile(os.path.join(folder, f)) for f in (META_FILE, LABELS_FILE, WEIGHTS))
+
+
+def load_encoder(name_or_path: str | os.PathLike):
+    """The encoder of a checkpoint folder, else trainer.model.load_encoder's (a hub id or a
+    pretrained model's folder)."""
+    if os.path.isdir(name_or_path) and is_checkpoint(name_or_path):
+        # A checkpoint's weights are the NerModel's (encoder.*, classifier.*): AutoModel would find
+        # none of its keys and start from random weights.
+        return load_model(name_or_path, load_tokenizer=False)[0].encoder
+    return pretrained_encoder(name_or_path)
+
+
+def build_model(cfg, labels: Optional[Sequence[str]] = None, seed: Optional[int] = None) -> NerModel:
+    """The model as `cfg.model` describes it (trainer.model.build_model), its encoder a
+    checkpoint's where model.name_or_path names one, and every weight model.init_checkpoint's
+    where that is set."""
+    model = pretrained_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_checkpoint=None)),
+                             labels, seed, encoder=load_encoder(cfg.model.name_or_path))
+    if cfg.model.init_checkpoint:
+        start_from(model, cfg.model.init_checkpoint)
+    return model
+
+
+def start_from(model: NerModel, folder: str | os.PathLike) -> None:
+    """Replace every weight of `model` by a trained checkpoint's (model.init_checkpoint).
+
+    The model is built from the pretrained encoder first, so that its architecture, dropout and
+    frozen layers follow the config; the checkpoint must hold the same encoder and label set.
+    """
+    where = f"model.init_checkpoint={folder}"
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{where}: no such checkpoint folder; train it first or give another folder")
+    info = read_info(folder)
+    if list(info["labels"]) != list(model.labels):
+        raise CheckpointError(f"{where}: its labels {info['labels']} differ from the ones training uses "
+                              f"{list(model.labels)} (train.loss_positions); start from a checkpoint trained alike")
+    state = weights_file(folder)
+    mine = model.state_dict()
+    wrong = sorted(set(mine) ^ set(state)) or sorted(k for k in mine if mine[k].shape != state[k].shape)
+    if wrong:
+        raise CheckpointError(f"{where}: its weights do not fit model.name_or_path's encoder ({wrong[:3]} differ); "
+                              "start from a checkpoint of the same encoder")
+    model.load_state_dict(state)
+    logger.info("weights from %s", folder)
 
 
 def load_trainer_state(path: str | os.PathLike) -> Optional[dict]:

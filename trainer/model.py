@@ -1,4 +1,8 @@
-"""The paper's model: a pretrained encoder, dropout and a linear token classifier."""
+"""The paper's model: a pretrained encoder, dropout and a linear token classifier.
+
+Pretrained encoders (a hub id or a folder save_pretrained wrote) load here; anything read from a
+metaner checkpoint (its model, its encoder, model.init_checkpoint) loads in trainer.checkpoint.
+"""
 from __future__ import annotations
 
 import logging
@@ -11,7 +15,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .corpus import LABELS
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -37,16 +41,12 @@ def _local_folder(name_or_path: str, what: str) -> bool:
 
 
 def load_encoder(name_or_path: str | os.PathLike) -> nn.Module:
-    """`AutoModel` from a hub id or local folder, with a ConfigError that names the setting."""
+    """`AutoModel` from a hub id or local folder, with a ConfigError that names the setting (a
+    checkpoint's encoder: trainer.checkpoint.load_encoder)."""
     from transformers import AutoModel
 
     name_or_path = os.fspath(name_or_path)
-    if _local_folder(name_or_path, "encoder") and is_checkpoint(name_or_path):
-        # A checkpoint's weights are the NerModel's (encoder.*, classifier.*): AutoModel would find
-        # none of its keys and start from random weights.
-        from .checkpoint import load_model
-
-        return load_model(name_or_path, load_tokenizer=False)[0].encoder
+    _local_folder(name_or_path, "encoder")
     try:
         encoder, info = AutoModel.from_pretrained(name_or_path, output_loading_info=True)
     except OSError as err:
@@ -61,11 +61,6 @@ def load_encoder(name_or_path: str | os.PathLike) -> nn.Module:
                           "start random; point model.name_or_path at a folder written by save_pretrained, or pass a "
                           "metaner checkpoint as --checkpoint")
     return encoder
-
-
-def is_checkpoint(folder: str | os.PathLike) -> bool:
-    """A metaner checkpoint folder (trainer.checkpoint), not a plain pretrained model's."""
-    return all(os.path.isfile(os.path.join(folder, f)) for f in ("metaner.json", "labels.json", "model.safetensors"))
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):
@@ -315,40 +310,20 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def build_model(cfg, labels: Optional[Sequence[str]] = None, seed: Optional[int] = None) -> NerModel:
-    """The model as `cfg.model` describes it: pretrained encoder, fresh head (the labels of
-    `train.loss_positions` unless given), frozen bottom."""
+def build_model(cfg, labels: Optional[Sequence[str]] = None, seed: Optional[int] = None,
+                encoder: Optional[nn.Module] = None) -> NerModel:
+    """The model as `cfg.model` describes it: `encoder` (default: the pretrained one of
+    model.name_or_path), a fresh head (the labels of `train.loss_positions` unless given), frozen
+    bottom. A model.init_checkpoint is a checkpoint to read: trainer.checkpoint.build_model."""
     from .features import labels_for
 
-    labels = labels_for(cfg.train.loss_positions) if labels is None else labels
-    model = NerModel.from_pretrained(cfg.model.name_or_path, labels, cfg.model.dropout, seed)
-    model.set_precision(cfg.train.precision)
     if cfg.model.init_checkpoint:
-        start_from(model, cfg.model.init_checkpoint)
+        raise ValueError("model.init_checkpoint is set: build the model with trainer.checkpoint.build_model, "
+                         "which loads its weights")
+    labels = labels_for(cfg.train.loss_positions) if labels is None else labels
+    encoder = load_encoder(cfg.model.name_or_path) if encoder is None else encoder
+    model = NerModel(encoder, labels, cfg.model.dropout, seed)
+    model.set_precision(cfg.train.precision)
     freeze(model, cfg.model.num_frozen_layers, cfg.model.freeze_embeddings, cfg.model.freeze_pooler)
     return model
 
-
-def start_from(model: NerModel, folder: str | os.PathLike) -> None:
-    """Replace every weight of `model` by a trained checkpoint's (model.init_checkpoint).
-
-    The model is built from the pretrained encoder first, so that its architecture, dropout and
-    frozen layers follow the config; the checkpoint must hold the same encoder and label set.
-    """
-    from .checkpoint import read_info, weights_file
-
-    where = f"model.init_checkpoint={folder}"
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"{where}: no such checkpoint folder; train it first or give another folder")
-    info = read_info(folder)
-    if list(info["labels"]) != list(model.labels):
-        raise CheckpointError(f"{where}: its labels {info['labels']} differ from the ones training uses "
-                              f"{list(model.labels)} (train.loss_positions); start from a checkpoint trained alike")
-    state = weights_file(folder)
-    mine = model.state_dict()
-    wrong = sorted(set(mine) ^ set(state)) or sorted(k for k in mine if mine[k].shape != state[k].shape)
-    if wrong:
-        raise CheckpointError(f"{where}: its weights do not fit model.name_or_path's encoder ({wrong[:3]} differ); "
-                              "start from a checkpoint of the same encoder")
-    model.load_state_dict(state)
-    logger.info("weights from %s", folder)
