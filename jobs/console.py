@@ -154,6 +154,8 @@ def close_file() -> None:
     for handler in [h for h in root.handlers if _ours(h) and isinstance(h, logging.FileHandler)]:
         root.removeHandler(handler)
         handler.close()
+    for console in [h for h in root.handlers if isinstance(h, _BarAwareHandler)]:
+        console.header = None  # it names the file just closed
 
 
 def shown(path: Path | str) -> str:

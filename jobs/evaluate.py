@@ -1,6 +1,10 @@
 """Adapt and label every target test set in parallel with a trained checkpoint; score per language.
 
     python -m jobs.evaluate --checkpoint outputs/meta_train/seed95/best [section.key=value ...]
+
+The model, retrieval and adaptation settings are the checkpoint's own (trainer.checkpoint.use_config);
+the job's file gives the data and where the work runs, and an override may change only what does
+not change the checkpoint's meaning.
 """
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import logging
 from pathlib import Path
 
 from cluster.retrieval import Supports, build_supports
-from trainer.errors import InputError
+from trainer.errors import ConfigError, InputError
 
 from .common import Data, load_data, main_guard, parse, start_cluster, tracked_run
 from .console import shown
@@ -74,6 +78,24 @@ def _checkpoint_of(args) -> str:
     return run.data.tags["checkpoint"]
 
 
+def checkpoint_config(checkpoint: str, job_cfg, overrides):
+    """The checkpoint's settings (trainer.checkpoint.use_config) with this job's data, where and how
+    the work runs and is tracked, and the command line's `overrides` on top; its encoder checked
+    to resolve, as the job's own model is for a training job."""
+    from trainer.checkpoint import use_config
+    from trainer.config import hub_problems
+
+    job = job_cfg.to_dict()
+    keep = [(section, job[section]) for section in ("data", "cluster", "tag", "mlflow")]
+    keep += [("train.seeds", job["train"]["seeds"]), ("retrieval.cache_dir", job["retrieval"]["cache_dir"]),
+             ("model.prefix_cache_dir", job["model"]["prefix_cache_dir"])]
+    cfg = use_config(checkpoint, keep + list(overrides))
+    problems = hub_problems(cfg.model.name_or_path)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
 def run(argv=None) -> int:
     from cluster.report import PAPER_TABLE3
     def arguments(p):
@@ -82,8 +104,9 @@ def run(argv=None) -> int:
         group.add_argument("--run-id", help="MLflow run of a training job (its checkpoint tag)")
         p.add_argument("--seed", type=int, default=None, help="seed of the target sample (default: first seed)")
 
-    cfg, args = parse(argv, "evaluate", arguments)
+    job_cfg, args = parse(argv, "evaluate", arguments, model_from_config=False)
     checkpoint = _checkpoint_of(args)
+    cfg = checkpoint_config(checkpoint, job_cfg, args.overrides)
     seed = args.seed if args.seed is not None else cfg.train.seeds[0]
     data = load_data(cfg, seed)  # a corpus that cannot be read stops the job before Ray starts
     start_cluster(cfg, ("retrieval", "adapt"))

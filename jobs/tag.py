@@ -42,21 +42,19 @@ def input_arguments(p) -> None:
 
 
 def prepare(job_cfg, args):
-    """(config, AdaptationInputs): the checkpoint's settings, encoder and source, found and checked,
-    with this job's cluster and tag settings and the command line's overrides on top."""
-    from trainer.checkpoint import adaptation_inputs
-    from trainer.config import config_from_dict, with_overrides
+    """(config, AdaptationInputs): the checkpoint's encoder and source, found and checked, and its
+    settings (trainer.checkpoint.use_config) with this job's cluster, tag and mlflow settings and
+    the command line's overrides on top."""
+    from trainer.checkpoint import adaptation_inputs, use_config
 
     found = adaptation_inputs(args.checkpoint, encoder=args.encoder, source=args.source)
-    merged = found.config.to_dict()
     job = job_cfg.to_dict()
-    merged["cluster"], merged["tag"], merged["mlflow"] = job["cluster"], job["tag"], job["mlflow"]
     # Each sentence is adapted once: keeping its frozen bottom's states on disk would only fill it.
-    merged["model"]["prefix_cache_dir"] = ""
-    if not os.path.isdir(merged["retrieval"]["cache_dir"]):
-        merged["retrieval"]["cache_dir"] = job["retrieval"]["cache_dir"]
-    cfg = with_overrides(config_from_dict(merged), args.overrides)
-    return cfg, found
+    overrides = [("cluster", job["cluster"]), ("tag", job["tag"]), ("mlflow", job["mlflow"]),
+                 ("model.prefix_cache_dir", "")]
+    if not os.path.isdir(found.config.retrieval.cache_dir):
+        overrides.append(("retrieval.cache_dir", job["retrieval"]["cache_dir"]))
+    return use_config(found.checkpoint, overrides + list(args.overrides)), found
 
 
 def open_input(specs: list[str], cfg, args, text_field: str = "text"):

@@ -1,6 +1,7 @@
 """How a command ends on an error: a bad setting or input in one `error:` line (exit 2), anything
 else with its traceback (exit 1); --debug and METANER_DEBUG=1 show every traceback. Jobs run
 in-process, their console captured."""
+import logging
 import pickle
 
 import pytest
@@ -16,6 +17,20 @@ TRACEBACK = "Traceback (most recent call last):"
 def _no_debug(monkeypatch):
     for name in ("METANER_DEBUG", "METANER_VERBOSE", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_before():
+    """A job run in-process leaves its console handler on the root logger, writing to this test's
+    captured stderr, which is closed once the test ends: later tests must not log into it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
 
 
 def _demo(capsys, tmp_path, *argv):

@@ -175,6 +175,55 @@ def test_a_checkpoint_given_as_an_encoder_loads_its_own_encoder(trained):
     assert all(torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), reference.state_dict().values()))
 
 
+def test_a_checkpoint_is_used_with_its_own_settings_and_overrides_of_how_only(trained):
+    from trainer.adapt import Adapter
+    from trainer.checkpoint import use_config
+    from trainer.errors import ConfigError
+
+    folder = trained / "best"
+    cfg = use_config(folder)
+    assert (cfg.model.max_length, cfg.adapt.adapt_lr, cfg.model.num_frozen_layers) == (32, 1e-3, 1)  # not the defaults
+    used = use_config(folder, ["adapt.adapt_lr=1e-4", "retrieval.k=1", ("cluster.num_adapter_actors", 3),
+                               "train.precision=bf16", "data.target_sample=5", "model.max_length=32"])
+    assert (used.adapt.adapt_lr, used.retrieval.k, used.cluster.num_adapter_actors, used.train.precision,
+            used.data.target_sample, used.model.max_length) == (1e-4, 1, 3, "bf16", 5, 32)
+    with pytest.raises(ConfigError) as refused:
+        use_config(folder, ["model.max_length=64", "adapt.adapt_lr=1e-4", "train.loss_positions=all"])
+    assert [p.split(":")[0] for p in refused.value.problems] == ["model.max_length=64", "train.loss_positions='all'"]
+    assert "was trained with 32, and model.max_length is part of what a checkpoint means" in str(refused.value)
+    # Given no settings, the Adapter reads the checkpoint's windows and adaptation, not the defaults.
+    adapter = Adapter(str(folder))
+    assert adapter.featurizer.max_length == 32 and adapter.featurizer.context == 4
+    assert adapter.cfg.adapt.adapt_lr == 1e-3
+
+
+def test_evaluate_and_tag_take_the_checkpoints_settings_and_refuse_changing_them(trained, tmp_path, capsys):
+    import logging
+
+    from jobs.evaluate import checkpoint_config
+    from jobs.tag import main
+    from trainer.config import load_config
+    from trainer.errors import ConfigError
+
+    folder = str(trained / "best")
+    job = load_config(None, ["data.target_sample=7", "cluster.num_adapter_actors=3", "model.max_length=256"])
+    cfg = checkpoint_config(folder, job, ["adapt.num_adapt_steps=2"])
+    assert (cfg.model.max_length, cfg.adapt.adapt_lr, cfg.adapt.num_adapt_steps) == (32, 1e-3, 2)
+    assert (cfg.data.target_sample, cfg.cluster.num_adapter_actors) == (7, 3)  # the job's data and actors
+    with pytest.raises(ConfigError, match=r"^model\.max_length=256: checkpoint .* was trained with 32"):
+        checkpoint_config(folder, job, ["model.max_length=256"])
+    argv = ["--checkpoint", folder, "--input", str(tmp_path / "in.txt"), "--out", str(tmp_path / "out"),
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'm.db'}", "model.window_context=8"]
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        assert main(argv) == 2
+    finally:  # the job's console handler writes to this test's captured stderr, closed after it
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: model.window_context=8: checkpoint ")
+
+
 # --------------------------------------------------------------------------- on Ray
 
 

@@ -177,18 +177,22 @@ class Adapter:
     """Tags batches of target sentences, adapting to each one's support set (or not, as a baseline).
 
     A plain class: the cluster layer turns it into an actor. `source` is a checkpoint folder or a
-    model. With `prefix_dir`, each unit's frozen-bottom hidden states are kept there (see
-    `BottomStore`), so another checkpoint with the same frozen layers skips that part of the work.
+    model; `cfg` the settings it adapts and labels with (default for a folder: the checkpoint's
+    own, trainer.checkpoint.use_config). With `prefix_dir`, each unit's frozen-bottom hidden states
+    are kept there (see `BottomStore`), so another checkpoint with the same frozen layers skips
+    that part of the work.
     """
 
     def __init__(self, source: Union[str, os.PathLike, NerModel], featurizer: Optional[Featurizer] = None,
                  cfg=None, device: str = "cpu", prefix_dir: Union[str, os.PathLike, None] = None):
-        from .config import Config
+        from .checkpoint import load_model, use_config
 
-        self.cfg = cfg if cfg is not None else Config()
+        if cfg is None:
+            if not isinstance(source, (str, os.PathLike)):
+                raise ValueError("Adapter needs cfg, the settings it adapts and labels with, when given a model")
+            cfg = use_config(source)
+        self.cfg = cfg
         if isinstance(source, (str, os.PathLike)):
-            from .checkpoint import load_model
-
             model, tokenizer, _ = load_model(source)
             if featurizer is None:
                 if tokenizer is None:

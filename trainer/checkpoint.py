@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .digest import file_sha256, files_sha256
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, ConfigError, InputError
 from .model import (TOKENIZER_FILES, NerModel, build_model as pretrained_model, load_encoder as pretrained_encoder,
                     load_tokenizer as tokenizer_of)
 from .paths import make_output_dir
@@ -393,15 +393,9 @@ def adaptation_inputs(path: str | os.PathLike, encoder: Optional[str] = None,
     """The checkpoint's settings, labels, retrieval encoder and English source, each found on this
     machine and matched against the hashes it recorded (CheckpointError naming what to pass otherwise).
     `encoder` and `source` replace the recorded locations, not the recorded content."""
-    from .config import config_from_dict
-
     folder = Path(path).resolve()
     info = read_info(folder)
-    try:
-        cfg = config_from_dict(info.get("config") or {})
-    except ValueError as err:
-        raise CheckpointError(f"checkpoint {folder}: the settings in {META_FILE} do not load with this version "
-                              f"({err}); train it again with this version") from None
+    cfg = _recorded_config(folder, info)
     recorded = info.get(PROVENANCE) or {}
     enc, enc_ok = _encoder_of(folder, cfg, recorded.get("retrieval_encoder") or {}, encoder)
     src, src_ok = _source_of(folder, cfg, recorded.get("source") or {}, source)
@@ -410,3 +404,50 @@ def adaptation_inputs(path: str | os.PathLike, encoder: Optional[str] = None,
         logger.warning("checkpoint %s records no hash of its %s (saved before checkpoints recorded them): used "
                        "unchecked", folder, " and ".join(unchecked))
     return AdaptationInputs(str(folder), cfg, list(info["labels"]), enc, src, enc_ok and src_ok)
+
+
+# ------------------------------------------------------------------------ settings at use time
+#
+# A checkpoint is used (evaluated, tagged with, adapted) with the settings it was trained with,
+# except those that say how it is used: where and how the work runs, which data it labels, how
+# support sentences are searched for, how each sentence is adapted, the arithmetic. Any other key
+# (the encoder, how it reads text into windows, its frozen layers, the label set, how sentences
+# are embedded for retrieval, training's own settings) is part of what the checkpoint means.
+
+USE_SETTINGS = ("adapt.", "tag.", "cluster.", "mlflow.", "data.", "retrieval.k", "retrieval.index",
+                "retrieval.ivf_nlist", "retrieval.ivf_nprobe", "retrieval.drop_top1_for_targets",
+                "retrieval.batch_size", "retrieval.cache_dir", "model.prefix_cache_dir", "train.precision",
+                "train.seeds", "train.output_dir")
+
+
+def _use_setting(key: str) -> bool:
+    return any(key.startswith(s) if s.endswith(".") else key == s for s in USE_SETTINGS)
+
+
+def _recorded_config(folder: Path, info: dict):
+    from .config import config_from_dict
+
+    try:
+        return config_from_dict(info.get("config") or {})
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {folder}: the settings in {META_FILE} do not load with this version "
+                              f"({err}); train it again with this version") from None
+
+
+def use_config(path: str | os.PathLike, overrides: Sequence = ()):
+    """The settings to use the checkpoint at `path` with: the config it recorded (metaner.json),
+    `overrides` applied on top (`a.b=value` texts or (dotted key, value) pairs, in order, as
+    trainer.config.with_overrides takes them). An override may change only USE_SETTINGS; one that
+    would change any other key is refused, a ConfigError naming each such key."""
+    from .config import with_overrides
+
+    folder = Path(path)
+    recorded = _recorded_config(folder, read_info(folder))
+    cfg = with_overrides(recorded, overrides)
+    before, after = recorded.flat(), cfg.flat()
+    changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k) and not _use_setting(k)]
+    if changed:
+        raise ConfigError([f"{key}={after.get(key)!r}: checkpoint {folder} was trained with {before.get(key)!r}, and "
+                           f"{key} is part of what a checkpoint means: leave it out, or train a checkpoint with it"
+                           for key in changed])
+    return cfg

@@ -394,13 +394,20 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def _override(cfg: Config, overrides: Sequence[str], problems: Problems) -> None:
-    for text in overrides:
-        try:
-            keys, value = _parse_override(text)
-        except ValueError as err:
-            problems.append((text, str(err)))
-            continue
+# An override: `a.b=value` as written on a command line, or (dotted key, value) as a program has it.
+Override = typing.Union[str, tuple[str, Any]]
+
+
+def _override(cfg: Config, overrides: Sequence[Override], problems: Problems) -> None:
+    for item in overrides:
+        if isinstance(item, str):
+            try:
+                keys, value = _parse_override(item)
+            except ValueError as err:
+                problems.append((item, str(err)))
+                continue
+        else:
+            keys, value = item[0].split("."), item[1]
         nested: Any = value
         for k in reversed(keys):
             nested = {k: nested}
@@ -426,8 +433,9 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return _finish(cfg, problems)
 
 
-def with_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
-    """A checked copy of `cfg` with each `a.b=value` applied in order."""
+def with_overrides(cfg: Config, overrides: Sequence[Override]) -> Config:
+    """A checked copy of `cfg` with each `a.b=value` (or ("a.b", value)) applied in order; a key
+    naming a section (`cluster`) takes a mapping of its keys."""
     out, problems = Config(), []
     _apply(out, cfg.to_dict(), "", problems)
     _override(out, overrides, problems)
