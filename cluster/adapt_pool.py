@@ -18,9 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import ray
+from tqdm.auto import tqdm
+
 from trainer.config import ACTOR_MAX_RESTARTS
+from trainer.corpus import content_key
 from trainer.digest import file_sha256, files_sha256
-from trainer.paths import write_atomic
+from trainer.paths import make_output_dir, write_atomic
 
 from .storage import pack, unpack
 
@@ -37,6 +41,7 @@ class Unit:
 
 def make_units(targets: dict[str, Sequence], supports: dict[str, Sequence[Sequence]], unit_size: int) -> list[Unit]:
     """Units of `unit_size` sentences per language, interleaved round-robin across languages."""
+    # torch and the model code: in the actors, not the driver's import (see ShippedAdapter).
     from trainer.adapt import AdaptItem
 
     per_lang: list[list[Unit]] = []
@@ -64,8 +69,6 @@ def inputs_key(checkpoint: str, cfg, units: Sequence[Unit]) -> str:
     """Hash of everything a unit's result depends on: weights, labels and tokenizer, adaptation
     settings, sentences (and which are read unspaced). Units are stored under it, so other inputs
     never reuse a unit."""
-    from trainer.corpus import content_key
-
     h = hashlib.sha256()
     weights = Path(checkpoint) / "model.safetensors"
     h.update(file_sha256(weights).encode() if weights.is_file() else str(checkpoint).encode())
@@ -83,8 +86,6 @@ class UnitStore:
     """Finished units on disk, one JSON file each, written atomically."""
 
     def __init__(self, folder: str | os.PathLike):
-        from trainer.paths import make_output_dir
-
         # A unit is done once its .json exists: it is renamed into place whole, so a kill while
         # writing leaves only a .json.tmp, which done() does not match.
         self.folder = make_output_dir(folder, "adapter work folder (--out)")
@@ -112,8 +113,6 @@ class ShippedAdapter:
         from trainer.adapt import Adapter  # torch and the model code: in the actor, not the driver's import
 
         if isinstance(files, str):
-            import ray
-
             holder = ray.get_actor(files, namespace=HOLDERS)
             files = ray.get(ray.get(holder.files.remote())[0])
         self._folder = tempfile.TemporaryDirectory(prefix="metaner-checkpoint-")
@@ -141,8 +140,6 @@ class AdapterPool:
     store once by this process, whichever nodes the actors run on)."""
 
     def __init__(self, checkpoint: str, cfg, max_restarts: int = ACTOR_MAX_RESTARTS):
-        import ray
-
         c = cfg.cluster
         threads = max(1, int(c.cpus_per_actor))
         remote = ray.remote(ShippedAdapter).options(
@@ -165,8 +162,6 @@ class AdapterPool:
         self.actors = [remote.remote(name, None, cfg, device, prefix_dir) for _ in range(c.num_adapter_actors)]
 
     def pids(self) -> list[int]:
-        import ray
-
         return ray.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in self.actors])
 
     def run(self, units: Sequence[Unit], store: UnitStore, progress: bool = True) -> None:
@@ -177,9 +172,6 @@ class AdapterPool:
         saying which unit a result belongs to; its submit/get_next_unordered pair would need the
         same bookkeeping of which unit is where as this loop, one call at a time.
         """
-        import ray
-        from tqdm.auto import tqdm
-
         done = store.done()
         todo = [u for u in units if u.id not in done]
         counts = Counter()
@@ -210,8 +202,6 @@ class AdapterPool:
         bar.close()
 
     def shutdown(self) -> None:
-        import ray
-
         for actor in self.actors:
             ray.kill(actor)
         ray.kill(self.holder)

@@ -10,36 +10,40 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import ray
+
+from trainer.config import config_from_dict
+
+from .meta_train import gpu_device
+from .storage import fetch, join, publish_written
+from .tracking import MlflowLogger, NullLogger
+
 logger = logging.getLogger(__name__)
 
 
 def _finetune(config: dict, source, dev, seed: int, out_dir: str, run_id: str | None, uri: str | None,
               init_checkpoint: str | None = None, num_steps: int | None = None, threads: int = 1,
               models: str | None = None) -> str:
+    # torch and the model code load in the task, not in the driver that imports this module to
+    # submit it.
     import torch
 
     torch.set_num_threads(threads)
 
+    # The model code, as torch above: in the task (its threads set first).
     from trainer.bottom import FrozenBottom
-    from trainer.checkpoint import build_model, save_checkpoint
-    from trainer.config import config_from_dict
+    from trainer.checkpoint import build_model, load_model, save_checkpoint
     from trainer.features import Featurizer
     from trainer.finetune import finetune
     from trainer.model import load_tokenizer
 
-    from .tracking import MlflowLogger, NullLogger
-
     cfg = config_from_dict(config)
     torch.manual_seed(seed)
     if init_checkpoint:  # continue from a trained model (e.g. on a few target-language sentences)
-        from trainer.checkpoint import load_model
-
         model = load_model(init_checkpoint)[0].set_precision(cfg.train.precision)
     else:
         model = build_model(cfg, seed=seed)
     if cfg.cluster.use_gpu:
-        from .meta_train import gpu_device
-
         model = model.cuda(gpu_device())
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     featurizer = Featurizer(tokenizer, cfg.model.max_length, cfg.model.window_context, model.labels)
@@ -51,7 +55,6 @@ def _finetune(config: dict, source, dev, seed: int, out_dir: str, run_id: str | 
     if models is None:  # this task runs where the driver reads
         return str(save_checkpoint(Path(out_dir) / "best", model.cpu(), tokenizer=tokenizer, config=cfg,
                                    meta={"mode": "base", **stats}))
-    from .storage import join, publish_written
 
     return publish_written(lambda folder: save_checkpoint(folder, model.cpu(), tokenizer=tokenizer, config=cfg,
                                                           meta={"mode": "base", **stats}), join(models, "best"))
@@ -73,10 +76,6 @@ def run_finetune(cfg, source, dev, seed: int, out_dir: str, run_id: str | None =
     """Fine-tune on a worker with the job's training resources; returns the checkpoint folder,
     `<out_dir>/best`. The task may run on another node: it publishes the model into `storage` (a
     folder every node sees, or a URI; default `<out_dir>/ray`) and this process fetches it."""
-    import ray
-
-    from .storage import fetch, join
-
     c = cfg.cluster
     cpus = finetune_cpus(c, [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]])
     task = ray.remote(_finetune).options(num_cpus=cpus, num_gpus=1 if c.use_gpu else 0,

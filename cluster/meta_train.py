@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,11 @@ from typing import Optional
 
 import numpy as np
 
-from trainer.config import CHECKPOINTS_KEPT, TRAIN_MAX_FAILURES
+from trainer.config import CHECKPOINTS_KEPT, TRAIN_MAX_FAILURES, config_from_dict
 from trainer.errors import ConfigError, InputError
+
+from .storage import checkpoint_at, exists, fetch, is_uri, join, list_dirs, publish_written
+from .tracking import MlflowLogger, NullLogger
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +87,11 @@ def build_trainer(inputs: MetaTrainInputs, rank: int = 0, world_size: int = 1, m
 
 def _model_of(inputs: MetaTrainInputs):
     """(config, model, tokenizer, featurizer) of a run, the model on this worker's GPU where asked."""
+    # torch and the model code load where a model trains (a Ray Train worker, or run_in_process),
+    # not in the job's driver, which imports this module for MetaTrainInputs and run_meta_training.
     import torch
 
     from trainer.checkpoint import build_model
-    from trainer.config import config_from_dict
     from trainer.features import Featurizer
     from trainer.model import load_tokenizer
 
@@ -102,6 +107,7 @@ def _model_of(inputs: MetaTrainInputs):
 
 def _trainer(inputs: MetaTrainInputs, cfg, model, featurizer, rank: int, world_size: int, metrics_logger,
              optimizer=None, meta_update=None):
+    # The model code: deferred, see _model_of.
     from trainer.meta_trainer import MetaTrainer
 
     trainer = MetaTrainer(model, featurizer, cfg, inputs.source, inputs.support, seed=inputs.seed, dev=inputs.dev,
@@ -115,8 +121,7 @@ def _trainer(inputs: MetaTrainInputs, cfg, model, featurizer, rank: int, world_s
 def gpu_device():
     """The GPU Ray gave this worker, or a clear error where it has none (`cluster.use_gpu=true`):
     running on the CPU would hold the GPU and be slower by far, silently."""
-    import socket
-
+    # The model code: deferred, see _model_of.
     import torch
 
     if not torch.cuda.is_available():
@@ -128,6 +133,7 @@ def gpu_device():
 def prepare_source_bottom(trainer, folder: str, rank: int = 0, world_size: int = 1) -> None:
     """The frozen bottom of every English train window, from disk, or computed (each rank a share,
     merged by rank 0) and saved for every later run with the same frozen weights."""
+    # The model code: deferred, see _model_of.
     from trainer.bottom import keep_source
 
     keep_source(trainer.bottom, folder, [w for group in trainer.windows for w in group], rank, world_size)
@@ -139,6 +145,7 @@ def clips_before_engine(optimizer, cfg) -> bool:
     Under ZeRO 1/2 DeepSpeed hands the optimiser flat partitions of whole parameter groups, so
     BertAdam's per-tensor clipping would clip partitions instead: the meta-update all-reduces the
     meta-gradient and clips each tensor itself, and the optimiser inside DeepSpeed clips nothing."""
+    # The model code: deferred, see _model_of.
     from trainer.optim import BertAdam
 
     clip = cfg.cluster.zero_stage > 0 and isinstance(optimizer, BertAdam)
@@ -157,6 +164,7 @@ def deepspeed_update(engine, world_size: int, clip_norm: Optional[float] = None)
     size: the meta-gradient stays the paper's SUM over all tasks of the batch, whatever the number
     of workers.
     """
+    # The model code: deferred, see _model_of.
     from trainer.distributed import all_reduce_sum
     from trainer.optim import clip_tensor_grad
 
@@ -210,6 +218,8 @@ def deepspeed_engine_trainer(inputs: MetaTrainInputs, rank: int, world_size: int
     """(trainer, tokenizer, engine) of one data-parallel rank: the DeepSpeed engine over the model
     and its meta optimiser, and the trainer whose meta-update goes through it; call on every rank
     once the process group is up (Ray Train's, or any env:// launcher's)."""
+    # DeepSpeed only in the process that drives an engine (a Ray Train worker, a benchmark's rank);
+    # the model code as in _model_of.
     import deepspeed
 
     from trainer.meta_trainer import meta_optimizer
@@ -223,6 +233,7 @@ def deepspeed_engine_trainer(inputs: MetaTrainInputs, rank: int, world_size: int
     trainer = _trainer(inputs, cfg, model, featurizer, rank, world_size, metrics_logger, (optimizer, scheduler),
                        update)
     if cfg.cluster.task_balance == "dynamic":
+        # The model code: deferred, see _model_of.
         from trainer.distributed import chunk_claims
 
         trainer.claims = chunk_claims()
@@ -239,12 +250,11 @@ def deepspeed_trainer(inputs: MetaTrainInputs, rank: int, world_size: int, metri
 def meta_train_worker(loop_config: dict) -> None:
     """The per-worker loop that Ray Train runs (one process per worker): the trainer's own loop,
     with DeepSpeed's meta-update and Ray Train's checkpoints."""
+    # Ray Train and the model code only in its workers (see _model_of).
     import ray
     import ray.train
     import torch
     from ray.train import Checkpoint
-
-    from .tracking import MlflowLogger, NullLogger
 
     inputs: MetaTrainInputs = ray.get(loop_config["inputs"])
     ctx = ray.train.get_context()
@@ -262,8 +272,6 @@ def meta_train_worker(loop_config: dict) -> None:
     # the driver's find covers a checkpoint written but not yet registered when the job stopped.
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and loop_config.get("resume_from"):
-        from .storage import checkpoint_at
-
         checkpoint = checkpoint_at(loop_config["resume_from"])
     if checkpoint is not None:
         _restore(trainer, engine, checkpoint, zero)
@@ -276,7 +284,6 @@ def meta_train_worker(loop_config: dict) -> None:
         if inputs.models is None:
             t.save(str(out / kind), tokenizer, with_optimizer=False)
             return
-        from .storage import join, publish_written
 
         publish_written(lambda folder: t.save(str(folder), tokenizer, with_optimizer=False), join(inputs.models, kind))
 
@@ -299,11 +306,8 @@ def run_in_process(inputs: MetaTrainInputs) -> None:
     """Meta-train in this process (`cluster.num_workers=0`): the trainer's loop as it is, no Ray
     Train, no DeepSpeed; `<out>/last` holds the state to resume from, written every
     `train.checkpoint_every` steps."""
+    # The model code: deferred, see _model_of.
     import torch
-
-    from trainer.config import config_from_dict
-
-    from .tracking import MlflowLogger, NullLogger
 
     cfg = config_from_dict(inputs.config)
     torch.set_num_threads(max(1, int(cfg.cluster.cpus_per_worker)))
@@ -326,8 +330,6 @@ def run_in_process(inputs: MetaTrainInputs) -> None:
 def latest_checkpoint(storage_path: str, name: str):
     """Where the newest complete checkpoint that a previous run of this name left lies (a path or
     URI), to resume a stopped job from; None if there is none."""
-    from .storage import exists, join, list_dirs
-
     found = [p for p in list_dirs(join(storage_path, name)) if p.rsplit("/", 1)[-1].startswith("checkpoint_")]
     # Ray Train names them checkpoint_<date>_<time>: the name orders them.
     complete = [p for p in found if exists(join(p, "trainer_state.pt"))]
@@ -343,11 +345,11 @@ def run_meta_training(inputs: MetaTrainInputs, cfg, storage_path: str, name: str
     `final`). A worker that dies is replaced and the group resumes from the last checkpoint (up to
     `max_failures` times); with `resume`, a new run of the same name continues a stopped one.
     """
+    # Ray Train only where it runs: cluster.num_workers=0 meta-trains in the job's process
+    # without it (run_in_process).
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from .storage import exists, fetch, is_uri, join
 
     storage_path = storage_path if is_uri(storage_path) else os.path.abspath(storage_path)
     if inputs.config["model"]["prefix_cache_dir"]:  # workers run in a working directory of their own

@@ -16,6 +16,8 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
+from tqdm.auto import tqdm
+
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "metaner-progress"
@@ -70,8 +72,9 @@ def postfix(metrics: dict) -> str:
 def watching(run_id: str | None, total: int, desc: str, interval_s: float = 1.0) -> Iterator[None]:
     """A bar of `total` steps, `desc` before it, following what the workers publish for
     `run_id` while the block runs (a no-op without a run or without Ray)."""
+    # Ray deferred: cluster.tracking imports this module, and jobs.common that one for every
+    # command.
     import ray
-    from tqdm.auto import tqdm
 
     if run_id is None or not ray.is_initialized():
         yield

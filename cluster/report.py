@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from trainer.corpus import drop_misc
+
 logger = logging.getLogger(__name__)
 
 # Wu et al. (AAAI 2020), mBERT: Table 3 (F1 on each target's test set).
@@ -31,7 +33,8 @@ def score_language(lang: str, sentences: Sequence, predictions: Sequence[Sequenc
     `misc_to_o`: the target's annotation has no MISC type (its gold MISC was mapped to O when
     read), so predicted MISC is mapped to O too: a type the test set cannot contain is not scored.
     """
-    from trainer.corpus import drop_misc
+    # seqeval, which trainer.scoring imports, pulls in scikit-learn (seconds): the tables' figures
+    # (PAPER) are read without it.
     from trainer.scoring import score, write_conll
 
     if misc_to_o:
@@ -59,9 +62,11 @@ def language_metrics(result: dict) -> dict[str, float]:
 def f1_chart(scores: dict[str, float], path: str | os.PathLike, title: str, paper: dict[str, float] | None = None) -> str:
     """Bar chart (PNG) of F1 per language, with the paper's figure of the same row beside each bar
     (none when `paper` is None: a row the paper does not report)."""
+    # matplotlib only when a chart is drawn, its backend (Agg) chosen before pyplot is imported.
     import matplotlib
 
     matplotlib.use("Agg")
+    # pyplot after the backend is chosen.
     import matplotlib.pyplot as plt
 
     langs = list(scores)

@@ -14,8 +14,11 @@ from typing import Any, Sequence
 import numpy as np
 import ray
 
+from cluster.runtime import CUDA_CONTEXT_BYTES, FAISS_SCRATCH_BYTES, MIB, gpu_plan_problem, gpu_total_bytes, wait_placed
+from retrieval.cache import RetrievalCache
 from retrieval.embed import Embedder, as_sentences
 from retrieval.index import IndexShard, IndexSpec, as_matrix, merge_topk, shard_bounds
+from retrieval.tasks import build_pseudo_tasks, retrieve_support
 from trainer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -31,8 +34,6 @@ def _wait_started(actors: list, timeout_s: float | None = None, what: str = "ret
     # Actor construction is asynchronous: waiting here makes a failing constructor (a bad path,
     # bad vectors) raise at construction, and keeps start-up out of the first call's time.
     if timeout_s is not None:
-        from cluster.runtime import wait_placed
-
         try:
             wait_placed(actors, timeout_s, what)
         except Exception:
@@ -153,8 +154,6 @@ def _check_gpu_plan(xb: np.ndarray, bounds: list[tuple[int, int]], num_gpus: flo
     """Fractional-GPU index shards: log what each holds on its GPU, and refuse, before any is
     started, shards that cannot fit together in the GPU's memory where it is known (see
     cluster.runtime.gpu_memory_problems, which counts the shards before their vectors exist)."""
-    from cluster.runtime import CUDA_CONTEXT_BYTES, FAISS_SCRATCH_BYTES, MIB, gpu_plan_problem, gpu_total_bytes
-
     vectors = max(b - a for a, b in bounds) * xb.shape[1] * xb.itemsize
     each = CUDA_CONTEXT_BYTES + FAISS_SCRATCH_BYTES + vectors
     together = min(int(1 / num_gpus + 1e-9), len(bounds))
@@ -214,9 +213,6 @@ def build_supports(cfg, source: list, sets: dict[str, list], encoder=None, token
                    source_tasks: bool = True) -> Supports:
     """Pseudo tasks of the source (unless `source_tasks` is false) and support ids of every named
     set of sentences, on embedding and index actors (cached on disk: a second run encodes nothing)."""
-    from retrieval.cache import RetrievalCache
-    from retrieval.tasks import build_pseudo_tasks, retrieve_support
-
     r = cfg.retrieval
     started = time.perf_counter()
     cache = RetrievalCache(r.cache_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 
 from trainer.errors import ConfigError
 
@@ -19,6 +20,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_to_dri
     Ray's own records and, with `log_to_driver`, every line the workers print reach this
     process's logging (workers' lines on the logger `cluster.workers`) instead of its stderr: the
     job's handlers decide where they go (jobs.console: the job's log file, the console for errors)."""
+    # Ray takes seconds to import and jobs.common imports this module for every command: only
+    # where Ray is used.
     import ray
 
     if ray.is_initialized():
@@ -51,8 +54,7 @@ def _init_local(num_cpus: int | None, num_gpus: int | None, log_to_driver: bool)
     no such controller there and remove the placement group of a training that is running. The
     node's processes (started from this one) inherit RAY_API_SERVER_ADDRESS, naming this
     cluster's dashboard."""
-    import socket
-
+    # Ray deferred: see init_ray.
     import ray
 
     with socket.socket() as s:
@@ -90,6 +92,7 @@ def forward_worker_output() -> bool:
     move them): its dispatcher's printing handler is replaced under the name that ray.shutdown()
     removes. False, and Ray prints the lines as before, where that dispatcher is missing."""
     try:
+        # Inside the try: a private module that another Ray version may lack.
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
         logger.warning("this Ray has no dispatcher of worker output: workers' lines are printed, not logged")
@@ -113,6 +116,7 @@ def _log_worker_lines(data: dict) -> None:
     if pid == "autoscaler":
         # Events such as a resource request no node can satisfy: the reason a job waits.
         try:
+            # Inside the try: a private module that another Ray version may lack.
             from ray._private.worker import filter_autoscaler_events
 
             lines = [line for line in filter_autoscaler_events(lines) if not line.startswith("Tip:")]
@@ -170,6 +174,7 @@ def check_resources(cfg, phases: tuple[str, ...] = PHASES) -> None:
     joined by address an autoscaler may still add nodes: a warning. Every problem found is named,
     one line each.
     """
+    # Ray deferred: see init_ray.
     import ray
 
     c = cfg.cluster
@@ -215,6 +220,7 @@ def wait_placed(actors: list, timeout_s: float, what: str) -> None:
     """Wait until every actor is placed and constructed; after `timeout_s`, kill them and raise,
     naming what the cluster has free, instead of waiting for ever for resources held elsewhere.
     A constructor's own error is raised as it is."""
+    # Ray deferred: see init_ray.
     import ray
 
     ready = [actor.__ray_ready__.remote() for actor in actors]
@@ -242,6 +248,7 @@ _ACTOR_PHASES = ("retrieval", "adapt", "tag")
 
 def cuda_torch_install() -> str:
     """The pip line that installs a CUDA build of the torch version installed here."""
+    # torch only where GPUs are asked about: a CPU job's checks never import it (seconds).
     import torch
 
     return f"pip install torch=={torch.__version__.split('+')[0]} --index-url {CUDA_TORCH_INDEX}"
@@ -261,6 +268,7 @@ def cuda_problems(cfg, phases: tuple[str, ...] = PHASES, local: bool = True) -> 
         asked.append((f"cluster.gpus_per_actor={c.gpus_per_actor:g}", "cluster.gpus_per_actor=0"))
     if not asked:
         return []
+    # torch only where GPUs are asked about: a CPU job's checks never import it (seconds).
     import torch
 
     if torch.cuda.is_available():
@@ -313,6 +321,8 @@ def model_weight_bytes(name_or_path: str) -> int | None:
                  if n.endswith((".safetensors", ".bin")) and os.path.isfile(os.path.join(name_or_path, n))]
         return sum(sizes) if sizes else None
     try:
+        # Imported when asked, as in trainer.config.hub_problems: huggingface_hub reads its settings
+        # from the environment when first imported.
         import huggingface_hub
 
         for name in names:
@@ -327,6 +337,7 @@ def model_weight_bytes(name_or_path: str) -> int | None:
 def gpu_total_bytes(nodes: list, local: bool) -> tuple[int | None, str]:
     """(bytes of the smallest GPU, where that was read), or (None, why it is unknown)."""
     if local:
+        # torch only where GPUs are asked about: a CPU job's checks never import it (seconds).
         import torch
 
         if torch.cuda.is_available() and torch.cuda.device_count():

@@ -13,12 +13,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Optional
 
 from trainer.digest import text_sha256
 from trainer.errors import ConfigError
+
+from .tracking import tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ def job_storage(cfg, out: Path) -> str:
 
 def _filesystem(path: str):
     """(pyarrow filesystem, path inside it)."""
+    # pyarrow only for a URI storage (s3://, gs://): a folder needs none of its import.
     import pyarrow.fs
 
     if is_uri(path):
@@ -52,6 +56,7 @@ def _filesystem(path: str):
 
 
 def exists(path: str) -> bool:
+    # pyarrow only for a URI storage (s3://, gs://): a folder needs none of its import.
     import pyarrow.fs
 
     fs, inner = _filesystem(path)
@@ -60,6 +65,7 @@ def exists(path: str) -> bool:
 
 def list_dirs(path: str) -> list[str]:
     """Full paths (URIs where `path` is one) of the folders directly in `path`, sorted by name."""
+    # pyarrow only for a URI storage (s3://, gs://): a folder needs none of its import.
     import pyarrow.fs
 
     fs, inner = _filesystem(path)
@@ -72,6 +78,7 @@ def list_dirs(path: str) -> list[str]:
 def publish(local: str | os.PathLike, dest: str) -> None:
     """Put the local folder `local` at `dest`, replacing what is there: uploaded beside it first,
     so that a process killed mid-way leaves the previous folder whole."""
+    # pyarrow only for a URI storage (s3://, gs://): a folder needs none of its import.
     import pyarrow.fs
 
     fs, inner = _filesystem(dest)
@@ -86,8 +93,6 @@ def publish(local: str | os.PathLike, dest: str) -> None:
 
 def publish_written(write, dest: str) -> str:
     """`write(folder)` into a local temporary folder, then `publish` it at `dest`; returns `dest`."""
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="metaner-") as tmp:
         folder = Path(tmp) / "model"
         write(folder)
@@ -98,6 +103,7 @@ def publish_written(write, dest: str) -> str:
 def fetch(src: str, local: str | os.PathLike) -> Optional[Path]:
     """The folder `src` of the storage copied to the local folder `local` (replacing it); None
     where `src` does not exist."""
+    # pyarrow only for a URI storage (s3://, gs://): a folder needs none of its import.
     import pyarrow.fs
 
     if not exists(src):
@@ -118,6 +124,7 @@ def fetch(src: str, local: str | os.PathLike) -> Optional[Path]:
 
 def checkpoint_at(location: str):
     """A Ray Train Checkpoint of the folder at `location` (a path, or a URI of any pyarrow filesystem)."""
+    # Ray deferred: jobs.common imports this module for every command.
     from ray.train import Checkpoint
 
     fs, inner = _filesystem(location)
@@ -149,6 +156,7 @@ def _sees(marker: str) -> bool:
 def unseen_by(folder: str, must_exist: bool = False) -> list[str]:
     """Ids of the alive Ray nodes on which a local `folder` is not the driver's: a file the
     driver writes there (or, `must_exist`, the folder itself) is not found."""
+    # Ray deferred: jobs.common imports this module for every command.
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -174,9 +182,8 @@ def shared_problems(cfg, storage: str) -> list[str]:
     """On a Ray cluster of several nodes, each folder that a process on another node writes for
     the driver or another rank, or reads, that some node does not see: one line each, naming the
     setting to change. Nothing on one node."""
+    # Ray deferred: jobs.common imports this module for every command.
     import ray
-
-    from .tracking import tracking_uri
 
     if sum(1 for n in ray.nodes() if n.get("Alive")) < 2:
         return []

@@ -31,7 +31,12 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
+import ray
 
+from cluster.adapt_pool import AdapterPool
+from cluster.retrieval import ShardedEmbedder, ShardedIndexSpec
+from cluster.runtime import wait_placed
+from retrieval.tasks import embed_cached, merged_target_support, target_fetch
 from trainer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -81,11 +86,6 @@ class TagStream:
     """The actors of one tagging run; `run` streams shards through them, `close` ends them."""
 
     def __init__(self, checkpoint: str, encoder: str, cfg, source: Sequence, cache=None):
-        from cluster.adapt_pool import AdapterPool
-        from cluster.retrieval import ShardedEmbedder, ShardedIndexSpec
-        from cluster.runtime import wait_placed
-        from retrieval.tasks import embed_cached, target_fetch
-
         r, timeout = cfg.retrieval, cfg.tag.start_timeout_s
         self.cfg, self.source = cfg, list(source)
         self.fetch = target_fetch(r.k, r.drop_top1_for_targets)
@@ -110,8 +110,6 @@ class TagStream:
             progress: Optional[Callable[[int], None]] = None) -> None:
         """Tag every shard of `shards` ((number, first, [(sentence, where), ...]) in input order) and
         hand each, complete, to `write`; `progress(n)` after each unit of n sentences."""
-        import ray
-
         f = _Flight(iter(shards), deque(a for _ in range(IN_FLIGHT_PER_ACTOR) for a in self.pool.actors))
         while True:
             while not f.exhausted and len(f.open) < self.cfg.tag.shards_in_flight:
@@ -168,10 +166,6 @@ class TagStream:
         return turn
 
     def _searched(self, entry: tuple[_Unit, int], ref, ready_units: deque) -> None:
-        import ray
-
-        from retrieval.tasks import merged_target_support
-
         unit, j = entry
         unit.results[j] = ray.get(ref)
         unit.waiting -= 1
@@ -182,6 +176,7 @@ class TagStream:
             ready_units.append(unit)
 
     def _items(self, unit: _Unit) -> list:
+        # torch and the model code stay in the adapter actors (cluster.adapt_pool.ShippedAdapter).
         from trainer.adapt import AdaptItem
 
         sentences = unit.shard.sentences
@@ -190,8 +185,6 @@ class TagStream:
 
     def _adapted(self, unit: _Unit, ref, ready_units: deque) -> Optional[dict]:
         """The unit's tags; None when its actor died for good and the unit was queued again."""
-        import ray
-
         try:
             return ray.get(ref)
         except ray.exceptions.RayActorError as err:

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from trainer.errors import ConfigError
+
+from .progress import find_board, publish
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +67,14 @@ class MlflowLogger(NullLogger):
                  parent_run_id: str | None = None, run_id: str | None = None):
         """A new run in `experiment`, or with `run_id` the existing run (e.g. in a worker, whose
         metrics then also reach the driver's progress bar of that run: cluster.progress)."""
+        # MLflow takes seconds to import and jobs.common imports this module for every command:
+        # only where a run is logged.
         import mlflow
 
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         self.uri = uri
         self.board = None
         if run_id is not None:
-            from .progress import find_board
-
             self.run_id = run_id
             self.experiment_id = self.client.get_run(run_id).info.experiment_id
             self.board = find_board(run_id)
@@ -82,6 +85,7 @@ class MlflowLogger(NullLogger):
         self.run_id = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name).info.run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
+        # MLflow deferred: see MlflowLogger.__init__.
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:_MAX_PARAM]) for k, v in params.items()]
@@ -89,8 +93,7 @@ class MlflowLogger(NullLogger):
             self.client.log_batch(self.run_id, params=items[start:start + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        import time
-
+        # MLflow deferred: see MlflowLogger.__init__.
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -98,8 +101,6 @@ class MlflowLogger(NullLogger):
         if items:
             self.client.log_batch(self.run_id, metrics=items)
         if self.board is not None:
-            from .progress import publish
-
             publish(self.board, step, metrics)
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:

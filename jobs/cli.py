@@ -7,7 +7,9 @@ import json
 import logging
 import sys
 import traceback
+from dataclasses import replace
 
+from trainer.corpus import read_corpus
 from trainer.errors import InputError
 
 from .common import DEBUG_HELP, exit_status, one_line
@@ -34,8 +36,8 @@ JOBS = {
 def _unspaced(sentences, tokenizer_path: str) -> dict:
     """The sentences read unspaced with a tokenizer, as for a language of data.unspaced_languages:
     pieces, and the gold entities with a boundary inside a piece (trainer.features.split_entities)."""
-    from dataclasses import replace
-
+    # torch and transformers take seconds to import: only --tokenizer needs them, not every
+    # `metaner inspect` and `metaner score`.
     from trainer.features import Featurizer, split_entities, vocabulary
     from trainer.model import load_tokenizer
 
@@ -56,8 +58,6 @@ def _print_unspaced(u: dict) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from trainer.corpus import read_corpus
-
     corpus = read_corpus(args.file, misc_to_o=args.misc_to_o, split=args.split, format=args.format)
     stats = corpus.stats()
     if args.tokenizer:
@@ -84,6 +84,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
+    # seqeval, which trainer.scoring imports, pulls in scikit-learn (seconds): only `metaner score`
+    # needs it.
     from trainer.scoring import read_conll, score
 
     types = [t.strip() for t in args.types.split(",") if t.strip()]

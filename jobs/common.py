@@ -2,16 +2,27 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import random
 import sys
+import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+from cluster.runtime import PHASES, check_resources, cuda_problems, init_ray
+from cluster.storage import check_shared, job_storage
+from cluster.tracking import check_reachable, finishing, make_logger, tracking_uri
+from trainer.config import hub_problems, load_config, tracking_uri_problems
+from trainer.corpus import os_error, read_corpus, split_selector
+from trainer.digest import file_sha256, text_sha256, values_sha256
 from trainer.errors import ConfigError, CorpusError, InputError, MetanerError
+from trainer.paths import make_output_dir, write_atomic
+
+from .console import LOG_NAME, close_file, debug_requested, log_to_file, setup, verbose_requested
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +40,6 @@ def parse(argv: Optional[Sequence[str]], job: str, add_arguments: Callable | Non
     """(cfg, args) from `--config FILE` (default jobs/configs/<job>.yaml) and `section.key=value`s,
     everything checked before --out is created: with `model_from_config` (the job uses the model
     the config names, not one it builds or finds in a checkpoint), that a hub id resolves."""
-    from trainer.config import load_config
-
     parser = argparse.ArgumentParser(prog=f"metaner {job.replace('_', '-')}",
                                      description=f"python -m jobs.{job} [--config FILE] [section.key=value ...]")
     parser.add_argument("--config", default=str(CONFIGS / f"{job}.yaml"), help="job YAML (default: %(default)s)")
@@ -48,9 +57,6 @@ def parse(argv: Optional[Sequence[str]], job: str, add_arguments: Callable | Non
         # Ray Train workers run in a directory of their own: a relative folder would not be found.
         cfg.model.name_or_path = os.path.abspath(cfg.model.name_or_path)
     args.out = Path(args.out or Path(cfg.train.output_dir) / job)
-    from cluster.tracking import check_reachable, tracking_uri
-    from trainer.config import hub_problems, tracking_uri_problems
-    from trainer.paths import make_output_dir
 
     if cfg.mlflow.tracking_uri is None and os.environ.get("MLFLOW_TRACKING_URI"):
         # load_config checked mlflow.tracking_uri; the environment's URI is checked here.
@@ -62,8 +68,6 @@ def parse(argv: Optional[Sequence[str]], job: str, add_arguments: Callable | Non
     if problems:
         raise ConfigError(problems)
     make_output_dir(args.out, "--out")
-    from .console import log_to_file
-
     log_to_file(args.out, job)
     return cfg, args
 
@@ -84,8 +88,6 @@ def main_guard(run: Callable[[Optional[Sequence[str]]], int]) -> Callable:
     ends in one `error:` line, exit 2, anything else in its traceback, exit 1 (see USER_ERRORS;
     --debug or METANER_DEBUG=1: every error with its traceback)."""
     def main(argv: Optional[Sequence[str]] = None) -> int:
-        from .console import close_file, debug_requested, setup, verbose_requested
-
         setup(verbose_requested(argv))
         try:
             return run(argv) or 0
@@ -105,10 +107,6 @@ def print_or_fail(make: Callable[[], str], debug: bool = False) -> int:
     """Print what `make` returns (the read-only commands: results, compare); an error ends as a
     job's does (main_guard), without a log file: one `error:` line and exit status 2 for a bad
     input or path, the traceback otherwise or with `debug` (--debug, METANER_DEBUG=1)."""
-    import traceback
-
-    from .console import debug_requested
-
     try:
         print(make(), end="")
     except Exception as err:
@@ -142,10 +140,6 @@ class Data:
 def load_data(cfg, seed: int, targets: Sequence[str] | None = None) -> Data:
     """English train and (sampled) dev, and each target's test set, MISC->O and unspaced where
     configured."""
-    from dataclasses import replace
-
-    from trainer.corpus import read_corpus
-
     d = cfg.data
     source = read_corpus(d.resolve(d.source_train)).sentences
     dev = sample(read_corpus(d.resolve(d.source_dev)).sentences, d.dev_sample, seed)
@@ -171,9 +165,6 @@ def start_cluster(cfg, phases: Sequence[str] | None = None, out: Path | None = N
     """Start (or join) Ray, then refuse actors the cluster cannot place together (`phases` as
     cluster.runtime.check_resources takes them; default all) and, on several nodes, folders that
     a process of another node writes or reads but does not see (the job's storage for `out`)."""
-    from cluster.runtime import PHASES, check_resources, cuda_problems, init_ray
-    from cluster.storage import check_shared, job_storage
-
     # GPUs asked of a torch that cannot use them: refused before Ray starts, not after.
     local = cfg.cluster.address is None and not os.environ.get("RAY_ADDRESS")
     problems = cuda_problems(cfg, tuple(phases) if phases is not None else PHASES, local)
@@ -194,8 +185,6 @@ def start_cluster(cfg, phases: Sequence[str] | None = None, out: Path | None = N
 @contextmanager
 def tracked_run(cfg, run_name: str, tags: dict | None = None) -> Iterator:
     """A top-level MLflow run with every config value as a parameter; FAILED if the block raises."""
-    from cluster.tracking import finishing, make_logger
-
     run = make_logger(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, run_name)
     with finishing(run):
         run.log_params(cfg.flat())
@@ -224,9 +213,6 @@ _NOT_RESULTS = ("mlflow.", "tag.", "cluster.address", "cluster.num_embed_actors"
                 "model.name_or_path", "model.init_checkpoint")
 def file_digest(path: str) -> str:
     """sha256 of a file's content (16 hex digits); CorpusError naming a file that cannot be read."""
-    from trainer.corpus import os_error
-    from trainer.digest import file_sha256
-
     try:
         if not os.path.isfile(path):
             os.stat(path)  # a missing file raises the OSError that names it
@@ -240,7 +226,6 @@ def _model_digest(name_or_path: str) -> str:
     """A hub id as it is; a local folder by the content of its files."""
     if not os.path.isdir(name_or_path):
         return name_or_path
-    from trainer.digest import text_sha256
 
     names = sorted(n for n in os.listdir(name_or_path)
                    if not n.startswith(".") and os.path.isfile(os.path.join(name_or_path, n)))
@@ -256,11 +241,6 @@ def inputs_record(cfg, seed: int, targets: Sequence[str] | None = None, parent: 
     without it a model.init_checkpoint folder counts by its content. `extra_files`: more corpus
     files the work reads, {name: path under data.root}. Raises CorpusError naming a corpus file
     that cannot be read."""
-    import json
-
-    from trainer.corpus import split_selector
-    from trainer.digest import values_sha256
-
     d = cfg.data
     values = {k: v for k, v in cfg.flat().items() if not k.startswith(_NOT_RESULTS)}
     files = {"source_train": d.source_train, "source_dev": d.source_dev,
@@ -282,8 +262,6 @@ def inputs_record(cfg, seed: int, targets: Sequence[str] | None = None, parent: 
 
 def check_record(folder: Path, record: dict) -> None:
     """Refuse, naming the first difference, a folder whose work other inputs made (read-only)."""
-    import json
-
     path = folder / RECORD
     redo = f"use another --out, or delete {folder} to run it again"
     if path.is_file():
@@ -303,7 +281,6 @@ def check_record(folder: Path, record: dict) -> None:
             raise InputError(f"{folder} holds work made with other inputs: {key} was {values.get(key)!r}, now "
                              f"{new.get(key)!r}{more}; {redo}")
         return
-    from .console import LOG_NAME
 
     # The job's log file is not work: a job writes it before this check.
     if folder.is_dir() and any(p.name != LOG_NAME.parts[0] for p in folder.iterdir()):
@@ -313,8 +290,4 @@ def check_record(folder: Path, record: dict) -> None:
 
 def write_record(folder: Path, record: dict) -> None:
     """Mark `folder` as holding the work of `record`'s inputs (atomically)."""
-    import json
-
-    from trainer.paths import write_atomic
-
     write_atomic(folder / RECORD, json.dumps(record, indent=1, sort_keys=True))

@@ -45,6 +45,8 @@ def _seed_number(name: str) -> float:
 
 def compare(out: Path, against: str, resamples: int, seed: int = 0, run_seed: int | None = None) -> str:
     """`seed` draws the resamples; `run_seed` picks the training seed whose predictions compare."""
+    # seqeval, which trainer.scoring imports, pulls in scikit-learn (seconds): a wrong folder is
+    # named before.
     from trainer.scoring import bootstrap_f1, read_conll
 
     rows = predictions(out, run_seed)
@@ -74,6 +76,7 @@ def compare(out: Path, against: str, resamples: int, seed: int = 0, run_seed: in
 
 
 def _f1(gold, pred) -> float:
+    # seqeval deferred: see compare.
     from trainer.scoring import score
 
     return float(score(gold, pred)["f1"])

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from tqdm import tqdm
+
 # Top-level packages of this project: their warnings concern the user's run; other libraries'
 # warnings (Ray's token notice, DeepSpeed's, MLflow's) go to the log file only.
 OWN = ("jobs", "cluster", "trainer", "retrieval", "benchmarks")
@@ -88,8 +90,6 @@ class _BarAwareHandler(logging.StreamHandler):
     header: Optional[str] = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
-
         with tqdm.external_write_mode(file=self.stream):
             if self.header and getattr(record, "stage", False):
                 self.stream.write(self.header + self.terminator)

@@ -11,6 +11,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from cluster.tracking import tracking_uri
+from jobs.synthetic import make_sentences, write_corpus
+from jobs.tiny import build_tiny_bert
+from trainer.config import DataConfig, with_overrides
+from trainer.corpus import read_corpus
 from trainer.digest import text_sha256
 from trainer.errors import InputError
 
@@ -26,8 +31,6 @@ SIZES = {"train": 240, "valid": 40, "test": 40}
 
 def synthetic_data(root: Path) -> dict[str, str]:
     """Write the synthetic corpora under `root` (same layout as the paper's files)."""
-    from jobs.synthetic import make_sentences, write_corpus
-
     write_corpus(root / "en/train.txt", make_sentences("en", SIZES["train"], seed=0))
     write_corpus(root / "en/valid.txt", make_sentences("en", SIZES["valid"], seed=1))
     for lang in LANGS:
@@ -37,9 +40,6 @@ def synthetic_data(root: Path) -> dict[str, str]:
 
 def tiny_model(folder: Path, cfg) -> str:
     """A 2-layer BERT whose vocabulary is trained on the demo's own corpora."""
-    from trainer.corpus import read_corpus
-    from jobs.tiny import build_tiny_bert
-
     if (folder / "config.json").is_file():
         return str(folder)
     d = cfg.data
@@ -59,8 +59,6 @@ def data_folder(out: Path, root: Path | None) -> Path:
 
 
 def run(argv=None) -> int:
-    from trainer.config import DataConfig, with_overrides
-
     def arguments(p):
         p.add_argument("--data", default=None, help="a real data root (e.g. ../shared/data) instead of synthetic corpora")
 
@@ -89,8 +87,6 @@ def run(argv=None) -> int:
 
 def _where(cfg, out: Path) -> str:
     """Where the demo's results went, and what to run next."""
-    from cluster.tracking import tracking_uri
-
     seed = out / "ours" / f"seed{cfg.train.seeds[0]}"
     checkpoint = seed / "best" if (seed / "best").is_dir() else seed / "final"
     uri = tracking_uri(cfg.mlflow.tracking_uri)

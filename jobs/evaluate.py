@@ -11,7 +11,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from cluster.adapt_pool import adapt_targets
+from cluster.report import PAPER_TABLE3, log_evaluation, score_language
 from cluster.retrieval import Supports, build_supports
+from cluster.tracking import tracking_uri
+from trainer.config import hub_problems
 from trainer.errors import ConfigError, InputError
 
 from .common import Data, load_data, main_guard, parse, start_cluster, tracked_run
@@ -25,9 +29,6 @@ def evaluate_one(cfg, checkpoint: str, data: Data, supports: Supports, run, out:
     """Predictions through the adapter pool, scores per language, a child run per language;
     `paper`: the paper's F1 of the same row, drawn beside this run's in the chart; `label` names
     the chart (row, seed, encoder)."""
-    from cluster.adapt_pool import adapt_targets
-    from cluster.report import log_evaluation, score_language
-
     if cfg.retrieval.encoder == "finetuned":
         # Target neighbours by the trained encoder instead of the pretrained one.
         from trainer.checkpoint import load_model
@@ -52,6 +53,7 @@ def boundary_loss(checkpoint: str, cfg, targets: dict[str, list]) -> dict[str, d
     unspaced = {lang: sentences for lang, sentences in targets.items() if any(s.unspaced for s in sentences)}
     if not unspaced:
         return {}
+    # torch deferred: see evaluate_one.
     from trainer.features import Featurizer, split_entities
     from trainer.model import load_tokenizer
 
@@ -68,9 +70,8 @@ def boundary_loss(checkpoint: str, cfg, targets: dict[str, list]) -> dict[str, d
 def _checkpoint_of(args) -> str:
     if args.checkpoint:
         return args.checkpoint
+    # MLflow takes seconds to import: only a --run-id is looked up in it.
     import mlflow
-
-    from cluster.tracking import tracking_uri
 
     run = mlflow.MlflowClient(tracking_uri=tracking_uri(None)).get_run(args.run_id)
     if "checkpoint" not in run.data.tags:
@@ -82,8 +83,8 @@ def checkpoint_config(checkpoint: str, job_cfg, overrides):
     """The checkpoint's settings (trainer.checkpoint.use_config) with this job's data, where and how
     the work runs and is tracked, and the command line's `overrides` on top; its encoder checked
     to resolve, as the job's own model is for a training job."""
+    # torch, which trainer.checkpoint imports, takes seconds: deferred, see evaluate_one.
     from trainer.checkpoint import use_config
-    from trainer.config import hub_problems
 
     job = job_cfg.to_dict()
     keep = [(section, job[section]) for section in ("data", "cluster", "tag", "mlflow")]
@@ -97,7 +98,6 @@ def checkpoint_config(checkpoint: str, job_cfg, overrides):
 
 
 def run(argv=None) -> int:
-    from cluster.report import PAPER_TABLE3
     def arguments(p):
         group = p.add_mutually_exclusive_group(required=True)
         group.add_argument("--checkpoint", help="checkpoint folder")

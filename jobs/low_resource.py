@@ -14,10 +14,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from cluster.adapt_pool import adapt_targets
+from cluster.finetune import run_finetune
+from cluster.report import score_language
 from cluster.retrieval import build_supports
+from cluster.storage import job_storage
+from trainer.corpus import read_corpus
 
 from .common import (check_record, inputs_record, load_data, main_guard, parse, sample, start_cluster,
                      tracked_run, write_record)
+from .meta_train import train_one
 from .tables import markdown
 from .variants import mean_std, summarize, variant_config
 
@@ -25,11 +31,6 @@ logger = logging.getLogger(__name__)
 
 
 def _one(vcfg, name: str, checkpoint: str, lang: str, train_sample: list, test: list, seed: int, out: Path) -> float:
-    from cluster.adapt_pool import adapt_targets
-    from cluster.finetune import run_finetune
-    from cluster.storage import job_storage
-    from cluster.report import score_language
-
     tuned = run_finetune(vcfg, train_sample, None, seed, str(out), init_checkpoint=checkpoint,
                          storage=job_storage(vcfg, out),
                          num_steps=vcfg.train.low_resource_steps)
@@ -54,10 +55,6 @@ def _records(cfg, langs: list[str], out: Path) -> dict:
 
 
 def run(argv=None) -> int:
-    from trainer.corpus import read_corpus
-
-    from .meta_train import train_one
-
     cfg, args = parse(argv, "low_resource")
     d = cfg.data
     langs = [lang for lang in d.targets if lang in d.target_train_files]

@@ -8,7 +8,12 @@ import logging
 import time
 from pathlib import Path
 
+from cluster.finetune import run_finetune
+from cluster.meta_train import MetaTrainInputs, run_in_process, run_meta_training
+from cluster.progress import watching
 from cluster.retrieval import Supports, build_supports
+from cluster.storage import job_storage
+from cluster.tracking import tracking_uri
 
 from .common import (Data, check_record, inputs_record, load_data, main_guard, parse,
                      start_cluster, tracked_run, write_record)
@@ -20,12 +25,6 @@ logger = logging.getLogger(__name__)
 def train_one(cfg, seed: int, data: Data, supports: Supports, run, out: Path) -> str:
     """Train with `seed` into `out`; returns the selected checkpoint (best on English dev). A bar
     follows the workers' steps (cluster.progress)."""
-    from cluster.finetune import run_finetune
-    from cluster.meta_train import MetaTrainInputs, run_in_process, run_meta_training
-    from cluster.progress import watching
-    from cluster.storage import job_storage
-    from cluster.tracking import tracking_uri
-
     uri = tracking_uri(cfg.mlflow.tracking_uri)
     storage = job_storage(cfg, out)  # what workers on any node write, for this process to fetch
     steps = cfg.train.num_meta_steps

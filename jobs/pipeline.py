@@ -13,7 +13,9 @@ import logging
 import time
 from pathlib import Path
 
+from cluster.report import PAPER
 from cluster.retrieval import build_supports
+from trainer.config import with_overrides
 from trainer.errors import InputError
 from trainer.paths import write_atomic
 
@@ -50,8 +52,6 @@ def plan(cfg, variants: list[str], out: Path) -> dict:
     """{(variant, seed): (config, record)} for `variants` and the parents they need, every seed
     folder checked against its record before anything starts: a folder holding another
     configuration's work stops the job here."""
-    from trainer.config import with_overrides
-
     planned = {}
     for name in with_parents(variants):
         vcfg, parent = variant_config(cfg, name), parent_of(name)
@@ -74,7 +74,6 @@ def run_variants(cfg, variants: list[str], out: Path) -> dict:
     from its last checkpoint, an evaluation from its finished units. The tables are rewritten
     after each variant.
     """
-    from cluster.report import PAPER
     started = time.time()
     planned = plan(cfg, variants, out)
     start_cluster(cfg, out=out)
@@ -123,6 +122,8 @@ def _train_and_evaluate(cfg, name: str, seed: int, data, supports, parent, folde
                         paper: dict[str, float] | None, inputs: str, checkpoint: str | None = None) -> dict:
     """Train (unless given the `checkpoint` to evaluate) and evaluate one seed of a row; its
     scores, precision, recall, English-dev curve and wall time go to <folder>/scores.json."""
+    # torch, which trainer.checkpoint imports, takes seconds: the driver reads a checkpoint's
+    # record only, and only once a seed is done.
     from trainer.checkpoint import dev_curve
 
     started = time.perf_counter()

@@ -14,6 +14,7 @@ import sys
 
 from trainer.digest import text_sha256
 from trainer.errors import InputError
+from trainer.textio import ShardWriter
 
 from .common import check_record, main_guard, parse, write_record
 from .tag import input_arguments, open_input, prepare, record, tag
@@ -50,8 +51,6 @@ def run(argv=None) -> int:
 
 
 def _print(out) -> None:
-    from trainer.textio import ShardWriter
-
     for path in ShardWriter(out).paths():
         with open(path, encoding="utf-8") as fh:
             for line in fh:

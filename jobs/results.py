@@ -15,9 +15,11 @@ import json
 import statistics
 from pathlib import Path
 
+from cluster.report import PAPER
 from trainer.errors import InputError
 
 from .common import DEBUG_HELP, print_or_fail
+from .compare import compare
 from .tables import markdown
 from .variants import PAPER_ROWS, REUSES
 
@@ -29,6 +31,7 @@ DECOMPOSITIONS = [("meta-training effect", "ours", "base_adapt"), ("adaptation e
 
 def read_rows(out: Path) -> dict[str, dict[int, dict]]:
     """{row: {seed: scores.json}} of every finished seed under `out`, rows in the job's order."""
+    # jobs.replicate imports the whole pipeline (Ray, FAISS: seconds): only its row names are read.
     from .replicate import ROWS
 
     if not out.is_dir():
@@ -126,9 +129,11 @@ def curve_table(rows: dict) -> str:
 
 
 def curve_chart(rows: dict, path: Path) -> Path:
+    # matplotlib only when a chart is drawn, its backend (Agg) chosen before pyplot is imported.
     import matplotlib
 
     matplotlib.use("Agg")
+    # pyplot after the backend is chosen.
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -153,10 +158,6 @@ def wall_table(rows: dict) -> str:
 
 
 def page(out: Path, chart: Path | None = None, resamples: int = 1000) -> str:
-    from cluster.report import PAPER
-
-    from .compare import compare
-
     rows = read_rows(out)
     if not rows:
         raise InputError(f"{out} holds no finished seed (no <row>/seed<S>/scores.json); run the job first")

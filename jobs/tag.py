@@ -19,7 +19,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from cluster.runtime import check_resources, init_ray
+from retrieval.cache import RetrievalCache
+from trainer.corpus import Sentence, read_corpus, split_selector
+from trainer.digest import file_sha256, values_sha256
 from trainer.errors import InputError
+from trainer.textio import FORMATS, InputSet, ShardWriter, expand, shards
 
 from .common import check_record, main_guard, parse, write_record
 
@@ -45,6 +52,8 @@ def prepare(job_cfg, args):
     """(config, AdaptationInputs): the checkpoint's encoder and source, found and checked, and its
     settings (trainer.checkpoint.use_config) with this job's cluster, tag and mlflow settings and
     the command line's overrides on top."""
+    # torch, which trainer.checkpoint imports, takes seconds: a bad input or setting is named
+    # before it is needed.
     from trainer.checkpoint import adaptation_inputs, use_config
 
     found = adaptation_inputs(args.checkpoint, encoder=args.encoder, source=args.source)
@@ -59,8 +68,6 @@ def prepare(job_cfg, args):
 
 def open_input(specs: list[str], cfg, args, text_field: str = "text"):
     """The InputSet of `specs`, read through once (checked, counted) before any work."""
-    from trainer.textio import InputSet, expand
-
     if args.lang is not None and not re.fullmatch(r"[a-z]{2,3}", args.lang):
         raise InputError(f"--lang {args.lang}: give a language code such as es, de or zh")
     files = [f for spec in specs for f in expand(spec)]
@@ -75,9 +82,8 @@ def open_input(specs: list[str], cfg, args, text_field: str = "text"):
 
 def record(cfg, found, inputs, conll: bool) -> dict:
     """What the shards in --out are made from: a run started again continues them only if equal."""
+    # torch deferred: see prepare.
     from trainer.checkpoint import weights_sha256
-    from trainer.digest import file_sha256, values_sha256
-    from trainer.corpus import split_selector
 
     values = {k: v for k, v in cfg.flat().items() if not k.startswith(_NOT_OUTPUT)}
     values.update({"input.files": [os.path.abspath(f) for f in inputs.files], "input.digest": inputs.digest(),
@@ -93,13 +99,8 @@ def record(cfg, found, inputs, conll: bool) -> dict:
 
 def tag(cfg, found, inputs, total: int, out: Path, conll: bool = False, progress: bool = True) -> dict:
     """Stream every shard not yet in `out` through the actors; the summary of the whole output."""
-    from tqdm.auto import tqdm
-
-    from cluster.runtime import check_resources, init_ray
+    # Ray and FAISS take seconds to import: only once the input is read and checked.
     from cluster.tag_stream import TagStream
-    from retrieval.cache import RetrievalCache
-    from trainer.corpus import read_corpus
-    from trainer.textio import ShardWriter, shards
 
     source = read_corpus(found.source).sentences  # a corpus that cannot be read stops here, before actors
     writer = ShardWriter(out, conll)
@@ -140,8 +141,6 @@ def _written(writer, total: int, size: int) -> tuple[set, int, Counter]:
 
 def sentences(inputs):
     """(Sentence, file:line) of every sentence of the input, untagged, unspaced where asked."""
-    from trainer.corpus import Sentence
-
     for raw in inputs.sentences():
         yield Sentence(raw.words, ("O",) * len(raw.words), inputs.unspaced), raw.where
 
@@ -160,8 +159,6 @@ def print_summary(summary: dict) -> None:
 
 
 def run(argv=None) -> int:
-    from trainer.textio import FORMATS
-
     def arguments(p):
         input_arguments(p)
         p.add_argument("--input", required=True, nargs="+", help="file(s), folder(s) or glob(s) of text to tag")

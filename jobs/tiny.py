@@ -6,6 +6,7 @@ result is an ordinary Hugging Face folder that `from_pretrained` loads like any 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Iterable, Sequence
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -15,6 +16,8 @@ def build_tiny_bert(out_dir: str | os.PathLike, texts: Iterable[Sequence[str]], 
                     hidden: int = 64, heads: int = 2, vocab_size: int = 2000, seed: int = 0,
                     max_length: int = 128, dropout: float = 0.1) -> str:
     """Train a cased WordPiece vocabulary on word lists `texts`, save tokenizer and random BERT."""
+    # torch, tokenizers and transformers take seconds to import: only when a model is built (the
+    # demo imports this module before its settings are checked).
     import torch
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertModel, BertTokenizerFast
@@ -52,8 +55,6 @@ def wordpiece_vocab(texts: Iterable[Sequence[str]], vocab_size: int, normalizer,
     between equally frequent pairs in hash order: its vocabulary, and so the demo's model and
     results, changed from one process to the next.
     """
-    from collections import Counter
-
     counts: Counter = Counter()
     for words in texts:
         text = normalizer.normalize_str(" ".join(words))

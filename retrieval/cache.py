@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from trainer.digest import values_sha256
-from trainer.paths import atomic_file, write_atomic
+from trainer.paths import atomic_file, make_output_dir, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,6 @@ class RetrievalCache:
     """A folder of `<kind>-<hash>.npy` entries, each with a `.json` note of its key parts."""
 
     def __init__(self, root: str | os.PathLike):
-        from trainer.paths import make_output_dir
-
         self.root = os.fspath(make_output_dir(root, "retrieval.cache_dir"))
 
     def path(self, kind: str, parts: dict[str, Any]) -> str:

@@ -15,7 +15,9 @@ from dataclasses import replace
 from typing import Any, Literal, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from trainer.config import Config
 from trainer.corpus import Sentence
 from trainer.digest import files_sha256, text_sha256
 
@@ -40,6 +42,8 @@ def as_sentences(items: Sequence[Any]) -> list[Sentence]:
 
 def state_dict_hash(module) -> str:
     """Hash of every tensor of a module (names, dtypes, shapes and values)."""
+    # torch and the model code load where vectors are computed (an embedding actor), not in a
+    # driver that imports this module to make one.
     import torch
 
     digest = hashlib.sha256()
@@ -64,8 +68,9 @@ class Embedder:
     def __init__(self, encoder, tokenizer=None, *, max_length: int | None = None,
                  pooling: Literal["cls", "mean"] | None = None, batch_size: int | None = None,
                  device: str | None = None, progress: bool = True):
+        # torch and the model code load where vectors are computed (an embedding actor), not in a
+        # driver that imports this module to make one.
         from trainer.checkpoint import load_encoder
-        from trainer.config import Config
         from trainer.features import Featurizer
         from trainer.model import load_tokenizer
 
@@ -127,6 +132,7 @@ class Embedder:
 
     def key(self) -> str:
         """Everything that decides the vectors: encoder, weights, vocabulary, window and pooling."""
+        # torch, which trainer.features imports: deferred, see state_dict_hash.
         from trainer.features import FEATURES_VERSION
 
         # A local folder is named by its weights alone, so that two spellings of one path share entries.
@@ -147,8 +153,8 @@ class Embedder:
         return windows
 
     def embed(self, sentences: Sequence[Any]) -> np.ndarray:
+        # torch deferred: see state_dict_hash.
         import torch
-        from tqdm.auto import tqdm
 
         sentences = as_sentences(sentences)
         width = self.model.config.hidden_size
@@ -158,6 +164,7 @@ class Embedder:
         # Batches of similar length waste little on padding; rows go back to input order below.
         order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
         out = np.empty((len(windows), width), dtype=np.float32)
+        # torch deferred: see state_dict_hash.
         from trainer.model import evaluating
 
         with evaluating(self.model), torch.no_grad():
@@ -170,6 +177,7 @@ class Embedder:
     __call__ = embed
 
     def _pool(self, batch) -> np.ndarray:
+        # torch deferred: see state_dict_hash.
         import torch
 
         ids = batch["input_ids"].to(self.device)

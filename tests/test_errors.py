@@ -133,7 +133,7 @@ def test_metaner_inspect_and_score_end_alike(tmp_path, capsys, monkeypatch):
     assert cli.main(["score", str(bad), "--types", ",,"]) == 2
     assert capsys.readouterr().err.startswith("metaner score: --types ',,':")
 
-    monkeypatch.setattr("trainer.corpus.read_corpus", lambda *a, **k: _explode())
+    monkeypatch.setattr("jobs.cli.read_corpus", lambda *a, **k: _explode())
     assert cli.main(["inspect", str(bad)]) == 1
     err = capsys.readouterr().err
     assert TRACEBACK in err and "in _explode" in err

@@ -105,3 +105,29 @@ def test_trainer_modules_import_each_other_without_a_cycle():
     trainer = {name: {m for m in found if m.split(".")[0] == "trainer"}
                for name, found in graph.items() if name.split(".")[0] == "trainer"}
     assert _cycle(trainer) == [], " -> ".join(_cycle(trainer))
+
+
+def test_imports_are_at_the_top_or_say_why():
+    """An import inside a function names its reason in a comment on its line or just above its
+    block of imports (a heavy import a command line must not pay for, an import that must come
+    after a setting, a private module inside a try); any other import is at the top."""
+    import ast
+
+    silent = []
+    for package in ("trainer", "cluster", "retrieval", "jobs"):
+        for path in sorted((REPO / package).glob("*.py")):
+            lines = path.read_text(encoding="utf-8").split("\n")
+            tree = ast.parse("\n".join(lines))
+            top = {id(node) for node in tree.body}
+            for node in ast.walk(tree):
+                if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in top:
+                    continue
+                above = node.lineno - 2
+                while above >= 0 and "#" not in lines[above] and (
+                        not lines[above].strip() or lines[above].strip().startswith(("import ", "from "))):
+                    above -= 1
+                said = above >= 0 and (lines[above].strip().startswith("#") or (
+                    "#" in lines[above] and lines[above].strip().startswith(("import ", "from "))))
+                if "#" not in lines[node.lineno - 1] and not said:
+                    silent.append(f"{path.relative_to(REPO)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    assert silent == [], "imports inside functions without a reason:\n" + "\n".join(silent)

@@ -29,6 +29,7 @@ from .features import IGNORE, Featurizer, Window, labelled_predictions
 from .losses import token_loss
 from .model import NerModel, attention, in_mode, trainable_parameters
 from .bottom import BottomStore, FrozenBottom
+from .checkpoint import load_model, use_config
 from .engine import VMAP_ATTENTION, Top, quiet_vmap, stack
 from .errors import CheckpointError
 from .inner import adapting
@@ -185,8 +186,6 @@ class Adapter:
 
     def __init__(self, source: Union[str, os.PathLike, NerModel], featurizer: Optional[Featurizer] = None,
                  cfg=None, device: str = "cpu", prefix_dir: Union[str, os.PathLike, None] = None):
-        from .checkpoint import load_model, use_config
-
         if cfg is None:
             if not isinstance(source, (str, os.PathLike)):
                 raise ValueError("Adapter needs cfg, the settings it adapts and labels with, when given a model")

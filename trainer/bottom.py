@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Collection, Iterator, Optional, Sequence, Union
 
 import torch
+from tqdm.auto import tqdm
 
 from .config import EVAL_BATCH_SIZE
 from .digest import text_sha256
+from .distributed import barrier
 from .errors import ConfigError
 from .features import FEATURES_VERSION, IGNORE, Featurizer, Window
 from .model import NerModel, evaluating
@@ -132,8 +134,6 @@ class FrozenBottom:
         self._check_room(missing)
         bar = None
         if progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=len(missing), desc="frozen bottom", unit="window")
         for part in self.batches(missing):
             batch = self.featurizer.collate(part)
@@ -234,8 +234,6 @@ def keep_source(bottom: FrozenBottom, folder: Union[str, os.PathLike], windows: 
     from `folder` or computed and saved there for every later run with the same frozen weights
     (meta-training and fine-tuning share them). With several ranks each computes a share and rank
     0 merges them (call on every rank)."""
-    from .distributed import barrier
-
     store = BottomStore(folder, bottom.model, bottom.featurizer)
     content = "source:" + text_sha256(repr([w.input_ids for w in windows]))
     states = store.load(content, bottom.device)

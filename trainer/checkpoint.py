@@ -23,7 +23,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
+from .config import Config, ModelConfig, config_from_dict, with_overrides
+from .corpus import split_selector
 from .digest import file_sha256, files_sha256
 from .errors import CheckpointError, ConfigError, InputError
 from .model import (TOKENIZER_FILES, NerModel, build_model as pretrained_model, load_encoder as pretrained_encoder,
@@ -142,6 +143,7 @@ def load_model(path: str | os.PathLike, labels: Optional[Sequence[str]] = None,
 
     If `labels` is given it must equal the checkpoint's label set, in order.
     """
+    # transformers deferred: see trainer.model.load_encoder.
     from transformers import AutoConfig, AutoModel
 
     folder = Path(path)
@@ -273,6 +275,7 @@ def weights_sha256(folder: str | os.PathLike) -> Optional[str]:
 def hub_snapshot(name: str) -> Optional[str]:
     """The local folder of a hub id in this machine's Hugging Face cache, without asking the hub."""
     try:
+        # Inside the try: a missing huggingface_hub means nothing local to name.
         from huggingface_hub import snapshot_download
 
         return snapshot_download(repo_id=name, local_files_only=True)
@@ -285,9 +288,6 @@ def provenance(config) -> dict:
     retrieves support sets (a folder or hub id, and its weights' hash) and the English source file
     (absolute path and sha256). Anything that cannot be read is recorded as None: saving a
     checkpoint never fails for it."""
-    from .config import Config, config_from_dict
-    from .corpus import split_selector
-
     try:
         cfg = config if isinstance(config, Config) else config_from_dict(config) if config else None
     except ValueError:
@@ -368,8 +368,6 @@ def _encoder_of(folder: Path, cfg, recorded: dict, given: Optional[str]) -> tupl
 
 def _source_of(folder: Path, cfg, recorded: dict, given: Optional[str]) -> tuple[str, bool]:
     """(English source path with its split selector, whether its content matched the recorded hash)."""
-    from .corpus import split_selector
-
     want, split = recorded.get("sha256"), recorded.get("split")
     if given:
         path, given_split = split_selector(given)
@@ -425,8 +423,6 @@ def _use_setting(key: str) -> bool:
 
 
 def _recorded_config(folder: Path, info: dict):
-    from .config import config_from_dict
-
     try:
         return config_from_dict(info.get("config") or {})
     except ValueError as err:
@@ -439,8 +435,6 @@ def use_config(path: str | os.PathLike, overrides: Sequence = ()):
     `overrides` applied on top (`a.b=value` texts or (dotted key, value) pairs, in order, as
     trainer.config.with_overrides takes them). An override may change only USE_SETTINGS; one that
     would change any other key is refused, a ConfigError naming each such key."""
-    from .config import with_overrides
-
     folder = Path(path)
     recorded = _recorded_config(folder, read_info(folder))
     cfg = with_overrides(recorded, overrides)

@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
+from .corpus import split_selector
 from .errors import ConfigError
 
 LANGUAGES = ("en", "es", "nl", "de", "fr", "zh")
@@ -91,8 +92,6 @@ class DataConfig:
 
     def resolve(self, relative: str) -> str:
         """Absolute path of a corpus path, keeping a trailing '#train'/'#test' split selector."""
-        from .corpus import split_selector
-
         path, split = split_selector(relative)
         if not os.path.isabs(path):
             path = os.path.join(os.environ.get("METANER_DATA", self.root), path)
@@ -697,6 +696,9 @@ def hub_problems(name_or_path: str) -> list[str]:
     (building a Config stays offline and instant): the local Hugging Face cache first, where its
     config.json must be readable; if it is not there, the hub itself unless HF_HUB_OFFLINE is set,
     within 10 seconds. Local paths are checked by check_environment; they give []."""
+    # Imported when asked: huggingface_hub reads HF_HUB_OFFLINE and its other settings from the
+    # environment when first imported, and a job sets some (jobs.console.setup) after it has
+    # imported this module.
     import huggingface_hub
     from huggingface_hub import constants
 

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 
 from .predict import evaluate
-from .bottom import FrozenBottom
+from .bottom import FrozenBottom, keep_source
 from .config import EVAL_BATCH_SIZE
 from .corpus import Sentence
 from .engine import PACK_FROM, stack_packed
@@ -126,8 +126,6 @@ def finetune(model: NerModel, featurizer: Featurizer, sentences: Sequence[Senten
     if bottom is not None and (not bottom.num_layers or train.mask_ratio > 0):
         bottom = None
     if bottom is not None and bottom_store:
-        from .bottom import keep_source
-
         keep_source(bottom, bottom_store, windows)
     elif bottom is not None:
         bottom.fill(windows, progress=True)

@@ -18,8 +18,11 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
+from .adapt import adapt_many
 from .bottom import FrozenBottom
+from .checkpoint import WEIGHTS, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from .corpus import Sentence
 from .digest import values_sha256
 from .distributed import agree_min, all_gather_object, all_reduce_sum
@@ -29,7 +32,9 @@ from .features import Featurizer
 from .maml import Task, group_windows
 from .model import NerModel, evaluating
 from .optim import BertAdam, make_optimizer, optimizer_step, ordered_groups, schedule_factor
+from .predict import predict
 from .sampling import epoch_of, sample_task_batch, shard_tasks
+from .scoring import score
 
 logger = logging.getLogger(__name__)
 
@@ -219,10 +224,6 @@ class MetaTrainer:
         its single-process time instead of keeping the other ranks waiting. The F1 is the same on
         every rank.
         """
-        from .adapt import adapt_many
-        from .predict import predict
-        from .scoring import score
-
         if not self.dev:
             return float("nan")
         mine = list(range(self.rank, len(self.dev), self.world_size))
@@ -277,8 +278,6 @@ class MetaTrainer:
     def state_dict(self, with_optimizer: bool = True) -> dict:
         """Everything a run needs to continue exactly: trainable weights, meta optimiser and
         scheduler, step, best dev score, RNG states, and the seed and settings it was made with."""
-        from .checkpoint import rng_state
-
         values = config_fingerprint(self.cfg)
         return {"step": self.step, "best_f1": self.best_f1, "best_step": self.best_step, "seed": self.seed,
                 "curve": [list(point) for point in self.curve],
@@ -308,8 +307,6 @@ class MetaTrainer:
                         optimizer_elsewhere: bool = False) -> None:
         """Continue from `state`; `optimizer_elsewhere`: the caller restores the meta optimiser
         itself (DeepSpeed's partitions under ZeRO 1/2)."""
-        from .checkpoint import set_rng_state
-
         if not force:
             self.check_resumable(state, where)
         if state.get("model") is not None:
@@ -331,8 +328,6 @@ class MetaTrainer:
 
     def save(self, folder, tokenizer=None, with_optimizer: bool = True) -> Path:
         """A checkpoint folder: the whole model (safetensors), tokenizer, config, and the trainer state."""
-        from .checkpoint import save_checkpoint
-
         state = self.state_dict(with_optimizer)
         state.pop("model")  # the weights file holds them
         return save_checkpoint(folder, self.model, tokenizer=tokenizer, config=self.cfg,
@@ -341,10 +336,6 @@ class MetaTrainer:
 
     def load(self, folder, force: bool = False, optimizer_elsewhere: bool = False) -> None:
         """Continue from a folder written by `save` (weights and trainer state)."""
-        from safetensors.torch import load_file
-
-        from .checkpoint import WEIGHTS, load_trainer_state
-
         folder = Path(folder)
         state = load_trainer_state(folder)
         if state is None:

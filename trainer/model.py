@@ -16,6 +16,7 @@ from torch import nn
 from .config import ModelConfig
 from .corpus import LABELS
 from .errors import ConfigError
+from .features import labels_for
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ def _local_folder(name_or_path: str, what: str) -> bool:
 def load_encoder(name_or_path: str | os.PathLike) -> nn.Module:
     """`AutoModel` from a hub id or local folder, with a ConfigError that names the setting (a
     checkpoint's encoder: trainer.checkpoint.load_encoder)."""
+    # transformers takes seconds to import, and reads the Hugging Face settings of the environment
+    # when imported (jobs.console.setup sets some after this module is): only loading a model needs it.
     from transformers import AutoModel
 
     name_or_path = os.fspath(name_or_path)
@@ -65,6 +68,7 @@ def load_encoder(name_or_path: str | os.PathLike) -> nn.Module:
 
 def load_tokenizer(name_or_path: str | os.PathLike):
     """The fast tokenizer of a hub id or local folder; a folder without tokenizer files is refused."""
+    # transformers deferred: see load_encoder.
     from transformers import AutoTokenizer
 
     name_or_path = os.fspath(name_or_path)
@@ -207,6 +211,7 @@ class NerModel(nn.Module):
         Under torch.func.vmap the encoder cannot build it itself (it checks `mask.all()`, which is
         data-dependent control flow); a prepared 4-D mask is passed through as is.
         """
+        # transformers deferred: see load_encoder.
         from transformers.masking_utils import create_bidirectional_mask
 
         dtype = next(self.encoder.parameters()).dtype
@@ -315,8 +320,6 @@ def build_model(cfg, labels: Optional[Sequence[str]] = None, seed: Optional[int]
     """The model as `cfg.model` describes it: `encoder` (default: the pretrained one of
     model.name_or_path), a fresh head (the labels of `train.loss_positions` unless given), frozen
     bottom. A model.init_checkpoint is a checkpoint to read: trainer.checkpoint.build_model."""
-    from .features import labels_for
-
     if cfg.model.init_checkpoint:
         raise ValueError("model.init_checkpoint is set: build the model with trainer.checkpoint.build_model, "
                          "which loads its weights")

@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+from seqeval.metrics.sequence_labeling import get_entities
 
 from .corpus import ENTITY_TYPES, CorpusError, read_text, split_fields
 from .paths import atomic_file
@@ -128,8 +129,6 @@ def read_conll(path: str | os.PathLike, types: Sequence[str] = ENTITY_TYPES, spe
 
 def _entity_counts(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> np.ndarray:
     """[n, 3] per sentence: correct, predicted and gold entities (conlleval's exact-span match)."""
-    from seqeval.metrics.sequence_labeling import get_entities
-
     rows = []
     for g, p in zip(gold, pred):
         gs, ps = set(get_entities(list(g))), set(get_entities(list(p)))

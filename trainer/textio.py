@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 from .corpus import CorpusError, Sentence, entity_spans, os_error
 from .digest import files_sha256
 from .errors import InputError
-from .paths import write_atomic
+from .paths import make_output_dir, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -293,8 +293,6 @@ class ShardWriter:
     """Tagged shards in a folder, each file renamed into place whole (see module doc)."""
 
     def __init__(self, folder: str | os.PathLike, conll: bool = False):
-        from .paths import make_output_dir
-
         self.folder, self.conll = make_output_dir(folder, "--out"), conll
 
     def path(self, number: int, suffix: str = ".jsonl") -> Path:
