@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     "faiss-gpu==1.15.1",
     "mlflow==3.17.2",
     "seqeval==1.2.2",
+    "pydantic>=2.7,<3",  # the typed configuration (trainer.config)
     "pyyaml>=6",
     "tqdm>=4.60",
     "matplotlib>=3.8",
@@ -27,7 +28,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["trainer", "trainer.*", "retrieval", "retrieval.*",
                                     "cluster", "cluster.*", "jobs", "jobs.*"]),
-    package_data={"jobs": ["configs/*.yaml"], "cluster": ["*.yaml"]},
+    package_data={"jobs": ["configs/*.yaml", "configs/shared/*.yaml"], "cluster": ["*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest>=8", "hypothesis>=6.100"]},
     entry_points={"console_scripts": ["metaner=jobs.cli:main"]},

@@ -18,14 +18,14 @@ Faithful to the official code:
 - entity masking of the query, max loss (lambda) in meta-training, plain CE at test time.
 
 Simplified or changed:
-- the encoder is trainer.model.NerModel (any Hugging Face encoder + linear head), not the
+- the encoder is trainer.modules.model.NerModel (any Hugging Face encoder + linear head), not the
   official BertForTokenClassification_ with segment ids and its extra "X" label;
-- long sentences are cut into windows by trainer.features (the official code truncates them),
+- long sentences are cut into windows by trainer.data.features (the official code truncates them),
   and each window is padded to 128, so a 2-window sentence is a batch of 2 rows;
 - sentences are featurised from `Sentence` objects inside the timed region for the adaptation
   pass (the official code featurises whole corpora at load time; the contender pays the same
   cost, so the comparison is like for like), and once up front for meta-training, as both the
-  official code and trainer.maml do;
+  official code and trainer.training.reference do;
 - no per-step logging, no conlleval subprocess, no GPU-specific code path (tensors are moved to
   the model's device).
 """
@@ -37,12 +37,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from trainer.features import Featurizer, Window, labelled_predictions
-from trainer.losses import token_loss
-from trainer.maml import Task
-from trainer.masking import mask_batch, mask_generator
-from trainer.model import NerModel
-from trainer.optim import BertAdam, param_groups, schedule_factor
+from trainer.data.features import Featurizer, Window, labelled_predictions
+from trainer.data.masking import mask_batch, mask_generator
+from trainer.data.sampling import Task
+from trainer.modules.losses import token_loss
+from trainer.modules.model import NerModel
+from trainer.training.optim import BertAdam, param_groups, schedule_factor
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class OfficialLearner:
         return train.inner_lr * schedule_factor(self.step, train.num_meta_steps, train.warmup_proportion)
 
     def task_batches(self, task: Task, source: Sequence[Sequence[Window]], epoch: int) -> tuple[dict, dict]:
-        """(query, support) of a task at fixed width; the query's entities masked as trainer.maml does."""
+        """(query, support) of a task at fixed width; the query's entities masked as trainer.training.reference does."""
         support = self._padded([w for i in task.support for w in source[i]])
         query = self._padded(list(source[task.query]))
         generator = mask_generator(self.seed, epoch, task.query)

@@ -25,9 +25,9 @@ from benchmarks._setup import prepare  # noqa: E402
 
 prepare()  # threads, offline hub and sys.path, before torch is imported
 
-import copy  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from trainer.config import with_overrides  # noqa: E402
 
 # Sentences of the Spanish test set and of the English train set the supports come from.
 DEFAULT_TARGETS, QUICK_TARGETS, QUICK_POOL = 400, 48, 1000
@@ -71,7 +71,7 @@ def agreement(a, b) -> float:
 def in_process(b: common.Bundle, targets, supports, device: str) -> tuple[dict, dict]:
     """Seconds and tags of the official loop and metaner's two in-process paths."""
     from benchmarks._official import OfficialLearner
-    from trainer.adapt import adapt_many
+    from trainer.training.adapt import adapt_many
 
     cfg = b.cfg
     official = OfficialLearner(b.fresh_model(device), b.featurizer, cfg)
@@ -96,17 +96,17 @@ def pooled(b: common.Bundle, targets, supports, sizes, device: str, workdir: str
     first actors, so that actor start-up (not timed) is paid once per model.
     """
     from cluster.adapt_pool import AdapterPool, adapt_targets
-    from trainer.checkpoint import save_checkpoint
+    from trainer.training.checkpoint import save_checkpoint
 
     checkpoint = os.path.join(workdir, f"{b.name}-checkpoint")
     save_checkpoint(checkpoint, b.fresh_model("cpu"), tokenizer=b.tokenizer, config=b.cfg)
-    cfg = copy.deepcopy(b.cfg)
-    cfg.cluster.num_adapter_actors = max(sizes)
-    # Units of three batched chunks (24): with the default 32, the 48 sentences of --quick are two
-    # units of 32 and 16, and the actor with 32 alone sets the time (at best 1.5x one actor).
-    cfg.cluster.adapt_unit_size = 3 * cfg.adapt.batch_size
-    if device == "cuda":
-        cfg.cluster.gpus_per_actor = 1.0 / max(sizes)
+    cfg = with_overrides(b.cfg, [
+        ("cluster.num_adapter_actors", max(sizes)),
+        # Units of three batched chunks (24): with the default 32, the 48 sentences of --quick are two
+        # units of 32 and 16, and the actor with 32 alone sets the time (at best 1.5x one actor).
+        ("cluster.adapt_unit_size", 3 * b.cfg.adapt.batch_size),
+        ("cluster.gpus_per_actor", 1.0 / max(sizes) if device == "cuda" else b.cfg.cluster.gpus_per_actor),
+    ])
     pool = AdapterPool(checkpoint, cfg)
     seconds, tags = {}, {}
     try:
@@ -146,9 +146,9 @@ def run(args) -> dict[str, float]:
         for b in bundles:
             # Throughput of one checkpoint: the store that shares the frozen bottom across
             # checkpoints would let later variants reuse earlier ones' work.
-            b.cfg.model.prefix_cache_dir = ""
+            b.cfg = with_overrides(b.cfg, [("model.prefix_cache_dir", "")])
             if args.batch_size:
-                b.cfg.adapt.batch_size = args.batch_size
+                b.cfg = with_overrides(b.cfg, [("adapt.batch_size", args.batch_size)])
         supports = supports_by_cls(bundles[0], targets, pool, bundles[0].cfg.retrieval.k, args.device)
         words = sum(len(s.words) for s in targets)
         print(f"data targets=es:{len(targets)} sentences ({words} words) supports=K{len(supports[0])} "
@@ -186,13 +186,13 @@ def run(args) -> dict[str, float]:
 def replication_setting(args, targets, pool) -> dict[str, float]:
     """Sentences/s of test-time adaptation on e5-small with 10 frozen layers (what the replication's
     evaluation budget is planned from), in one process: batched and sequential."""
-    from trainer.adapt import adapt_many
+    from trainer.training.adapt import adapt_many
 
     if not os.path.isdir(args.e5):
         print(f"note: replication setting skipped: no encoder at {args.e5} (--e5 PATH)", flush=True)
         return {}
     e5 = common.bundle("e5small", args.e5, num_frozen_layers=common.E5_FROZEN)
-    e5.cfg.model.prefix_cache_dir = ""
+    e5.cfg = with_overrides(e5.cfg, [("model.prefix_cache_dir", "")])
     supports = supports_by_cls(e5, targets, pool, e5.cfg.retrieval.k, args.device)
     model = e5.fresh_model(args.device).eval()
     rates = {}

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from benchmarks._setup import set_accelerator
+from trainer.config import with_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -94,30 +95,30 @@ class Bundle:
     path: str
     cfg: object  # trainer.config.Config
     tokenizer: object
-    featurizer: object  # trainer.features.Featurizer
+    featurizer: object  # trainer.data.features.Featurizer
 
     def fresh_model(self, device: str, seed: int = 0):
         """A new NerModel with the same weights every call (the head is seeded)."""
-        from trainer.model import build_model
+        from trainer.modules.model import build_model
 
         return build_model(self.cfg, seed=seed).to(device)
 
     def trainable_count(self) -> int:
-        from trainer.model import trainable_parameters
+        from trainer.modules.model import trainable_parameters
 
         return sum(p.numel() for _, p in trainable_parameters(self.fresh_model("cpu")))
 
 
 def bundle(name: str, path: str, num_frozen_layers: Optional[int] = None) -> Bundle:
     from trainer.config import Config
-    from trainer.corpus import LABELS
-    from trainer.features import Featurizer
-    from trainer.model import load_tokenizer
+    from trainer.data.corpus import LABELS
+    from trainer.data.features import Featurizer
+    from trainer.modules.model import load_tokenizer
 
     cfg = Config()
-    cfg.model.name_or_path = path
+    cfg = with_overrides(cfg, [("model.name_or_path", path)])
     if num_frozen_layers is not None:
-        cfg.model.num_frozen_layers = num_frozen_layers
+        cfg = with_overrides(cfg, [("model.num_frozen_layers", num_frozen_layers)])
     tokenizer = load_tokenizer(path)
     featurizer = Featurizer(tokenizer, cfg.model.max_length, cfg.model.window_context, LABELS)
     return Bundle(name, path, cfg, tokenizer, featurizer)
@@ -146,7 +147,7 @@ def workdir() -> tempfile.TemporaryDirectory:
 
 
 def read(args, relative: str, limit: int = 0):
-    from trainer.corpus import read_corpus
+    from trainer.data.corpus import read_corpus
 
     sentences = read_corpus(os.path.join(args.data, relative)).sentences
     return sentences[:limit] if limit else sentences

@@ -8,14 +8,14 @@ What one seed of a replication row costs at a depth (jobs/configs/replicate_cpu_
 layers of 12). At each number of frozen layers, on the same pseudo tasks (English train sentences,
 each with its K=2 nearest others by [CLS] cosine under the pretrained encoder) and the same Spanish
 test sentences (meta-cross/es/test.txt, supports from the same English sentences):
-- `engine`: trainer.meta_trainer.MetaTrainer.train_step in this process, one thread, meta-steps
+- `engine`: trainer.training.meta_trainer.MetaTrainer.train_step in this process, one thread, meta-steps
   of 32 tasks after a warm-up step (which compiles what is compiled), the kept bottom filled first;
 - `ds<N>`: the same engine on N Ray Train workers with DeepSpeed (cluster.meta_train, gloo on a
   CPU), tasks/s inside the workers' loop (start-up excluded), unless --no-distributed;
-- `adapt`: test-time adaptation (trainer.adapt.adapt_many, the batched path the adapter actors
+- `adapt`: test-time adaptation (trainer.training.adapt.adapt_many, the batched path the adapter actors
   run), sentences/s in this process, the frozen bottom computed in the timed run.
 At the deepest setting (the last of --e5-frozen) also: the per-task reference
-(trainer.maml.MetaLearner.meta_step) on the same meta-batches, taking turns with the engine step by
+(trainer.training.reference.MetaLearner.meta_step) on the same meta-batches, taking turns with the engine step by
 step; and `train.precision=bf16` against fp32, taking turns, for the engine (meta-batches of
 --precision-tasks tasks, a bf16 step being slow where the CPU lacks bf16 matmul instructions) and
 for adaptation (--precision-sentences). Prints `rate` lines, a markdown table, and one `ratio <name> <value>` line per ratio.
@@ -36,6 +36,7 @@ from typing import Sequence  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks import meta_train as bench_meta  # noqa: E402
+from trainer.config import with_overrides  # noqa: E402
 
 DEPTHS = [11, 10, 8, 6, 4]
 DEFAULT_STEPS, QUICK_STEPS = 2, 1
@@ -69,18 +70,18 @@ def parse_args(argv):
 def depth_bundle(args, frozen: int, precision: str = "fp32") -> common.Bundle:
     b = common.bundle(f"e5small-f{frozen}" + ("" if precision == "fp32" else f"-{precision}"), args.e5,
                       num_frozen_layers=frozen)
-    b.cfg.train.precision = precision
-    b.cfg.model.prefix_cache_dir = ""  # the frozen bottom is part of what adaptation costs here
+    # The frozen bottom is part of what adaptation costs here: none kept on disk.
+    b.cfg = with_overrides(b.cfg, [("train.precision", precision), ("model.prefix_cache_dir", "")])
     return b
 
 
 def engine_rates(b: common.Bundle, source, support, steps: int, device: str, tasks: int = 32,
                  reference: bool = False) -> dict[str, dict]:
     """{variant: run} of the engine (and the per-task reference), taking turns step by step."""
-    from trainer.maml import group_windows
+    from trainer.data.features import group_windows
 
     cfg = copy.deepcopy(b.cfg)
-    cfg.train.num_meta_steps, cfg.train.meta_batch_size = steps, tasks
+    cfg = with_overrides(cfg, [("train.num_meta_steps", steps), ("train.meta_batch_size", tasks)])
     batches = bench_meta.task_batches(support, steps, tasks)
     variants = {"engine": bench_meta.engine_variant(b, cfg, source, support, steps + 1, device)}
     if reference:
@@ -94,7 +95,7 @@ def engine_rates(b: common.Bundle, source, support, steps: int, device: str, tas
 
 def adaptation_rate(b: common.Bundle, targets, supports, device: str) -> tuple[float, list]:
     """Sentences/s of batched test-time adaptation (one step, from fresh weights), and the tags."""
-    from trainer.adapt import adapt_many
+    from trainer.training.adapt import adapt_many
 
     model = b.fresh_model(device).eval()
     adapt_many(model, b.featurizer, targets[:WARMUP], supports[:WARMUP], b.cfg)
@@ -110,7 +111,7 @@ def precision_pair(args, frozen: int, source, support, targets, supports, steps:
     cfgs = {}
     for name, b in (("fp32", fp32), ("bf16", bf16)):
         cfg = copy.deepcopy(b.cfg)
-        cfg.train.num_meta_steps, cfg.train.meta_batch_size = steps, tasks
+        cfg = with_overrides(cfg, [("train.num_meta_steps", steps), ("train.meta_batch_size", tasks)])
         cfgs[name] = bench_meta.engine_variant(b, cfg, source, support, steps + 1, args.device)
     runs = bench_meta.taking_turns(cfgs, steps, args.device)
     rate = {k: steps * tasks / r["seconds"] for k, r in runs.items()}
@@ -130,7 +131,7 @@ def distributed_rate(args, b: common.Bundle, source, support, workdir: str) -> f
 
     init_ray(num_cpus=2, log_to_driver=False)
     cfg = copy.deepcopy(b.cfg)
-    cfg.train.num_meta_steps = args.ds_steps + 1
+    cfg = with_overrides(cfg, [("train.num_meta_steps", args.ds_steps + 1)])
     run = bench_meta.distributed(b, cfg, source, support, args.ds_steps, args.workers, args.device, workdir)
     return run["tasks_per_s"]
 

@@ -12,7 +12,7 @@ With a CUDA device (the GPU checks):
 - `faiss-k2`, `faiss-k2040`, `faiss-k2100`: a flat index on the GPU (retrieval.index.IndexShard)
   against numpy brute force over 6,000 unit vectors with a 51-way tie, ids equal up to ties
   within 1e-6; k=2100 is more than FAISS answers on a GPU and must take the CPU fallback;
-- `adapt-tags`: test-time adaptation (trainer.adapt.adapt_many, one BertAdam step at lr 1e-2) of
+- `adapt-tags`: test-time adaptation (trainer.training.adapt.adapt_many, one BertAdam step at lr 1e-2) of
   200 synthetic sentences in five languages on cuda against the CPU: the same tags;
 - `pytest-gpu`: `python -m pytest -q -m gpu` (tests/test_gpu_readiness.py): all pass, none skipped;
 - `demo-zero0`, `demo-zero1`: `python -m jobs.demo` with cluster.use_gpu=true, one NCCL DeepSpeed
@@ -82,7 +82,7 @@ class Tiny:
     def model(self, labels, device: str, frozen: int = 1):
         from torch import nn
 
-        from trainer.model import NerModel, freeze
+        from trainer.modules.model import NerModel, freeze
 
         model = NerModel.from_pretrained(self.path, labels, dropout=0.0, seed=0)
         freeze(model, frozen)
@@ -92,7 +92,7 @@ class Tiny:
         return model.to(device)
 
     def tokenizer(self):
-        from trainer.model import load_tokenizer
+        from trainer.modules.model import load_tokenizer
 
         return load_tokenizer(self.path)
 
@@ -104,11 +104,11 @@ def meta_gradient(tiny: Tiny, device: str, compile_updates: str, precision: str 
     """(names, gradients as float64 on the CPU, totals, compiled, engine) of one meta-step of 8 tasks."""
     import torch
 
-    from trainer.bottom import FrozenBottom
     from trainer.config import load_config
-    from trainer.engine import TaskEngine
-    from trainer.features import Featurizer, labels_for
-    from trainer.maml import Task, group_windows
+    from trainer.data.features import Featurizer, group_windows, labels_for
+    from trainer.data.sampling import Task
+    from trainer.modules.bottom import FrozenBottom
+    from trainer.training.engine import TaskEngine
 
     cfg = load_config(None, ["train.schedule_inner_lr=false", "train.warmup_proportion=0.0",
                              "train.num_inner_steps=2", "train.inner_lr=0.001", "train.lambda_max=2.0",
@@ -223,11 +223,11 @@ def check_faiss(shard, xq, xb, k: int, cuda: bool) -> str:
 
 def check_adapt(tiny: Tiny, cuda: bool) -> str:
     from jobs.synthetic import make_sentences
-    from trainer.adapt import adapt_many
     from trainer.config import load_config
-    from trainer.corpus import LABELS
-    from trainer.features import Featurizer
-    from trainer.predict import predict
+    from trainer.data.corpus import LABELS
+    from trainer.data.features import Featurizer
+    from trainer.training.adapt import adapt_many
+    from trainer.training.predict import predict
 
     cfg = load_config(None, ["adapt.adapt_lr=0.01", "adapt.batch_size=8"])
     per_lang = ADAPT_SENTENCES // 5

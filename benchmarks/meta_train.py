@@ -7,12 +7,12 @@
 Pseudo tasks come from English train sentences (meta-cross/en/train.txt): each sentence is a
 query, its support the K=2 other sentences nearest by [CLS] cosine under the model's own encoder
 (flat numpy search). The same meta-batches of 32 tasks, drawn from (seed, step) by
-trainer.sampling, are run by
+trainer.data.sampling, are run by
 - `official`: the official loop (benchmarks/_official.py: windows padded to 128, 32 per-task
   gradient copies kept, then summed into .grad for the meta-update);
-- `sequential`: the per-task reference, trainer.maml.MetaLearner.meta_step (dynamic padding, one
+- `sequential`: the per-task reference, trainer.training.reference.MetaLearner.meta_step (dynamic padding, one
   accumulated buffer, the whole model run at every inner step);
-- `engine`: trainer.meta_trainer.MetaTrainer.train_step (frozen bottom kept once per window, the
+- `engine`: trainer.training.meta_trainer.MetaTrainer.train_step (frozen bottom kept once per window, the
   inner loops of chunks of tasks vectorised with torch.func, BertAdam in closed form);
 - `ds1`/`ds2`: the engine on 1 and 2 Ray Train workers with DeepSpeed engines (cluster.meta_train,
   Ray local on 127.0.0.1, gloo; with --device cuda NCCL, a whole GPU per worker, counts above the
@@ -50,6 +50,7 @@ import threading  # noqa: E402
 from typing import Optional, Sequence  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from trainer.config import with_overrides  # noqa: E402
 
 DEFAULT_SOURCE, QUICK_SOURCE = 4000, 1000
 DEFAULT_STEPS, QUICK_STEPS = 4, 1
@@ -91,8 +92,7 @@ def load(args, b: common.Bundle):
 
 
 def task_batches(support, steps: int, meta_batch_size: int):
-    from trainer.maml import Task
-    from trainer.sampling import sample_task_batch
+    from trainer.data.sampling import Task, sample_task_batch
 
     return [[Task(tuple(int(i) for i in support[q]), int(q))
              for q in sample_task_batch(len(support), meta_batch_size, SEED, step)] for step in range(steps)]
@@ -116,7 +116,7 @@ def official_variant(b, cfg, windows, batches, device: str) -> Variant:
 
 def sequential_variant(b, cfg, windows, batches, device: str) -> Variant:
     from benchmarks._official import grad_bytes, trainable_bytes
-    from trainer.maml import MetaLearner
+    from trainer.training.reference import MetaLearner
 
     learner = MetaLearner(b.fresh_model(device, SEED), b.featurizer, cfg, seed=SEED)
     learner.task_gradients(batches[0][0], windows)  # warm-up, no update
@@ -135,7 +135,7 @@ def sequential_variant(b, cfg, windows, batches, device: str) -> Variant:
 def engine_variant(b, cfg, source, support, steps: int, device: str) -> Variant:
     """MetaTrainer.train_step over the same meta-batches (it samples them from (seed, step))."""
     from benchmarks._official import tensor_bytes
-    from trainer.meta_trainer import MetaTrainer
+    from trainer.training.meta_trainer import MetaTrainer
 
     trainer = MetaTrainer(b.fresh_model(device, SEED), b.featurizer, cfg, source, support, seed=SEED)
     windows = [w for g in trainer.windows for w in g]
@@ -179,7 +179,7 @@ def taking_turns(variants: dict, steps: int, device: str) -> dict[str, dict]:
 
 def whole_source_bytes(b, args) -> tuple[int, int]:
     """(windows, bytes) of the kept bottom for all of English train: float32 states per position."""
-    from trainer.model import build_model
+    from trainer.modules.model import build_model
 
     windows = b.featurizer.encode(common.read(args, "meta-cross/en/train.txt"))
     hidden = build_model(b.cfg).encoder.config.hidden_size
@@ -216,17 +216,17 @@ def _ds_inputs(b: common.Bundle, cfg, source, support, steps: int, workers: int,
                out_dir: str):
     from cluster.meta_train import MetaTrainInputs
 
-    cfg = copy.deepcopy(cfg)
-    cfg.cluster.num_workers = workers
-    # Fractional CPUs: Ray Train's own controller must still fit on the 2 CPUs given to Ray.
-    cfg.cluster.cpus_per_worker = 0.5
-    cfg.cluster.use_gpu = device == "cuda"
-    # One more step than timed: the workers' rate leaves out their first (compiling) step.
-    cfg.train.num_meta_steps = steps + 1
-    cfg.train.eval_every = cfg.train.checkpoint_every = steps + 1
-    # The bottom of the source, kept on disk: computed before the first timed step by the first
-    # run, read by the next, so that both rates are of meta-steps.
-    cfg.model.prefix_cache_dir = os.path.join(workdir, "prefix")
+    cfg = with_overrides(cfg, [
+        ("cluster.num_workers", workers),
+        # Fractional CPUs: Ray Train's own controller must still fit on the 2 CPUs given to Ray.
+        ("cluster.cpus_per_worker", 0.5),
+        ("cluster.use_gpu", device == "cuda"),
+        # One more step than timed: the workers' rate leaves out their first (compiling) step.
+        ("train.num_meta_steps", steps + 1), ("train.eval_every", steps + 1), ("train.checkpoint_every", steps + 1),
+        # The bottom of the source, kept on disk: computed before the first timed step by the first
+        # run, read by the next, so that both rates are of meta-steps.
+        ("model.prefix_cache_dir", os.path.join(workdir, "prefix")),
+    ])
     inputs = MetaTrainInputs(config=cfg.to_dict(), source=list(source), support=support, dev=[], dev_support=[],
                              seed=SEED, output_dir=out_dir)
     return cfg, inputs
@@ -329,10 +329,10 @@ def report(name: str, runs: dict, one_copy: int) -> None:
 
 def in_process(b: common.Bundle, args, variants: Sequence[str], steps: int) -> dict:
     """Runs of `variants` (official, sequential, engine) on b's model over the same meta-batches."""
-    from trainer.maml import group_windows
+    from trainer.data.features import group_windows
 
     cfg = copy.deepcopy(b.cfg)
-    cfg.train.num_meta_steps = steps
+    cfg = with_overrides(cfg, [("train.num_meta_steps", steps)])
     source, support = load(args, b)
     batches = task_batches(support, steps, cfg.train.meta_batch_size)
     windows = group_windows(b.featurizer.encode(source))

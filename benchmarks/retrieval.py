@@ -49,7 +49,7 @@ def machine(device: str) -> str:
 
 
 def load(args, cfg):
-    from trainer.corpus import read_corpus
+    from trainer.data.corpus import read_corpus
 
     n_source, n_target = (QUICK_SOURCE, QUICK_TARGET) if args.quick else (0, 0)
     if args.limit:

@@ -78,7 +78,7 @@ def setup(args, actors: int):
     from jobs.common import CONFIGS
     from jobs.tag import prepare
     from trainer.config import load_config
-    from trainer.corpus import read_corpus
+    from trainer.data.corpus import read_corpus
 
     overrides = list(args.overrides) + [f"cluster.num_adapter_actors={actors}"]
     ns = SimpleNamespace(checkpoint=args.checkpoint, encoder=None, source=None, lang=None, overrides=overrides)
@@ -88,7 +88,7 @@ def setup(args, actors: int):
 
 def stream_items(path: str, cfg):
     from jobs.tag import sentences
-    from trainer.textio import InputSet, shards
+    from jobs.textio import InputSet, shards
 
     return shards(sentences(InputSet([path], format="text", max_words=cfg.tag.max_words)), cfg.tag.shard_size)
 
@@ -130,7 +130,7 @@ def throughput(args, workdir: str) -> dict[int, float]:
 
 
 def _timed_run(stream, path: str, cfg, folder: str) -> float:
-    from trainer.textio import ShardWriter
+    from jobs.textio import ShardWriter
 
     writer = ShardWriter(folder)
     write = lambda s: writer.write(s.number, s.first, s.sentences, s.wheres, s.tags)  # noqa: E731
@@ -171,8 +171,8 @@ def _actor_peak(actor) -> int:
 def memory(args, workdir: str, n: int) -> dict[str, int]:
     """Peak RSS of the driver (over the run) and of each actor (over its life) tagging n sentences."""
     from cluster.tag_stream import TagStream
+    from jobs.textio import ShardWriter
     from retrieval.cache import RetrievalCache
-    from trainer.textio import ShardWriter
 
     cfg, found, source = setup(args, 2)
     path = write_input(os.path.join(workdir, f"memory-{n}.txt"), n)

@@ -16,15 +16,14 @@ import uuid
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import ray
 from tqdm.auto import tqdm
 
-from trainer.config import ACTOR_MAX_RESTARTS
-from trainer.corpus import content_key
-from trainer.digest import file_sha256, files_sha256
-from trainer.paths import make_output_dir, write_atomic
+from trainer.data.corpus import content_key
+from trainer.utils.digest import file_sha256, files_sha256
+from trainer.utils.paths import make_output_dir, write_atomic
 
 from .storage import pack, unpack
 
@@ -36,13 +35,13 @@ class Unit:
     id: str
     lang: str
     indices: tuple[int, ...]  # positions in the language's test set
-    items: tuple  # trainer.adapt.AdaptItem, ids = indices
+    items: tuple  # trainer.training.adapt.AdaptItem, ids = indices
 
 
 def make_units(targets: dict[str, Sequence], supports: dict[str, Sequence[Sequence]], unit_size: int) -> list[Unit]:
     """Units of `unit_size` sentences per language, interleaved round-robin across languages."""
     # torch and the model code: in the actors, not the driver's import (see ShippedAdapter).
-    from trainer.adapt import AdaptItem
+    from trainer.training.adapt import AdaptItem
 
     per_lang: list[list[Unit]] = []
     for lang, sentences in targets.items():
@@ -104,13 +103,13 @@ class UnitStore:
 
 
 class ShippedAdapter:
-    """A `trainer.adapt.Adapter` whose checkpoint reaches it through Ray's object store
+    """A `trainer.training.adapt.Adapter` whose checkpoint reaches it through Ray's object store
     (`storage.pack`): the actor may run on a node that does not see the driver's disk. Unpacked
     into a folder of the actor's own, removed when the actor ends."""
 
     def __init__(self, files: dict | str, featurizer, cfg, device: str = "cpu", prefix_dir=None):
         """`files`: storage.pack's dict, or the name of the `CheckpointHolder` actor that keeps one."""
-        from trainer.adapt import Adapter  # torch and the model code: in the actor, not the driver's import
+        from trainer.training.adapt import Adapter  # torch and the model code: in the actor, not the driver's import
 
         if isinstance(files, str):
             holder = ray.get_actor(files, namespace=HOLDERS)
@@ -139,8 +138,9 @@ class AdapterPool:
     """`num_adapter_actors` Adapter actors, each loading the checkpoint once (put in Ray's object
     store once by this process, whichever nodes the actors run on)."""
 
-    def __init__(self, checkpoint: str, cfg, max_restarts: int = ACTOR_MAX_RESTARTS):
+    def __init__(self, checkpoint: str, cfg, max_restarts: Optional[int] = None):
         c = cfg.cluster
+        max_restarts = c.actor_max_restarts if max_restarts is None else max_restarts
         threads = max(1, int(c.cpus_per_actor))
         remote = ray.remote(ShippedAdapter).options(
             num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor, max_restarts=max_restarts,

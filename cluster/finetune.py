@@ -31,11 +31,11 @@ def _finetune(config: dict, source, dev, seed: int, out_dir: str, run_id: str | 
     torch.set_num_threads(threads)
 
     # The model code, as torch above: in the task (its threads set first).
-    from trainer.bottom import FrozenBottom
-    from trainer.checkpoint import build_model, load_model, save_checkpoint
-    from trainer.features import Featurizer
-    from trainer.finetune import finetune
-    from trainer.model import load_tokenizer
+    from trainer.data.features import Featurizer
+    from trainer.modules.bottom import FrozenBottom
+    from trainer.modules.model import load_tokenizer
+    from trainer.training.checkpoint import build_model, load_model, save_checkpoint
+    from trainer.training.finetune import finetune
 
     cfg = config_from_dict(config)
     torch.manual_seed(seed)

@@ -1,6 +1,6 @@
 """Distributed first-order meta-training: Ray Train workers, each driving a DeepSpeed engine.
 
-Each worker runs the loop of `trainer.meta_trainer.MetaTrainer` (the same code that runs in one
+Each worker runs the loop of `trainer.training.meta_trainer.MetaTrainer` (the same code that runs in one
 process): every meta-step samples `meta_batch_size` tasks from (seed, step), and each worker
 computes its share with the vectorised task engine, summed into one buffer. A single
 `engine.backward` of a surrogate
@@ -22,8 +22,8 @@ from typing import Optional
 
 import numpy as np
 
-from trainer.config import CHECKPOINTS_KEPT, TRAIN_MAX_FAILURES, config_from_dict
-from trainer.errors import ConfigError, InputError
+from trainer.config import config_from_dict
+from trainer.utils.errors import ConfigError, InputError
 
 from .storage import checkpoint_at, exists, fetch, is_uri, join, list_dirs, publish_written
 from .tracking import MlflowLogger, NullLogger
@@ -61,7 +61,7 @@ class MetaTrainInputs:
     """What every worker needs; put in Ray's object store once, not pickled per worker."""
 
     config: dict
-    source: list  # trainer.corpus.Sentence
+    source: list  # trainer.data.corpus.Sentence
     support: np.ndarray  # [num_source, K] support ids of each source sentence's task
     dev: list  # English dev sentences for model selection
     dev_support: list  # their support sentences (retrieved from the source)
@@ -79,7 +79,7 @@ class MetaTrainInputs:
 
 
 def build_trainer(inputs: MetaTrainInputs, rank: int = 0, world_size: int = 1, metrics_logger=None):
-    """(trainer, tokenizer): the model, featurizer and `trainer.meta_trainer.MetaTrainer` of a
+    """(trainer, tokenizer): the model, featurizer and `trainer.training.meta_trainer.MetaTrainer` of a
     run, the frozen bottom of English train prepared (kept under model.prefix_cache_dir)."""
     cfg, model, tokenizer, featurizer = _model_of(inputs)
     return _trainer(inputs, cfg, model, featurizer, rank, world_size, metrics_logger), tokenizer
@@ -91,9 +91,9 @@ def _model_of(inputs: MetaTrainInputs):
     # not in the job's driver, which imports this module for MetaTrainInputs and run_meta_training.
     import torch
 
-    from trainer.checkpoint import build_model
-    from trainer.features import Featurizer
-    from trainer.model import load_tokenizer
+    from trainer.data.features import Featurizer
+    from trainer.modules.model import load_tokenizer
+    from trainer.training.checkpoint import build_model
 
     cfg = config_from_dict(inputs.config)
     torch.manual_seed(inputs.seed)
@@ -108,7 +108,7 @@ def _model_of(inputs: MetaTrainInputs):
 def _trainer(inputs: MetaTrainInputs, cfg, model, featurizer, rank: int, world_size: int, metrics_logger,
              optimizer=None, meta_update=None):
     # The model code: deferred, see _model_of.
-    from trainer.meta_trainer import MetaTrainer
+    from trainer.training.meta_trainer import MetaTrainer
 
     trainer = MetaTrainer(model, featurizer, cfg, inputs.source, inputs.support, seed=inputs.seed, dev=inputs.dev,
                           dev_support=inputs.dev_support, rank=rank, world_size=world_size,
@@ -134,7 +134,7 @@ def prepare_source_bottom(trainer, folder: str, rank: int = 0, world_size: int =
     """The frozen bottom of every English train window, from disk, or computed (each rank a share,
     merged by rank 0) and saved for every later run with the same frozen weights."""
     # The model code: deferred, see _model_of.
-    from trainer.bottom import keep_source
+    from trainer.modules.bottom import keep_source
 
     keep_source(trainer.bottom, folder, [w for group in trainer.windows for w in group], rank, world_size)
 
@@ -146,7 +146,7 @@ def clips_before_engine(optimizer, cfg) -> bool:
     BertAdam's per-tensor clipping would clip partitions instead: the meta-update all-reduces the
     meta-gradient and clips each tensor itself, and the optimiser inside DeepSpeed clips nothing."""
     # The model code: deferred, see _model_of.
-    from trainer.optim import BertAdam
+    from trainer.training.optim import BertAdam
 
     clip = cfg.cluster.zero_stage > 0 and isinstance(optimizer, BertAdam)
     if clip:
@@ -165,8 +165,8 @@ def deepspeed_update(engine, world_size: int, clip_norm: Optional[float] = None)
     of workers.
     """
     # The model code: deferred, see _model_of.
-    from trainer.distributed import all_reduce_sum
-    from trainer.optim import clip_tensor_grad
+    from trainer.training.optim import clip_tensor_grad
+    from trainer.utils.distributed import all_reduce_sum
 
     def update(params, buffer) -> None:
         scale = world_size
@@ -222,7 +222,7 @@ def deepspeed_engine_trainer(inputs: MetaTrainInputs, rank: int, world_size: int
     # the model code as in _model_of.
     import deepspeed
 
-    from trainer.meta_trainer import meta_optimizer
+    from trainer.training.meta_trainer import meta_optimizer
 
     cfg, model, tokenizer, featurizer = _model_of(inputs)
     optimizer, scheduler = meta_optimizer(model, cfg)
@@ -234,7 +234,7 @@ def deepspeed_engine_trainer(inputs: MetaTrainInputs, rank: int, world_size: int
                        update)
     if cfg.cluster.task_balance == "dynamic":
         # The model code: deferred, see _model_of.
-        from trainer.distributed import chunk_claims
+        from trainer.utils.distributed import chunk_claims
 
         trainer.claims = chunk_claims()
     return trainer, tokenizer, engine
@@ -337,13 +337,13 @@ def latest_checkpoint(storage_path: str, name: str):
 
 
 def run_meta_training(inputs: MetaTrainInputs, cfg, storage_path: str, name: str, resume: bool = True,
-                      max_failures: int = TRAIN_MAX_FAILURES):
+                      max_failures: Optional[int] = None):
     """Meta-train on `cfg.cluster.num_workers` Ray Train workers; returns Ray Train's Result.
 
     `storage_path` (a folder every node sees, or a URI) keeps Ray Train's checkpoints and the
     models rank 0 publishes, which the driver then fetches into `inputs.output_dir` (`best`,
     `final`). A worker that dies is replaced and the group resumes from the last checkpoint (up to
-    `max_failures` times); with `resume`, a new run of the same name continues a stopped one.
+    `max_failures` times, default cluster.train_max_failures); with `resume`, a new run of the same name continues a stopped one.
     """
     # Ray Train only where it runs: cluster.num_workers=0 meta-trains in the job's process
     # without it (run_in_process).
@@ -375,8 +375,9 @@ def run_meta_training(inputs: MetaTrainInputs, cfg, storage_path: str, name: str
                                                            **({"GPU": 1} if c.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         run_config=RunConfig(name=name, storage_path=storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.cluster.checkpoints_kept),
+                             failure_config=FailureConfig(
+                                 max_failures=cfg.cluster.train_max_failures if max_failures is None else max_failures),
                              worker_runtime_env={"env_vars": worker_env(c.use_gpu)}),
     )
     result = trainer.fit()

@@ -19,7 +19,7 @@ from retrieval.cache import RetrievalCache
 from retrieval.embed import Embedder, as_sentences
 from retrieval.index import IndexShard, IndexSpec, as_matrix, merge_topk, shard_bounds
 from retrieval.tasks import build_pseudo_tasks, retrieve_support
-from trainer.errors import ConfigError
+from trainer.utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

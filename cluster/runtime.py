@@ -6,7 +6,7 @@ import os
 import re
 import socket
 
-from trainer.errors import ConfigError
+from trainer.utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

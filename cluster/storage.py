@@ -18,8 +18,8 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from trainer.digest import text_sha256
-from trainer.errors import ConfigError
+from trainer.utils.digest import text_sha256
+from trainer.utils.errors import ConfigError
 
 from .tracking import tracking_uri
 

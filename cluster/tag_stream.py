@@ -37,7 +37,7 @@ from cluster.adapt_pool import AdapterPool
 from cluster.retrieval import ShardedEmbedder, ShardedIndexSpec
 from cluster.runtime import wait_placed
 from retrieval.tasks import embed_cached, merged_target_support, target_fetch
-from trainer.errors import ConfigError
+from trainer.utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ IN_FLIGHT_PER_ACTOR = 2
 class Shard:
     number: int
     first: int  # position of its first sentence in the input
-    sentences: list  # trainer.corpus.Sentence
+    sentences: list  # trainer.data.corpus.Sentence
     wheres: list  # file:line of each sentence
     tags: list = field(default_factory=list)
     left: int = 0  # units not back yet
@@ -177,7 +177,7 @@ class TagStream:
 
     def _items(self, unit: _Unit) -> list:
         # torch and the model code stay in the adapter actors (cluster.adapt_pool.ShippedAdapter).
-        from trainer.adapt import AdaptItem
+        from trainer.training.adapt import AdaptItem
 
         sentences = unit.shard.sentences
         return [AdaptItem(i, sentences[i], tuple(self.source[j] for j in unit.support[i - unit.start]))

@@ -12,7 +12,7 @@ import urllib.request
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from trainer.errors import ConfigError
+from trainer.utils.errors import ConfigError
 
 from .progress import find_board, publish
 

@@ -9,8 +9,8 @@ import sys
 import traceback
 from dataclasses import replace
 
-from trainer.corpus import read_corpus
-from trainer.errors import InputError
+from trainer.data.corpus import read_corpus
+from trainer.utils.errors import InputError
 
 from .common import DEBUG_HELP, exit_status, one_line
 from .console import debug_requested
@@ -35,11 +35,11 @@ JOBS = {
 
 def _unspaced(sentences, tokenizer_path: str) -> dict:
     """The sentences read unspaced with a tokenizer, as for a language of data.unspaced_languages:
-    pieces, and the gold entities with a boundary inside a piece (trainer.features.split_entities)."""
+    pieces, and the gold entities with a boundary inside a piece (trainer.data.features.split_entities)."""
     # torch and transformers take seconds to import: only --tokenizer needs them, not every
     # `metaner inspect` and `metaner score`.
-    from trainer.features import Featurizer, split_entities, vocabulary
-    from trainer.model import load_tokenizer
+    from trainer.data.features import Featurizer, split_entities, vocabulary
+    from trainer.modules.model import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path)
     featurizer = Featurizer(tokenizer)
@@ -84,9 +84,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    # seqeval, which trainer.scoring imports, pulls in scikit-learn (seconds): only `metaner score`
+    # seqeval, which trainer.data.scoring imports, pulls in scikit-learn (seconds): only `metaner score`
     # needs it.
-    from trainer.scoring import read_conll, score
+    from trainer.data.scoring import read_conll, score
 
     types = [t.strip() for t in args.types.split(",") if t.strip()]
     bad = [t for t in types if not t.replace("_", "").isalnum()]

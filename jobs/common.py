@@ -16,13 +16,14 @@ from typing import Callable, Iterator, Optional, Sequence
 from cluster.runtime import PHASES, check_resources, cuda_problems, init_ray
 from cluster.storage import check_shared, job_storage
 from cluster.tracking import check_reachable, finishing, make_logger, tracking_uri
-from trainer.config import hub_problems, load_config, tracking_uri_problems
-from trainer.corpus import os_error, read_corpus, split_selector
-from trainer.digest import file_sha256, text_sha256, values_sha256
-from trainer.errors import ConfigError, CorpusError, InputError, MetanerError
-from trainer.paths import make_output_dir, write_atomic
+from trainer.config import affects, with_overrides
+from trainer.data.corpus import os_error, read_corpus
+from trainer.utils.digest import file_sha256, text_sha256, values_sha256
+from trainer.utils.errors import ConfigError, CorpusError, InputError, MetanerError
+from trainer.utils.paths import make_output_dir, split_selector, write_atomic
 
 from .console import LOG_NAME, close_file, debug_requested, log_to_file, setup, verbose_requested
+from .environment import hub_problems, load_job_config, tracking_store_problems
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +53,15 @@ def parse(argv: Optional[Sequence[str]], job: str, add_arguments: Callable | Non
         add_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.meta_batch_size=16")
     args = parser.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_job_config(args.config, args.overrides)
     if not os.path.isabs(cfg.model.name_or_path) and os.path.isdir(cfg.model.name_or_path):
         # Ray Train workers run in a directory of their own: a relative folder would not be found.
-        cfg.model.name_or_path = os.path.abspath(cfg.model.name_or_path)
+        cfg = with_overrides(cfg, [("model.name_or_path", os.path.abspath(cfg.model.name_or_path))])
     args.out = Path(args.out or Path(cfg.train.output_dir) / job)
 
     if cfg.mlflow.tracking_uri is None and os.environ.get("MLFLOW_TRACKING_URI"):
-        # load_config checked mlflow.tracking_uri; the environment's URI is checked here.
-        problems = tracking_uri_problems(os.environ["MLFLOW_TRACKING_URI"])
+        # load_job_config checked mlflow.tracking_uri; the environment's URI is checked here.
+        problems = tracking_store_problems(os.environ["MLFLOW_TRACKING_URI"])
         if problems:
             raise ConfigError([f"MLFLOW_TRACKING_URI: {p}" for p in problems])
     check_reachable(tracking_uri(cfg.mlflow.tracking_uri))  # before any work, naming the URI
@@ -201,16 +202,6 @@ def tracked_run(cfg, run_name: str, tags: dict | None = None) -> Iterator:
 # difference, instead of resuming or reprinting results that other inputs made.
 
 RECORD = "inputs.json"
-# Keys that do not change what a seed computes: where files and records go, the tagging job's own
-# settings, how many actors share retrieval (exact and tie-deterministic) and adaptation, how a meta-batch's tasks
-# are laid out (chunks, packing: the same math), and the corpus and model paths, which are
-# replaced by a digest of their content (moving the data reuses the work; editing it does not).
-_NOT_RESULTS = ("mlflow.", "tag.", "cluster.address", "cluster.num_embed_actors", "cluster.num_index_shards",
-                "cluster.num_adapter_actors", "cluster.cpus_per_actor", "cluster.gpus_per_actor",
-                "retrieval.cache_dir", "model.prefix_cache_dir", "train.output_dir", "train.seeds", "train.log_every",
-                "train.checkpoint_every", "train.task_chunk_size", "train.pack_support",
-                "data.root", "data.source_train", "data.source_dev", "data.target_files", "data.target_train_files",
-                "model.name_or_path", "model.init_checkpoint")
 def file_digest(path: str) -> str:
     """sha256 of a file's content (16 hex digits); CorpusError naming a file that cannot be read."""
     try:
@@ -242,7 +233,9 @@ def inputs_record(cfg, seed: int, targets: Sequence[str] | None = None, parent: 
     files the work reads, {name: path under data.root}. Raises CorpusError naming a corpus file
     that cannot be read."""
     d = cfg.data
-    values = {k: v for k, v in cfg.flat().items() if not k.startswith(_NOT_RESULTS)}
+    # Settings that change what a seed computes (trainer.config: results=True); corpus and model
+    # paths are counted by their content below, so that moving the data reuses the work.
+    values = {k: v for k, v in cfg.flat().items() if affects(k, "results")}
     files = {"source_train": d.source_train, "source_dev": d.source_dev,
              **{f"target.{lang}": d.target_files[lang] for lang in (d.targets if targets is None else targets)},
              **(extra_files or {})}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.errors import InputError
+from trainer.utils.errors import InputError
 
 from .common import DEBUG_HELP, print_or_fail
 from .tables import markdown
@@ -45,9 +45,9 @@ def _seed_number(name: str) -> float:
 
 def compare(out: Path, against: str, resamples: int, seed: int = 0, run_seed: int | None = None) -> str:
     """`seed` draws the resamples; `run_seed` picks the training seed whose predictions compare."""
-    # seqeval, which trainer.scoring imports, pulls in scikit-learn (seconds): a wrong folder is
+    # seqeval, which trainer.data.scoring imports, pulls in scikit-learn (seconds): a wrong folder is
     # named before.
-    from trainer.scoring import bootstrap_f1, read_conll
+    from trainer.data.scoring import bootstrap_f1, read_conll
 
     rows = predictions(out, run_seed)
     if against not in rows:
@@ -77,7 +77,7 @@ def compare(out: Path, against: str, resamples: int, seed: int = 0, run_seed: in
 
 def _f1(gold, pred) -> float:
     # seqeval deferred: see compare.
-    from trainer.scoring import score
+    from trainer.data.scoring import score
 
     return float(score(gold, pred)["f1"])
 

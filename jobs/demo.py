@@ -15,9 +15,9 @@ from cluster.tracking import tracking_uri
 from jobs.synthetic import make_sentences, write_corpus
 from jobs.tiny import build_tiny_bert
 from trainer.config import DataConfig, with_overrides
-from trainer.corpus import read_corpus
-from trainer.digest import text_sha256
-from trainer.errors import InputError
+from trainer.data.corpus import read_corpus
+from trainer.utils.digest import text_sha256
+from trainer.utils.errors import InputError
 
 from .common import main_guard, parse
 from .console import shown

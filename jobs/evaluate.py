@@ -2,7 +2,7 @@
 
     python -m jobs.evaluate --checkpoint outputs/meta_train/seed95/best [section.key=value ...]
 
-The model, retrieval and adaptation settings are the checkpoint's own (trainer.checkpoint.use_config);
+The model, retrieval and adaptation settings are the checkpoint's own (trainer.training.checkpoint.use_config);
 the job's file gives the data and where the work runs, and an override may change only what does
 not change the checkpoint's meaning.
 """
@@ -15,11 +15,11 @@ from cluster.adapt_pool import adapt_targets
 from cluster.report import PAPER_TABLE3, log_evaluation, score_language
 from cluster.retrieval import Supports, build_supports
 from cluster.tracking import tracking_uri
-from trainer.config import hub_problems
-from trainer.errors import ConfigError, InputError
+from trainer.utils.errors import ConfigError, InputError
 
 from .common import Data, load_data, main_guard, parse, start_cluster, tracked_run
 from .console import shown
+from .environment import hub_problems
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def evaluate_one(cfg, checkpoint: str, data: Data, supports: Supports, run, out:
     the chart (row, seed, encoder)."""
     if cfg.retrieval.encoder == "finetuned":
         # Target neighbours by the trained encoder instead of the pretrained one.
-        from trainer.checkpoint import load_model
+        from trainer.training.checkpoint import load_model
 
         model, tokenizer, _ = load_model(checkpoint)
         supports = build_supports(cfg, data.source, data.targets, encoder=model.encoder, tokenizer=tokenizer,
@@ -49,13 +49,13 @@ def evaluate_one(cfg, checkpoint: str, data: Data, supports: Supports, run, out:
 
 def boundary_loss(checkpoint: str, cfg, targets: dict[str, list]) -> dict[str, dict[str, int]]:
     """Per target read unspaced: how many gold entities have a boundary inside a piece of the
-    checkpoint's tokenizer (trainer.features.split_entities), logged so that the loss is seen."""
+    checkpoint's tokenizer (trainer.data.features.split_entities), logged so that the loss is seen."""
     unspaced = {lang: sentences for lang, sentences in targets.items() if any(s.unspaced for s in sentences)}
     if not unspaced:
         return {}
     # torch deferred: see evaluate_one.
-    from trainer.features import Featurizer, split_entities
-    from trainer.model import load_tokenizer
+    from trainer.data.features import Featurizer, split_entities
+    from trainer.modules.model import load_tokenizer
 
     featurizer = Featurizer(load_tokenizer(checkpoint), cfg.model.max_length, cfg.model.window_context)
     out = {}
@@ -80,11 +80,11 @@ def _checkpoint_of(args) -> str:
 
 
 def checkpoint_config(checkpoint: str, job_cfg, overrides):
-    """The checkpoint's settings (trainer.checkpoint.use_config) with this job's data, where and how
+    """The checkpoint's settings (trainer.training.checkpoint.use_config) with this job's data, where and how
     the work runs and is tracked, and the command line's `overrides` on top; its encoder checked
     to resolve, as the job's own model is for a training job."""
-    # torch, which trainer.checkpoint imports, takes seconds: deferred, see evaluate_one.
-    from trainer.checkpoint import use_config
+    # torch, which trainer.training.checkpoint imports, takes seconds: deferred, see evaluate_one.
+    from trainer.training.checkpoint import use_config
 
     job = job_cfg.to_dict()
     keep = [(section, job[section]) for section in ("data", "cluster", "tag", "mlflow")]

@@ -19,10 +19,19 @@ from cluster.finetune import run_finetune
 from cluster.report import score_language
 from cluster.retrieval import build_supports
 from cluster.storage import job_storage
-from trainer.corpus import read_corpus
+from trainer.data.corpus import read_corpus
 
-from .common import (check_record, inputs_record, load_data, main_guard, parse, sample, start_cluster,
-                     tracked_run, write_record)
+from .common import (
+    check_record,
+    inputs_record,
+    load_data,
+    main_guard,
+    parse,
+    sample,
+    start_cluster,
+    tracked_run,
+    write_record,
+)
 from .meta_train import train_one
 from .tables import markdown
 from .variants import mean_std, summarize, variant_config

@@ -16,11 +16,20 @@ from pathlib import Path
 from cluster.report import PAPER
 from cluster.retrieval import build_supports
 from trainer.config import with_overrides
-from trainer.errors import InputError
-from trainer.paths import write_atomic
+from trainer.utils.errors import InputError
+from trainer.utils.paths import write_atomic
 
-from .common import (RECORD, check_record, inputs_record, load_data, main_guard, parse,
-                     start_cluster, tracked_run, write_record)
+from .common import (
+    RECORD,
+    check_record,
+    inputs_record,
+    load_data,
+    main_guard,
+    parse,
+    start_cluster,
+    tracked_run,
+    write_record,
+)
 from .console import duration, shown
 from .evaluate import evaluate_one
 from .meta_train import train_one
@@ -122,9 +131,9 @@ def _train_and_evaluate(cfg, name: str, seed: int, data, supports, parent, folde
                         paper: dict[str, float] | None, inputs: str, checkpoint: str | None = None) -> dict:
     """Train (unless given the `checkpoint` to evaluate) and evaluate one seed of a row; its
     scores, precision, recall, English-dev curve and wall time go to <folder>/scores.json."""
-    # torch, which trainer.checkpoint imports, takes seconds: the driver reads a checkpoint's
+    # torch, which trainer.training.checkpoint imports, takes seconds: the driver reads a checkpoint's
     # record only, and only once a seed is done.
-    from trainer.checkpoint import dev_curve
+    from trainer.training.checkpoint import dev_curve
 
     started = time.perf_counter()
     with parent.child(f"{name}-seed{seed}") as run:

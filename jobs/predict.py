@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import sys
 
-from trainer.digest import text_sha256
-from trainer.errors import InputError
-from trainer.textio import ShardWriter
+from jobs.textio import ShardWriter
+from trainer.utils.digest import text_sha256
+from trainer.utils.errors import InputError
 
 from .common import check_record, main_guard, parse, write_record
 from .tag import input_arguments, open_input, prepare, record, tag

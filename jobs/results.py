@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 
 from cluster.report import PAPER
-from trainer.errors import InputError
+from trainer.utils.errors import InputError
 
 from .common import DEBUG_HELP, print_or_fail
 from .compare import compare

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import random
 
-from trainer.corpus import Sentence
-from trainer.paths import atomic_file
+from trainer.data.corpus import Sentence
+from trainer.utils.paths import atomic_file
 
 NAMES = {
     "PER": ["Anna Berg", "Carlos Ruiz", "Jan de Vries", "Marie Dubois", "Li Wei", "John Smith",

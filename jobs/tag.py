@@ -22,11 +22,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from cluster.runtime import check_resources, init_ray
+from jobs.textio import FORMATS, InputSet, ShardWriter, expand, shards
 from retrieval.cache import RetrievalCache
-from trainer.corpus import Sentence, read_corpus, split_selector
-from trainer.digest import file_sha256, values_sha256
-from trainer.errors import InputError
-from trainer.textio import FORMATS, InputSet, ShardWriter, expand, shards
+from trainer.data.corpus import Sentence, read_corpus
+from trainer.utils.digest import file_sha256, values_sha256
+from trainer.utils.errors import InputError
+from trainer.utils.paths import split_selector
 
 from .common import check_record, main_guard, parse, write_record
 
@@ -50,11 +51,12 @@ def input_arguments(p) -> None:
 
 def prepare(job_cfg, args):
     """(config, AdaptationInputs): the checkpoint's encoder and source, found and checked, and its
-    settings (trainer.checkpoint.use_config) with this job's cluster, tag and mlflow settings and
+    settings (trainer.training.checkpoint.use_config) with this job's cluster, tag and mlflow settings and
     the command line's overrides on top."""
-    # torch, which trainer.checkpoint imports, takes seconds: a bad input or setting is named
+    # torch, which trainer.training.checkpoint imports, takes seconds: a bad input or setting is named
     # before it is needed.
-    from trainer.checkpoint import adaptation_inputs, use_config
+    from jobs.inputs import adaptation_inputs
+    from trainer.training.checkpoint import use_config
 
     found = adaptation_inputs(args.checkpoint, encoder=args.encoder, source=args.source)
     job = job_cfg.to_dict()
@@ -83,7 +85,7 @@ def open_input(specs: list[str], cfg, args, text_field: str = "text"):
 def record(cfg, found, inputs, conll: bool) -> dict:
     """What the shards in --out are made from: a run started again continues them only if equal."""
     # torch deferred: see prepare.
-    from trainer.checkpoint import weights_sha256
+    from trainer.training.checkpoint import weights_sha256
 
     values = {k: v for k, v in cfg.flat().items() if not k.startswith(_NOT_OUTPUT)}
     values.update({"input.files": [os.path.abspath(f) for f in inputs.files], "input.digest": inputs.digest(),

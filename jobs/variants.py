@@ -5,7 +5,7 @@ import statistics
 from typing import Sequence
 
 from trainer.config import Config, with_overrides
-from trainer.errors import ConfigError
+from trainer.utils.errors import ConfigError
 
 from .tables import markdown
 

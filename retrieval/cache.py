@@ -18,8 +18,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from trainer.digest import values_sha256
-from trainer.paths import atomic_file, make_output_dir, write_atomic
+from trainer.utils.digest import values_sha256
+from trainer.utils.paths import atomic_file, make_output_dir, write_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from trainer.config import Config
-from trainer.corpus import Sentence
-from trainer.digest import files_sha256, text_sha256
+from trainer.data.corpus import Sentence
+from trainer.utils.digest import files_sha256, text_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +70,9 @@ class Embedder:
                  device: str | None = None, progress: bool = True):
         # torch and the model code load where vectors are computed (an embedding actor), not in a
         # driver that imports this module to make one.
-        from trainer.checkpoint import load_encoder
-        from trainer.features import Featurizer
-        from trainer.model import load_tokenizer
+        from trainer.data.features import Featurizer
+        from trainer.modules.model import load_tokenizer
+        from trainer.training.checkpoint import load_encoder
 
         defaults = Config()
         max_length = max_length if max_length is not None else defaults.model.max_length
@@ -132,8 +132,8 @@ class Embedder:
 
     def key(self) -> str:
         """Everything that decides the vectors: encoder, weights, vocabulary, window and pooling."""
-        # torch, which trainer.features imports: deferred, see state_dict_hash.
-        from trainer.features import FEATURES_VERSION
+        # torch, which trainer.data.features imports: deferred, see state_dict_hash.
+        from trainer.data.features import FEATURES_VERSION
 
         # A local folder is named by its weights alone, so that two spellings of one path share entries.
         name = "local" if self._folder is not None else self.encoder_id
@@ -165,7 +165,7 @@ class Embedder:
         order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
         out = np.empty((len(windows), width), dtype=np.float32)
         # torch deferred: see state_dict_hash.
-        from trainer.model import evaluating
+        from trainer.modules.model import evaluating
 
         with evaluating(self.model), torch.no_grad():
             starts = range(0, len(order), self.batch_size)

@@ -18,7 +18,7 @@ from typing import Literal, Optional, Sequence
 import faiss
 import numpy as np
 
-from trainer.errors import ConfigError
+from trainer.utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from trainer.errors import ConfigError
+from trainer.utils.errors import ConfigError
 
 from .cache import RetrievalCache, corpus_hash, key_hash
 from .index import IndexSpec, as_matrix, merge_topk

@@ -20,10 +20,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def load_job_config(path):
     """A job's YAML loaded as the job loads it; skipped, saying why, where it names a model under
     ../shared and that folder is not beside the checkout (the setting that reads it does not load)."""
-    from trainer.config import ConfigError, load_config
+    from jobs.environment import load_job_config as load
+    from trainer.config import ConfigError
 
     try:
-        return load_config(path)
+        return load(path)
     except ConfigError as err:
         if "shared/" in str(err) and not SHARED.is_dir():
             pytest.skip(f"{Path(path).name} names a model under {SHARED}, which is absent: {err}")
@@ -106,7 +107,7 @@ def zh_sentences(n: int, unspaced: bool = True):
     """The first `n` sentences of WikiANN zh (MISC to O, as the jobs read it), marked unspaced."""
     from dataclasses import replace
 
-    from trainer.corpus import read_corpus
+    from trainer.data.corpus import read_corpus
 
     path = DATA / "raw/panx/dev-zh.tsv"
     if not path.is_file():
@@ -141,10 +142,10 @@ def trained_checkpoint(tiny_bert_no_dropout, toy_corpus, tmp_path_factory) -> Pa
     config, so that it records its retrieval encoder and English source), and that source, en.txt."""
     from transformers import AutoTokenizer
 
-    from trainer.checkpoint import save_checkpoint
-    from trainer.config import load_config
-    from trainer.model import build_model
     from jobs.synthetic import write_corpus
+    from trainer.config import load_config
+    from trainer.modules.model import build_model
+    from trainer.training.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("trained")
     write_corpus(root / "en.txt", toy_corpus["en"])

@@ -4,15 +4,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.adapt import (AdaptItem, Adapter, AdaptSettings, _adapted_batched, _adapted_sequential, _encode_groups,
-                           adapt_many)
-from trainer.checkpoint import save_checkpoint
 from trainer.config import load_config
-from trainer.corpus import LABELS, Sentence
-from trainer.features import Featurizer
-from trainer.predict import predict
-from trainer.model import NerModel, freeze, trainable_parameters
-from trainer.optim import BertAdam, batched_bertadam_step, param_groups
+from trainer.data.corpus import LABELS, Sentence
+from trainer.data.features import Featurizer
+from trainer.modules.model import NerModel, freeze, trainable_parameters
+from trainer.training.adapt import (
+    Adapter,
+    AdaptItem,
+    AdaptSettings,
+    _adapted_batched,
+    _adapted_sequential,
+    _encode_groups,
+    adapt_many,
+)
+from trainer.training.checkpoint import save_checkpoint
+from trainer.training.optim import BertAdam, batched_bertadam_step, param_groups
+from trainer.training.predict import predict
 
 # A large step so that adaptation visibly changes predictions of the random tiny model.
 SETTINGS = AdaptSettings(adapt_lr=1e-2, num_adapt_steps=1, weight_decay=0.01, max_grad_norm=1.0)

@@ -14,8 +14,8 @@ from trainer.config import load_config
 def checkpoint(tiny_bert_no_dropout, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from trainer.checkpoint import save_checkpoint
-    from trainer.model import build_model
+    from trainer.modules.model import build_model
+    from trainer.training.checkpoint import save_checkpoint
 
     cfg = _cfg(tiny_bert_no_dropout)
     folder = tmp_path_factory.mktemp("ckpt")
@@ -71,7 +71,7 @@ def test_collect_refuses_lost_or_duplicated_sentences(toy_corpus, tmp_path):
 @pytest.mark.slow
 def test_pool_equals_sequential_and_survives_a_killed_actor(ray_local, checkpoint, tiny_bert_no_dropout,
                                                             toy_corpus, tmp_path):
-    from trainer.adapt import AdaptItem, Adapter
+    from trainer.training.adapt import Adapter, AdaptItem
 
     cfg = _cfg(tiny_bert_no_dropout)
     targets, supports = _targets(toy_corpus)

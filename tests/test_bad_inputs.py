@@ -27,12 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from conftest import REPO
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from jobs.environment import load_job_config
 from trainer.config import load_config
-from trainer.corpus import LABELS, MEMORY_MULTIPLE, CorpusError, Sentence, read_corpus
+from trainer.data.corpus import LABELS, MEMORY_MULTIPLE, CorpusError, Sentence, read_corpus
 
 # Seconds any one case may take; subprocesses get their own, shorter, timeout.
 CASE_DEADLINE = 240
@@ -264,7 +264,7 @@ REPAIRS = [
 @pytest.mark.parametrize("content, kwargs, fragments, words", [r[1:] for r in REPAIRS], ids=[r[0] for r in REPAIRS])
 def test_every_repair_is_a_warning_naming_its_first_lines(tmp_path, caplog, content, kwargs, fragments, words):
     path = _write(tmp_path, content)
-    with caplog.at_level(logging.WARNING, logger="trainer.corpus"):
+    with caplog.at_level(logging.WARNING, logger="trainer.data.corpus"):
         corpus = read_corpus(path, **kwargs)
     warning, = corpus.info.warnings
     for fragment in fragments:
@@ -286,7 +286,7 @@ def _big_file(path: Path, kind: str) -> None:
 
 @pytest.mark.parametrize("kind", ["unique-words", "stream", "conlleval"])
 def test_reading_memory_is_bounded_by_a_multiple_of_the_file_size(tmp_path, kind):
-    from trainer.scoring import read_conll
+    from trainer.data.scoring import read_conll
 
     path = tmp_path / "big.txt"
     _big_file(path, kind)
@@ -303,15 +303,15 @@ def test_reading_memory_is_bounded_by_a_multiple_of_the_file_size(tmp_path, kind
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_bert, tiny_tokenizer):
-    from trainer.features import Featurizer
-    from trainer.model import NerModel
+    from trainer.data.features import Featurizer
+    from trainer.modules.model import NerModel
 
     model = NerModel.from_pretrained(tiny_bert, LABELS, dropout=0.0, seed=0)
     return model, Featurizer(tiny_tokenizer, max_length=32, context=8)
 
 
 def test_a_2000_word_sentence_is_windowed_and_every_word_predicted_once(tmp_path, tiny_model):
-    from trainer.predict import predict
+    from trainer.training.predict import predict
 
     model, featurizer = tiny_model
     words = [f"Paris{i % 7}" if i % 5 == 0 else "the" for i in range(2000)]
@@ -327,7 +327,7 @@ def test_a_2000_word_sentence_is_windowed_and_every_word_predicted_once(tmp_path
 
 
 def test_punctuation_only_and_invisible_words_are_read_and_predicted(tmp_path, tiny_model):
-    from trainer.predict import predict
+    from trainer.training.predict import predict
 
     model, featurizer = tiny_model
     # "\u200b" (zero-width space) is no whitespace to str.split but tokenises to nothing.
@@ -391,7 +391,7 @@ CONFIG_ERRORS = [
 @pytest.mark.parametrize("overrides, fragments", CONFIG_ERRORS, ids=[c[0][0] for c in CONFIG_ERRORS])
 def test_bad_setting_names_the_key_and_what_is_allowed(overrides, fragments):
     with pytest.raises(ValueError) as err:
-        load_config(overrides=overrides)
+        load_job_config(overrides=overrides)
     for fragment in fragments:
         assert fragment in str(err.value), (fragment, str(err.value))
 
@@ -424,9 +424,9 @@ def test_a_config_path_that_is_a_folder_is_named(tmp_path):
 def test_a_file_store_is_refused_unless_mlflow_allows_it(monkeypatch):
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     with pytest.raises(ValueError, match=r"mlflow.tracking_uri: './mlruns' is a file store, which MLflow 3 refuses"):
-        load_config(overrides=["mlflow.tracking_uri=./mlruns"])
+        load_job_config(overrides=["mlflow.tracking_uri=./mlruns"])
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    assert load_config(overrides=["mlflow.tracking_uri=./mlruns"]).mlflow.tracking_uri == "./mlruns"
+    assert load_job_config(overrides=["mlflow.tracking_uri=./mlruns"]).mlflow.tracking_uri == "./mlruns"
 
 
 @pytest.mark.parametrize("config_json, overrides, fragment", [
@@ -443,7 +443,7 @@ def test_model_settings_are_checked_against_the_encoders_own_config(tmp_path, co
     if config_json is not None:
         (model / "config.json").write_text(config_json)
     with pytest.raises(ValueError) as err:
-        load_config(overrides=[f"model.name_or_path={model}", *overrides])
+        load_job_config(overrides=[f"model.name_or_path={model}", *overrides])
     assert fragment.format(model=model) in str(err.value), str(err.value)
 
 
@@ -451,7 +451,7 @@ def test_values_at_the_edge_of_their_range_are_accepted(tmp_path):
     model = tmp_path / "encoder"
     model.mkdir()
     (model / "config.json").write_text('{"num_hidden_layers": 3, "max_position_embeddings": 128}')
-    cfg = load_config(overrides=[f"model.name_or_path={model}", "model.num_frozen_layers=3", "cluster.num_workers=0",
+    cfg = load_job_config(overrides=[f"model.name_or_path={model}", "model.num_frozen_layers=3", "cluster.num_workers=0",
                                  "cluster.gpus_per_actor=0.25", "cluster.cpus_per_actor=2", "retrieval.ivf_nprobe=256",
                                  f"mlflow.tracking_uri=sqlite:///{tmp_path}/m.db", "cluster.address=127.0.0.1:6379"])
     assert cfg.cluster.num_workers == 0 and cfg.model.num_frozen_layers == 3
@@ -483,7 +483,7 @@ def test_k_larger_than_the_source_pool_names_retrieval_k():
 
 def test_a_missing_model_folder_names_model_name_or_path(tmp_path):
     from retrieval.embed import Embedder
-    from trainer.model import load_encoder, load_tokenizer
+    from trainer.modules.model import load_encoder, load_tokenizer
 
     missing = str(tmp_path / "no-model")
     for load in (load_encoder, load_tokenizer, Embedder):
@@ -503,7 +503,7 @@ def _hub_cache(root, repo: str, config: str) -> None:
 def test_a_hub_id_must_resolve_before_the_cluster_starts(tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    from trainer.config import hub_problems
+    from jobs.environment import hub_problems
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -528,7 +528,7 @@ def test_a_job_on_a_hub_id_that_cannot_resolve_stops_in_one_line_before_any_work
 
 def test_a_folder_without_tokenizer_files_is_refused(tmp_path, tiny_bert):
     from retrieval.embed import Embedder
-    from trainer.model import load_tokenizer
+    from trainer.modules.model import load_tokenizer
 
     folder = tmp_path / "weights-only"
     folder.mkdir()
@@ -542,14 +542,14 @@ def test_a_folder_without_tokenizer_files_is_refused(tmp_path, tiny_bert):
 
 @pytest.fixture()
 def checkpoint(tmp_path, tiny_model):
-    from trainer.checkpoint import save_checkpoint
+    from trainer.training.checkpoint import save_checkpoint
 
     model, featurizer = tiny_model
     return save_checkpoint(tmp_path / "ckpt", model, tokenizer=featurizer.tokenizer)
 
 
 def test_checkpoint_labels_that_do_not_fit_the_classifier_are_refused(checkpoint):
-    from trainer.checkpoint import load_model
+    from trainer.training.checkpoint import load_model
 
     (checkpoint / "labels.json").write_text(json.dumps(["O", "B-PER", "I-PER"]))
     with pytest.raises(ValueError, match=r"the weights do not fit labels\.json \(3 labels\)"):
@@ -557,7 +557,7 @@ def test_checkpoint_labels_that_do_not_fit_the_classifier_are_refused(checkpoint
 
 
 def test_damaged_checkpoint_files_are_named(checkpoint, tmp_path):
-    from trainer.checkpoint import load_model
+    from trainer.training.checkpoint import load_model
 
     weights = checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
@@ -575,9 +575,9 @@ def test_damaged_checkpoint_files_are_named(checkpoint, tmp_path):
 
 def test_pickled_weights_file_is_refused_without_running_it(checkpoint, tmp_path):
     import torch
-
     from test_model import _Payload
-    from trainer.checkpoint import load_model
+
+    from trainer.training.checkpoint import load_model
 
     marker = tmp_path / "pwned"
     torch.save({"weight": _Payload(str(marker))}, checkpoint / "model.safetensors")
@@ -600,7 +600,7 @@ def under_a_file(tmp_path) -> Path:
 def test_unwritable_output_folders_name_their_setting(under_a_file):
     from cluster.adapt_pool import UnitStore
     from retrieval.cache import RetrievalCache
-    from trainer.paths import make_output_dir
+    from trainer.utils.paths import make_output_dir
 
     cases = [(lambda: make_output_dir(under_a_file, "--out"), "--out"),
              (lambda: RetrievalCache(under_a_file), "retrieval.cache_dir"),
@@ -615,7 +615,7 @@ def test_unwritable_output_folders_name_their_setting(under_a_file):
 
 
 def test_checkpoint_below_a_file_is_refused_before_writing(under_a_file, tiny_model):
-    from trainer.checkpoint import save_checkpoint
+    from trainer.training.checkpoint import save_checkpoint
 
     with pytest.raises(ValueError, match=r"checkpoint folder .*ckpt: cannot write to the folder .*a part of it is a file"):
         save_checkpoint(under_a_file / "ckpt", tiny_model[0])

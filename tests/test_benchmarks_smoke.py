@@ -11,8 +11,9 @@ import sys
 
 import pytest
 import torch
-
 from conftest import MODELS, REPO, needs_data, needs_tiny_6l
+
+from trainer.config import with_overrides
 
 
 def _load_official():
@@ -27,13 +28,12 @@ def _setup(tiny_bert_no_dropout, **train):
     from transformers import AutoTokenizer
 
     from trainer.config import Config
-    from trainer.features import Featurizer
-    from trainer.model import build_model
+    from trainer.data.features import Featurizer
+    from trainer.modules.model import build_model
 
     cfg = Config()
-    cfg.model.name_or_path = tiny_bert_no_dropout
-    cfg.model.num_frozen_layers = 1
-    cfg.model.dropout = 0.0
+    cfg = with_overrides(cfg, [("model.name_or_path", tiny_bert_no_dropout), ("model.num_frozen_layers", 1),
+                               ("model.dropout", 0.0)])
     for key, value in train.items():
         setattr(cfg.train, key, value)
     featurizer = Featurizer(AutoTokenizer.from_pretrained(tiny_bert_no_dropout), 64, 8)
@@ -41,11 +41,11 @@ def _setup(tiny_bert_no_dropout, **train):
 
 
 def test_official_adaptation_tags_like_the_sequential_path_and_restores(tiny_bert_no_dropout, toy_corpus):
-    from trainer.adapt import adapt_many
+    from trainer.training.adapt import adapt_many
 
     official_mod = _load_official()
     cfg, featurizer, make = _setup(tiny_bert_no_dropout)
-    cfg.adapt.adapt_lr = 1e-2  # large enough that adaptation changes some predictions
+    cfg = with_overrides(cfg, [("adapt.adapt_lr", 1e-2)])  # large enough that adaptation changes some predictions
     english, spanish = toy_corpus["en"], toy_corpus["es"][:8]
     supports = [[english[i], english[i + 9]] for i in range(len(spanish))]
     model = make()
@@ -60,7 +60,9 @@ def test_official_adaptation_tags_like_the_sequential_path_and_restores(tiny_ber
 
 
 def test_official_meta_gradient_equals_the_trainer_core(tiny_bert_no_dropout, toy_corpus):
-    from trainer.maml import MetaLearner, Task, group_windows
+    from trainer.data.features import group_windows
+    from trainer.data.sampling import Task
+    from trainer.training.reference import MetaLearner
 
     official_mod = _load_official()
     cfg, featurizer, make = _setup(tiny_bert_no_dropout, inner_lr=1e-3, schedule_inner_lr=False)
@@ -81,7 +83,8 @@ def test_official_meta_gradient_equals_the_trainer_core(tiny_bert_no_dropout, to
 
 
 def test_official_keeps_one_gradient_copy_per_task(tiny_bert_no_dropout, toy_corpus):
-    from trainer.maml import Task, group_windows
+    from trainer.data.features import group_windows
+    from trainer.data.sampling import Task
 
     official_mod = _load_official()
     cfg, featurizer, make = _setup(tiny_bert_no_dropout)

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, needs_data
 
 
@@ -92,8 +91,8 @@ def test_a_relative_model_folder_reaches_workers_as_an_absolute_path(tmp_path, m
 
 def test_load_data_marks_the_unspaced_targets(tmp_path, toy_corpus):
     from jobs.common import load_data
-    from trainer.config import load_config
     from jobs.synthetic import write_corpus
+    from trainer.config import load_config
 
     for name in ("en/train.txt", "en/valid.txt"):
         write_corpus(tmp_path / name, toy_corpus["en"])
@@ -135,7 +134,7 @@ def test_evaluation_counts_split_entities_of_unspaced_targets(tmp_path, e5_token
     from cluster.report import language_metrics
     from jobs.evaluate import boundary_loss
     from trainer.config import load_config
-    from trainer.corpus import Sentence
+    from trainer.data.corpus import Sentence
 
     e5_tokenizer.save_pretrained(tmp_path)  # a checkpoint folder holds its tokenizer
     zh = [Sentence(tuple("北京大学"), ("B-LOC", "O", "O", "O"), unspaced=True), replace(toy_corpus["zh"][0], unspaced=True)]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jobs.compare import compare
-from trainer.scoring import bootstrap_f1, score, write_conll
+from trainer.data.scoring import bootstrap_f1, score, write_conll
 
 GOLD = [["B-PER", "O", "B-LOC"], ["O", "B-ORG", "I-ORG"], ["B-PER", "I-PER", "O"], ["O", "O", "B-LOC"]] * 10
 

@@ -116,3 +116,82 @@ def test_the_paper_scale_jobs_share_one_gpu_cluster_block():
         text = (configs / f"{name}.yaml").read_text()
         assert "include: shared/gpu_cluster.yaml" in text and "\ncluster:" not in text, name
         assert load_config(configs / f"{name}.yaml").cluster == shared, name
+
+
+def test_values_load_offline_and_what_they_point_at_is_asked_where_a_job_starts(tmp_path):
+    """trainer.config reads no folder, store or network: a model folder that is not there loads as
+    a value and is refused, naming it, by the job's loader (jobs.environment)."""
+    from jobs.environment import load_job_config
+    from trainer.config import ConfigError
+
+    overrides = [f"model.name_or_path={tmp_path / 'gone'}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/no/m.db"]
+    assert load_config(overrides=overrides).model.name_or_path == str(tmp_path / "gone")
+    with pytest.raises(ConfigError) as err:
+        load_job_config(overrides=overrides)
+    assert "model.name_or_path:" in str(err.value) and "of the sqlite store does not exist" in str(err.value)
+
+
+def test_a_config_is_frozen_and_changed_by_overrides_into_a_new_checked_one():
+    from pydantic import ValidationError
+
+    from trainer.config import ConfigError, with_overrides
+
+    cfg = load_config()
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.train.meta_lr = 1.0
+    changed = with_overrides(cfg, [("train.meta_lr", 1e-4), "data.target_files.fr=my/fr.txt"])
+    assert (changed.train.meta_lr, cfg.train.meta_lr) == (1e-4, 3e-5)
+    assert changed.data.target_files["es"] == cfg.data.target_files["es"]
+    with pytest.raises(ConfigError, match="train.meta_lr: must be positive"):
+        with_overrides(cfg, [("train.meta_lr", -1.0)])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.meta_batch_size=true", "train.meta_batch_size: expected an integer, got True"),
+    ("train.seeds=[1, '2']", "train.seeds.1: expected an integer, got '2'"),
+    ("model.name_or_path=3", "model.name_or_path: expected a string, got 3"),
+    ("adapt.enabled=1", "adapt.enabled: expected true or false, got 1"),
+    ("train.meta_lr=.nan", "train.meta_lr: expected a finite number, got nan"),
+    ("train.meta_lr=1e999", "train.meta_lr: expected a finite number, got inf"),
+    ("train.meta_lr=3e-5", None),  # YAML 1.1 reads it as a string: read as the number meant
+    ("cluster=3", "cluster: expected a mapping of address, num_workers"),
+    ("train.meta_lrr=1", "unknown key 'train.meta_lrr'; allowed keys here: train.mode, train.num_inner_steps"),
+])
+def test_types_are_strict_and_every_message_names_its_key(override, message):
+    from trainer.config import ConfigError
+
+    if message is None:
+        assert load_config(overrides=[override]).train.meta_lr == 3e-5
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=[override])
+    assert message in str(err.value), str(err.value)
+
+
+def test_all_problems_at_once_types_and_ranges_of_the_keys_that_loaded(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("train:\n  meta_batch_size: many\n  mask_ratio: 1.5\nretrieval:\n  k: 0\n")
+    from trainer.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["adapt.adapt_lr=-1"])
+    text = str(err.value)
+    assert "4 problems" in text and f"{path}:2: train.meta_batch_size: expected an integer, got 'many'" in text
+    assert "train.mask_ratio: must be in [0, 1]" in text and "retrieval.k: must be at least 1" in text
+    assert "adapt.adapt_lr: must be positive" in text
+
+
+def test_every_setting_says_what_changing_it_changes():
+    """No default hides what a setting changes: each field carries its roles, and the ones that
+    were lists beside the config read from the fields (tagging's settings resume meta-training)."""
+    from trainer.config import Config, affects, roles
+
+    for key in Config().flat():
+        assert set(roles(key)) == {"results", "resume", "use"}, key
+    assert not affects("tag.shard_size", "resume") and not affects("tag.shard_size", "results")
+    assert affects("train.meta_lr", "resume") and not affects("train.meta_lr", "use")
+    assert affects("adapt.adapt_lr", "use") and affects("adapt.adapt_lr", "results")
+    assert not affects("data.target_files.fr", "results")  # counted by the file's content instead
+    assert affects("model.num_frozen_layers", "resume") and not affects("model.num_frozen_layers", "use")
+    with pytest.raises(KeyError):
+        roles("train.no_such_key")

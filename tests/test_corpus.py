@@ -2,9 +2,9 @@
 import logging
 
 import pytest
-
 from conftest import needs_data
-from trainer.corpus import CorpusError, Sentence, entity_spans, read_corpus
+
+from trainer.data.corpus import CorpusError, Sentence, entity_spans, read_corpus
 
 # (path, misc_to_o, sentences, entities) as published (see ../shared/data/README.md and the paper).
 PUBLISHED = [

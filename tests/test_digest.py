@@ -1,7 +1,7 @@
 import os
 from pathlib import Path
 
-from trainer.digest import file_sha256, files_sha256, values_sha256
+from trainer.utils.digest import file_sha256, files_sha256, values_sha256
 
 
 def test_digests_follow_content_names_and_order(tmp_path):

@@ -1,7 +1,7 @@
 """Collective helpers are no-ops in a single process (no process group)."""
 import torch
 
-from trainer.distributed import all_reduce_sum, chunk_claims, rank, world_size
+from trainer.utils.distributed import all_reduce_sum, chunk_claims, rank, world_size
 
 
 def test_single_process_helpers_do_nothing():

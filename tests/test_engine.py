@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from trainer.bottom import FrozenBottom
 from conftest import set_dropout
-from trainer.config import load_config
-from trainer.engine import TaskEngine, Top, even_chunks, stack, stack_packed
-from trainer.features import IGNORE, Featurizer, Window, labels_for
-from trainer.maml import MetaLearner, Task, group_windows
-from trainer.model import NerModel, freeze
+
+from trainer.config import load_config, with_overrides
+from trainer.data.features import IGNORE, Featurizer, Window, group_windows, labels_for
+from trainer.data.sampling import Task
+from trainer.modules.batched import Top, stack, stack_packed
+from trainer.modules.bottom import FrozenBottom
+from trainer.modules.model import NerModel, freeze
+from trainer.training.engine import TaskEngine, even_chunks
+from trainer.training.reference import MetaLearner
 
 BASE = ["train.schedule_inner_lr=false", "train.warmup_proportion=0.0", "train.num_inner_steps=2",
         "train.inner_lr=0.001", "train.meta_lr=0.002", "train.lambda_max=2.0", "train.num_meta_steps=50",
@@ -75,7 +77,7 @@ def test_masking_changes_the_gradient_and_is_redrawn_per_epoch(tiny_bert, tiny_t
 
 
 def test_bottom_batches_cover_every_window_once_with_little_padding(tiny_bert, tiny_tokenizer, toy_corpus):
-    from trainer.bottom import PAD_SLACK
+    from trainer.modules.bottom import PAD_SLACK
 
     cfg, model, featurizer, source = _setup(tiny_bert, tiny_tokenizer, toy_corpus, [])
     bottom = FrozenBottom(model, featurizer, batch_size=4)
@@ -116,7 +118,7 @@ def test_packed_groups_give_the_loss_and_gradient_of_window_rows(tiny_bert, tiny
 
 @pytest.mark.parametrize("count,size", [(32, 4), (17, 4), (15, 4), (5, 2), (1, 4), (0, 4), (9, 32)])
 def test_chunks_are_as_few_and_as_even_as_can_be(count, size):
-    from trainer.engine import even_chunks
+    from trainer.training.engine import even_chunks
 
     chunks = even_chunks(count, size)
     sizes = [c.stop - c.start for c in chunks]
@@ -144,7 +146,7 @@ def test_task_cost_counts_the_positions_and_the_masked_windows_bottom(tiny_bert,
         assert engine.task_cost(task, source, 3) == pytest.approx(plain + masked * frozen / (3 * (layers - frozen)))
         seen_masked = seen_masked or masked > 0
     assert seen_masked, "no query was masked at ratio 0.5"
-    cfg.train.mask_ratio = 0.0
+    engine.cfg = with_overrides(cfg, [("train.mask_ratio", 0.0)])
     assert engine.task_cost(TASKS[0], source, 3) == 2 * positions(TASKS[0].support) + positions([TASKS[0].query])
 
 
@@ -203,7 +205,7 @@ def test_cpu_chunks_hold_a_few_tasks_even_where_one_weight_copy_fills_the_byte_b
     """A copy larger than the CPU byte budget (e5-small at 4 frozen layers) still gets
     CPU_MIN_CHUNK tasks per chunk, as memory allows; small copies keep the byte budget's count, and
     an explicit budget_bytes is taken as it is."""
-    import trainer.engine as engine_module
+    import trainer.training.engine as engine_module
 
     cfg, model, featurizer, source = _setup(tiny_bert, tiny_tokenizer, toy_corpus, [])
     names = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -7,8 +7,8 @@ import pickle
 import pytest
 
 from trainer.config import ConfigError as ConfigErrorOfConfig
-from trainer.corpus import CorpusError as CorpusErrorOfCorpus
-from trainer.errors import CheckpointError, ConfigError, CorpusError, InputError, MetanerError
+from trainer.data.corpus import CorpusError as CorpusErrorOfCorpus
+from trainer.utils.errors import CheckpointError, ConfigError, CorpusError, InputError, MetanerError
 
 TRACEBACK = "Traceback (most recent call last):"
 

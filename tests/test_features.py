@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from trainer.corpus import LABELS, Sentence
-from trainer.features import IGNORE, Featurizer
+from trainer.data.corpus import LABELS, Sentence
+from trainer.data.features import IGNORE, Featurizer
 
 
 def _long_sentence(toy_corpus, n_words, seed):
@@ -177,7 +177,7 @@ def test_bare_marker_of_unspaced_text_is_kept_but_never_labelled():
 
 
 def test_entity_boundary_inside_a_piece_is_counted():
-    from trainer.features import split_entities
+    from trainer.data.features import split_entities
 
     tok = _joined_tokenizer()
     feat = Featurizer(tok, max_length=32, context=0)
@@ -242,8 +242,8 @@ def test_wikiann_zh_round_trip_through_e5_pieces(e5_tokenizer):
     between pieces; the sentences where they do not are exactly those counted."""
     from conftest import zh_sentences
 
-    from trainer.corpus import entity_spans
-    from trainer.features import split_entities
+    from trainer.data.corpus import entity_spans
+    from trainer.data.features import split_entities
 
     sentences = zh_sentences(3000)
     feat = Featurizer(e5_tokenizer, max_length=32, context=8)  # short windows: long sentences are cut
@@ -267,7 +267,7 @@ def test_wikiann_zh_round_trip_through_e5_pieces(e5_tokenizer):
 
 
 def test_official_loss_positions_label_every_position_of_a_window(tiny_tokenizer):
-    from trainer.features import labels_for
+    from trainer.data.features import labels_for
 
     labels = labels_for("all")
     assert labels[: len(LABELS)] == LABELS and labels[len(LABELS):] == ("X", "[CLS]", "[SEP]", "[PAD]")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import set_dropout
-from trainer.bottom import FrozenBottom
+
 from trainer.config import load_config
-from trainer.features import Featurizer
-from trainer.finetune import _logits, _packed_loss, pack_rows, packs
-from trainer.losses import token_loss
-from trainer.model import NerModel, freeze, trainable_parameters
+from trainer.data.features import Featurizer
+from trainer.modules.bottom import FrozenBottom
+from trainer.modules.losses import token_loss
+from trainer.modules.model import NerModel, freeze, trainable_parameters
+from trainer.training.finetune import _logits, _packed_loss, pack_rows, packs
 
 
 def test_rows_hold_every_window_once_within_the_width():

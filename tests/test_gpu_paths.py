@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
+
 from trainer.config import load_config
-from trainer.errors import ConfigError
+from trainer.utils.errors import ConfigError
 
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
                "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "gather",
@@ -43,9 +43,9 @@ def _collective_calls(path: Path) -> list[str]:
 
 def test_every_collective_goes_through_the_group_device_helpers():
     files = [p for room in ("trainer", "cluster") for p in sorted((REPO / room).rglob("*.py"))]
-    helpers = REPO / "trainer" / "distributed.py"
+    helpers = REPO / "trainer" / "utils" / "distributed.py"
     outside = [c for p in files if p != helpers for c in _collective_calls(p)]
-    assert outside == [], "collectives called outside trainer/distributed.py (NCCL needs CUDA tensors)"
+    assert outside == [], "collectives called outside trainer/utils/distributed.py (NCCL needs CUDA tensors)"
     # Inside the helpers, a tensor collective takes what group_device() says, never the caller's device.
     source = helpers.read_text()
     assert "def group_device" in source and "tensor.to(device)" in source
@@ -54,7 +54,7 @@ def test_every_collective_goes_through_the_group_device_helpers():
 def _one_rank(_rank: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
-    from trainer.distributed import agree_min, all_reduce_sum, group_device
+    from trainer.utils.distributed import agree_min, all_reduce_sum, group_device
 
     dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
     stats = all_reduce_sum(torch.tensor([1.5, 2.0], dtype=torch.float64))
@@ -83,9 +83,9 @@ def _cfg(model_path: str):
 
 def _trainer(model_path: str, rank: int = 0, world: int = 1):
     from jobs.synthetic import make_sentences
-    from trainer.features import Featurizer
-    from trainer.meta_trainer import MetaTrainer
-    from trainer.model import build_model, load_tokenizer
+    from trainer.data.features import Featurizer
+    from trainer.modules.model import build_model, load_tokenizer
+    from trainer.training.meta_trainer import MetaTrainer
 
     cfg = _cfg(model_path)
     torch.manual_seed(95)
@@ -104,7 +104,7 @@ def _one_copy_bytes(trainer) -> int:
 def _rank(rank: int, world: int, init: str, model_path: str, out: str, agree: bool) -> None:
     import torch.distributed as dist
 
-    from trainer.distributed import all_reduce_sum, chunk_claims
+    from trainer.utils.distributed import all_reduce_sum, chunk_claims
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -192,7 +192,7 @@ class _Gpus:
 
 
 def test_a_checkpoint_from_more_gpus_restores_where_fewer_are_visible(monkeypatch):
-    from trainer.checkpoint import rng_state, set_rng_state
+    from trainer.training.checkpoint import rng_state, set_rng_state
 
     _Gpus(4).install(monkeypatch)
     saved = rng_state()

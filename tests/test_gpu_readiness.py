@@ -148,7 +148,7 @@ def nccl_group():
 @gpu
 @needs_cuda
 def test_nccl_sums_a_stats_tensor_built_on_the_cpu_and_hands_it_back_there(nccl_group):
-    from trainer.distributed import agree_min, all_reduce_sum, barrier, group_device
+    from trainer.utils.distributed import agree_min, all_reduce_sum, barrier, group_device
 
     assert group_device() == torch.device("cuda", 0)
     stats = torch.tensor([1.5, 2.0, 8.0], dtype=torch.float64)  # losses and counts, as the trainer builds them
@@ -164,11 +164,11 @@ def _tiny_engine(path, device: str, compile_updates: str = "never"):
     from torch import nn
 
     from jobs.synthetic import make_sentences
-    from trainer.bottom import FrozenBottom
-    from trainer.engine import TaskEngine
-    from trainer.features import Featurizer, labels_for
-    from trainer.maml import Task, group_windows
-    from trainer.model import NerModel, freeze, load_tokenizer
+    from trainer.data.features import Featurizer, group_windows, labels_for
+    from trainer.data.sampling import Task
+    from trainer.modules.bottom import FrozenBottom
+    from trainer.modules.model import NerModel, freeze, load_tokenizer
+    from trainer.training.engine import TaskEngine
 
     cfg = load_config(None, ["train.schedule_inner_lr=false", "train.warmup_proportion=0.0", "train.mask_ratio=0.5",
                              "train.inner_lr=0.001", f"train.compile_updates={compile_updates}"])
@@ -190,7 +190,7 @@ def _tiny_engine(path, device: str, compile_updates: str = "never"):
 @gpu
 @needs_cuda
 def test_ranks_on_gpus_agree_on_one_chunk_size(tiny_bert_no_dropout, nccl_group):
-    from trainer.distributed import agree_min
+    from trainer.utils.distributed import agree_min
 
     engine, tasks, source, _ = _tiny_engine(tiny_bert_no_dropout, "cuda")
     own = engine.machine_capacity()  # from the GPU's free memory

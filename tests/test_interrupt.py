@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -113,7 +112,7 @@ def test_unit_store_keeps_finished_units_valid_after_a_kill(tmp_path):
 
     folder = tmp_path / "units"
     proc = _start(_UNIT_WRITER, str(folder))
-    # Killed while a unit is half written (trainer.paths.atomic_file: a hidden .<name>.<random>.tmp).
+    # Killed while a unit is half written (trainer.utils.paths.atomic_file: a hidden .<name>.<random>.tmp).
     _interrupt_when(proc, lambda: len(list(folder.glob("*.json"))) >= 3 and any(folder.glob(".*.json.*.tmp")),
                     signal.SIGKILL)
     store = UnitStore(folder)
@@ -136,8 +135,8 @@ _CHECKPOINT_WRITER = """
 import sys
 import torch
 from transformers import BertConfig, BertModel
-from trainer.checkpoint import save_checkpoint
-from trainer.model import NerModel
+from trainer.training.checkpoint import save_checkpoint
+from trainer.modules.model import NerModel
 encoder = BertModel(BertConfig(vocab_size=20000, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
                                intermediate_size=256, max_position_embeddings=64))
 model = NerModel(encoder)
@@ -154,7 +153,7 @@ for step in range(1, 10000):
 def test_checkpoint_overwritten_when_killed_is_whole_old_or_whole_new(tmp_path):
     import torch
 
-    from trainer.checkpoint import load_model, load_trainer_state
+    from trainer.training.checkpoint import load_model, load_trainer_state
 
     folder = tmp_path / "ckpt"
     proc = _start(_CHECKPOINT_WRITER, str(folder))

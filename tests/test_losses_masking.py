@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.features import IGNORE
-from trainer.losses import token_loss
-from trainer.masking import mask_batch, mask_entities, mask_generator, masked_sides
+from trainer.data.features import IGNORE
+from trainer.data.masking import mask_batch, mask_entities, mask_generator, masked_sides
+from trainer.modules.losses import token_loss
 
 MASK_ID = 4
 

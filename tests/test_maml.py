@@ -5,16 +5,16 @@ import copy
 
 import pytest
 import torch
-
 from conftest import set_dropout
+
 from trainer.config import load_config
-from trainer.corpus import LABELS
-from trainer.features import Featurizer
-from trainer.finetune import finetune
-from trainer.losses import token_loss
-from trainer.maml import MetaLearner, Task, group_windows
-from trainer.model import build_model
-from trainer.model import NerModel, freeze, trainable_parameters
+from trainer.data.corpus import LABELS
+from trainer.data.features import Featurizer, group_windows
+from trainer.data.sampling import Task
+from trainer.modules.losses import token_loss
+from trainer.modules.model import NerModel, build_model, freeze, trainable_parameters
+from trainer.training.finetune import finetune
+from trainer.training.reference import MetaLearner
 
 BASE = ["train.schedule_inner_lr=false", "train.warmup_proportion=0.0", "train.num_inner_steps=2",
         "train.inner_lr=0.001", "train.meta_lr=0.002", "train.lambda_max=2.0", "train.mask_ratio=0.0",
@@ -201,7 +201,7 @@ def test_finetune_learns_and_ends_on_the_best_dev_weights(tiny_bert, featurizer,
     cfg = load_config(None, ["train.warmup_proportion=0.1", "train.meta_lr=0.002", "train.base_batch_size=8",
                              "train.eval_every=10", "train.mask_ratio=0.2"])
     model = _model(tiny_bert, double=False)
-    from trainer.predict import evaluate
+    from trainer.training.predict import evaluate
 
     dev = toy_corpus["en"][40:60]
     start = evaluate(model, featurizer, dev)["f1"]
@@ -221,7 +221,7 @@ def test_finetune_learns_and_ends_on_the_best_dev_weights(tiny_bert, featurizer,
 
 
 def test_resuming_from_saved_trainer_state_continues_identically(tiny_bert, featurizer, source, tmp_path):
-    from trainer.checkpoint import load_model, load_trainer_state, save_checkpoint
+    from trainer.training.checkpoint import load_model, load_trainer_state, save_checkpoint
 
     cfg = load_config(None, BASE + ["train.num_inner_steps=1"])
     model = _model(tiny_bert, double=False)
@@ -241,8 +241,8 @@ def test_resuming_from_saved_trainer_state_continues_identically(tiny_bert, feat
 
 def test_finetune_over_the_kept_frozen_bottom_trains_as_the_whole_model(tiny_bert_no_dropout, toy_corpus):
     """Without dropout the kept bottom changes nothing but the cost: the same losses and weights."""
-    from trainer.bottom import FrozenBottom
-    from trainer.model import load_tokenizer
+    from trainer.modules.bottom import FrozenBottom
+    from trainer.modules.model import load_tokenizer
 
     cfg = load_config(None, ["train.meta_lr=0.002", "train.base_batch_size=8", "train.mask_ratio=0",
                              "model.dropout=0", "model.num_frozen_layers=1"])

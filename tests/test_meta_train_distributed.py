@@ -51,7 +51,7 @@ def test_one_and_two_workers_and_single_process_agree(ray_local, tiny_bert_no_dr
     from cluster.tracking import MlflowLogger
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    from trainer.checkpoint import dev_curve
+    from trainer.training.checkpoint import dev_curve
 
     weights, runs, curves = {}, {}, {}
     for workers in (1, 2):
@@ -80,7 +80,7 @@ def test_one_and_two_workers_and_single_process_agree(ray_local, tiny_bert_no_dr
     for name, ref in reference.items():
         torch.testing.assert_close(weights[1][name], weights[2][name], atol=1e-6, rtol=0)
         torch.testing.assert_close(weights[1][name], ref, atol=1e-6, rtol=0)
-    from trainer.model import build_model
+    from trainer.modules.model import build_model
 
     start = build_model(_cfg(tiny_bert_no_dropout), seed=95).state_dict()
     moved = sum(not torch.equal(start[k], reference[k]) for k in reference)

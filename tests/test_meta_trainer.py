@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from trainer.config import load_config
-from trainer.features import Featurizer
-from trainer.meta_trainer import MetaTrainer
-from trainer.model import build_model
+from trainer.data.features import Featurizer
+from trainer.modules.model import build_model
+from trainer.training.meta_trainer import MetaTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,7 +103,8 @@ def test_resume_refuses_a_checkpoint_of_other_settings_or_seed(tiny_bert_no_drop
         _trainer(cfg, toy_corpus, tiny_tokenizer, seed=96).load(tmp_path / "c")
     # Where and how often it saves or logs are not what it computes.
     same = _trainer(_cfg(tiny_bert_no_dropout, "train.checkpoint_every=5", "train.log_every=2",
-                         "cluster.num_workers=0"), toy_corpus, tiny_tokenizer)
+                         "cluster.num_workers=0", "tag.shard_size=10", "mlflow.experiment=other"),
+                    toy_corpus, tiny_tokenizer)
     same.load(tmp_path / "c")
     assert same.step == 1
     if key == "train.meta_lr":
@@ -117,9 +118,9 @@ def test_a_single_process_run_imports_no_distributed_stack(tiny_bert_no_dropout)
 import sys
 import numpy as np
 from trainer.config import load_config
-from trainer.features import Featurizer
-from trainer.meta_trainer import MetaTrainer
-from trainer.model import build_model, load_tokenizer
+from trainer.data.features import Featurizer
+from trainer.training.meta_trainer import MetaTrainer
+from trainer.modules.model import build_model, load_tokenizer
 from jobs.synthetic import make_sentences
 cfg = load_config(None, ["model.name_or_path={tiny_bert_no_dropout}", "model.num_frozen_layers=1",
                          "train.meta_batch_size=4", "train.num_meta_steps=2", "train.eval_every=2"])

@@ -7,12 +7,12 @@ import pickle
 import pytest
 import torch
 
-from trainer.checkpoint import load_model, load_trainer_state, read_info, rng_state, save_checkpoint
 from trainer.config import Config
-from trainer.corpus import LABELS
-from trainer.features import Featurizer
-from trainer.model import NerModel, freeze, trainable_parameters
-from trainer.optim import BertAdam
+from trainer.data.corpus import LABELS
+from trainer.data.features import Featurizer
+from trainer.modules.model import NerModel, freeze, trainable_parameters
+from trainer.training.checkpoint import load_model, load_trainer_state, read_info, rng_state, save_checkpoint
+from trainer.training.optim import BertAdam
 
 
 @pytest.fixture()
@@ -120,9 +120,9 @@ def test_checkpoint_round_trip_is_exact(model, tiny_tokenizer, tmp_path):
 def test_training_can_start_from_a_trained_checkpoint(model, tiny_bert, tmp_path):
     """model.init_checkpoint: every weight is the checkpoint's, the frozen layers follow the config,
     and a checkpoint of another label set or encoder is refused, naming the key."""
-    from trainer import model as pretrained
-    from trainer.checkpoint import build_model
+    from trainer.modules import model as pretrained
     from trainer.config import load_config
+    from trainer.training.checkpoint import build_model
 
     with torch.no_grad():
         for p in model.parameters():
@@ -142,7 +142,7 @@ def test_training_can_start_from_a_trained_checkpoint(model, tiny_bert, tmp_path
     with pytest.raises(ValueError, match=r"model.init_checkpoint=.*none: no such checkpoint folder"):
         build_model(load_config(None, [f"model.name_or_path={tiny_bert}", "model.num_frozen_layers=1",
                                         f"model.init_checkpoint={tmp_path / 'none'}"]))
-    with pytest.raises(ValueError, match="trainer.checkpoint.build_model"):  # the pretrained builder reads none
+    with pytest.raises(ValueError, match="trainer.training.checkpoint.build_model"):  # the pretrained builder reads none
         pretrained.build_model(cfg)
 
 
@@ -175,6 +175,21 @@ def test_trainer_state_round_trips_and_pickled_objects_are_refused(model, tmp_pa
         load_trainer_state(folder)
     assert not marker.exists()
     assert json.loads((folder / "labels.json").read_text()) == list(LABELS)
+
+
+def test_dev_scores_are_python_floats_and_a_state_with_numpy_scalars_still_resumes(model, tmp_path):
+    """seqeval scores nonzero F1 as numpy.float64; a trainer state holding one was refused by
+    torch.load(weights_only=True), so a run saved with a dev score above 0 could not resume."""
+    import numpy as np
+
+    from trainer.data.scoring import score
+
+    result = score([["B-PER", "O"], ["B-LOC"]], [["B-PER", "O"], ["O"]])
+    assert result["f1"] > 0 and type(result["f1"]) is float and type(result["per_type"]["PER"]["f1"]) is float
+    state = {"step": 350, "best_f1": np.float64(88.7), "curve": [[50, np.float64(66.7)], [100, np.int64(1)]]}
+    folder = save_checkpoint(tmp_path / "ckpt", model, trainer_state=state)
+    loaded = load_trainer_state(folder)
+    assert loaded["best_f1"] == 88.7 and loaded["curve"][0][1] == 66.7
 
 
 class _Payload:

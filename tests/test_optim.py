@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from trainer.config import load_config
-from trainer.optim import (BertAdam, clip_tensor_grad, make_optimizer, optimizer_step, param_groups,
-                           schedule_factor, warmup_linear)
+from trainer.training.optim import (
+    BertAdam,
+    clip_tensor_grad,
+    make_optimizer,
+    optimizer_step,
+    param_groups,
+    schedule_factor,
+    warmup_linear,
+)
 
 
 def _param(values) -> torch.nn.Parameter:
@@ -122,7 +129,7 @@ def test_step_with_explicit_gradients_matches_step_and_leaves_grad_alone():
 
 
 def test_param_groups_exclude_biases_and_layernorm_from_weight_decay(tiny_bert):
-    from trainer.model import NerModel
+    from trainer.modules.model import NerModel
 
     model = NerModel.from_pretrained(tiny_bert, dropout=0.0)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -166,7 +173,7 @@ def test_bertadam_schedule_is_transformers_linear_schedule_with_warmup(t_total, 
 
 
 def test_inner_adapting_steps_as_bertadam_and_restores_bit_for_bit():
-    from trainer.inner import adapting
+    from trainer.training.inner import adapting
 
     torch.manual_seed(0)
     a, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))
@@ -196,7 +203,7 @@ def test_bad_settings_are_refused():
 
 def test_compiled_steps_fall_back_to_the_same_expression_eagerly(monkeypatch):
     """Where torch.compile cannot run (no compiler), the closed-form steps still give BertAdam's result."""
-    import trainer.optim as optim
+    import trainer.training.optim as optim
 
     def broken():
         raise RuntimeError("no C++ compiler")
@@ -223,7 +230,7 @@ def test_compiled_steps_fall_back_to_the_same_expression_eagerly(monkeypatch):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_new_weight_copies_go_into_the_buffers_given_and_own_copies_are_updated_in_place(compiled):
-    import trainer.optim as optim
+    import trainer.training.optim as optim
 
     torch.manual_seed(0)
     params = {"a.weight": torch.randn(5, 4, dtype=torch.float64), "a.bias": torch.randn(5, dtype=torch.float64)}

@@ -19,8 +19,8 @@ def test_trainer_imports_no_distributed_stack():
     import sys
 
     code = ("import sys, pkgutil, importlib, trainer\n"
-            "for m in pkgutil.iter_modules(trainer.__path__):\n"
-            "    importlib.import_module('trainer.' + m.name)\n"
+            "for m in pkgutil.walk_packages(trainer.__path__, 'trainer.'):\n"
+            "    importlib.import_module(m.name)\n"
             "bad = [n for n in ('ray', 'deepspeed', 'mlflow') if n in sys.modules]\n"
             "print(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
@@ -34,7 +34,7 @@ def _imports(root: Path = REPO) -> dict[str, set[str]]:
     import ast
 
     modules = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
-               for package in ("trainer", "cluster", "retrieval", "jobs") for p in (root / package).glob("*.py")}
+               for package in ("trainer", "cluster", "retrieval", "jobs") for p in (root / package).rglob("*.py")}
     graph = {}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -99,12 +99,32 @@ def test_the_import_graph_sees_every_kind_of_import(tmp_path):
 
 def test_trainer_modules_import_each_other_without_a_cycle():
     """A cycle works only while one of its imports stays inside a function, and hides which module
-    builds on which: checkpoints are read in trainer.checkpoint, on top of trainer.model."""
+    builds on which: checkpoints are read in trainer.training.checkpoint, on top of trainer.modules.model."""
     graph = _imports()
-    assert {"trainer.config", "trainer.errors"} <= graph["trainer.model"]
+    assert {"trainer.config", "trainer.utils.errors"} <= graph["trainer.modules.model"]
     trainer = {name: {m for m in found if m.split(".")[0] == "trainer"}
                for name, found in graph.items() if name.split(".")[0] == "trainer"}
     assert _cycle(trainer) == [], " -> ".join(_cycle(trainer))
+
+
+# Lowest first: a module imports only from its own floor or those below it.
+FLOORS = ["trainer.utils", "trainer.config", "trainer.data", "trainer.modules", "trainer.training",
+          "retrieval", "cluster", "jobs"]
+
+
+def _floor(module: str) -> int:
+    return max(i for i, floor in enumerate(FLOORS) if module == floor or module.startswith(floor + "."))
+
+
+def test_no_import_runs_up_a_floor():
+    """The folders show the architecture: utils < config < data < modules < training inside trainer/,
+    then retrieval, cluster (Ray and DeepSpeed around trainer/ and retrieval/), jobs (the recipes)."""
+    graph = _imports()
+    assert {m for m in graph if m.startswith("trainer.")} >= {
+        "trainer.utils.paths", "trainer.data.corpus", "trainer.modules.batched", "trainer.training.engine"}
+    up = [f"{m} -> {t}" for m, found in sorted(graph.items()) if m != "trainer"
+          for t in sorted(found) if t != "trainer" and _floor(t) > _floor(m)]
+    assert up == [], "imports up a floor:\n" + "\n".join(up)
 
 
 def test_imports_are_at_the_top_or_say_why():
@@ -115,7 +135,7 @@ def test_imports_are_at_the_top_or_say_why():
 
     silent = []
     for package in ("trainer", "cluster", "retrieval", "jobs"):
-        for path in sorted((REPO / package).glob("*.py")):
+        for path in sorted((REPO / package).rglob("*.py")):
             lines = path.read_text(encoding="utf-8").split("\n")
             tree = ast.parse("\n".join(lines))
             top = {id(node) for node in tree.body}
@@ -131,3 +151,14 @@ def test_imports_are_at_the_top_or_say_why():
                 if "#" not in lines[node.lineno - 1] and not said:
                     silent.append(f"{path.relative_to(REPO)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
     assert silent == [], "imports inside functions without a reason:\n" + "\n".join(silent)
+
+
+def test_the_readme_room_table_names_every_package_folder():
+    """The README's table of rooms is the map a newcomer reads first: every package folder (and
+    trainer/config.py) has its row, and no row names a folder that is gone."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| room | what it holds |"):].split("\n\n")[0]
+    rows = {line.split("`")[1] for line in table.splitlines() if line.startswith("| `")}
+    folders = {f"{p.parent.relative_to(REPO).as_posix()}/" for package in ("trainer", "retrieval", "cluster", "jobs")
+               for p in (REPO / package).rglob("__init__.py")}
+    assert folders | {"trainer/config.py", "benchmarks/"} == rows

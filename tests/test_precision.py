@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from cluster.meta_train import deepspeed_config
-from trainer.bottom import BottomStore, FrozenBottom
 from trainer.config import load_config
-from trainer.engine import TaskEngine
-from trainer.features import Featurizer, labels_for
-from trainer.maml import Task, group_windows
-from trainer.model import NerModel, freeze
+from trainer.data.features import Featurizer, group_windows, labels_for
+from trainer.data.sampling import Task
+from trainer.modules.bottom import BottomStore, FrozenBottom
+from trainer.modules.model import NerModel, freeze
+from trainer.training.engine import TaskEngine
 
 TASKS = [Task([1, 2], 0), Task([3, 0], 4), Task([5, 6], 2), Task([7, 1], 3), Task([2, 4], 6)]
 # Measured on the tiny model (bert-tiny-6l-like, 2 trainable layers, 5 tasks): 0.4-0.6 % relative

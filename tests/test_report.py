@@ -3,7 +3,7 @@ import mlflow
 
 from cluster.report import PAPER_TABLE3, log_evaluation, score_language
 from cluster.tracking import MlflowLogger
-from trainer.scoring import read_conll
+from trainer.data.scoring import read_conll
 
 
 def test_evaluation_run_has_one_child_per_language_and_a_chart(tmp_path, toy_corpus):
@@ -40,7 +40,7 @@ def test_evaluation_run_has_one_child_per_language_and_a_chart(tmp_path, toy_cor
 
 
 def test_predicted_misc_is_not_scored_where_the_target_has_no_misc(tmp_path):
-    from trainer.corpus import Sentence
+    from trainer.data.corpus import Sentence
 
     gold = [Sentence(("Paris", "et", "Lyon"), ("B-LOC", "O", "B-LOC"))]
     preds = [["B-LOC", "B-MISC", "B-MISC"]]  # one right, one MISC where O, one MISC where LOC

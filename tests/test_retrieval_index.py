@@ -8,10 +8,9 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
+from conftest import DATA, MODELS, needs_data, needs_tiny_6l
 
 from retrieval.index import IndexShard, IndexSpec, brute_force, merge_topk, search, shard_bounds
-
-from conftest import DATA, MODELS, needs_data, needs_tiny_6l
 
 
 def unit(x):
@@ -157,7 +156,7 @@ def test_real_embeddings_tiny_bert(tiny_bert, toy_corpus):
 def test_real_embeddings_bert_tiny_6l():
     """The model of record on 400 English training sentences (their scores bunch within 1e-4)."""
     from retrieval.embed import Embedder
-    from trainer.corpus import read_corpus
+    from trainer.data.corpus import read_corpus
 
     sentences = read_corpus(DATA / "meta-cross/en/train.txt").sentences[:400]
     x = Embedder(MODELS / "bert-tiny-6l", progress=False).embed(sentences)

@@ -8,7 +8,7 @@ from cluster.retrieval import ShardedEmbedder, ShardedIndex, ShardedIndexSpec
 from retrieval.embed import Embedder
 from retrieval.index import IndexShard, IndexSpec
 from retrieval.tasks import build_pseudo_tasks, source_support
-from trainer.config import Config
+from trainer.config import Config, with_overrides
 
 
 def test_actors_need_a_started_ray():
@@ -37,8 +37,8 @@ def test_three_index_actors_equal_one_index(ray_local):
 
 def test_embedding_actors_and_sharded_tasks_match_in_process(ray_local, tiny_bert, toy_corpus):
     cfg = Config()
-    cfg.model.max_length = 32
-    cfg.cluster.num_embed_actors, cfg.cluster.num_index_shards, cfg.cluster.cpus_per_actor = 2, 2, 0.5
+    cfg = with_overrides(cfg, [("model.max_length", 32), ("model.window_context", 8), ("cluster.num_embed_actors", 2),
+                               ("cluster.num_index_shards", 2), ("cluster.cpus_per_actor", 0.5)])
     sentences = toy_corpus["en"][:41] + toy_corpus["nl"][:10]
     local = Embedder.from_config(cfg, tiny_bert, progress=False)
     expected = local.embed(sentences)

@@ -10,9 +10,8 @@ import pytest
 from retrieval.cache import RetrievalCache
 from retrieval.embed import Embedder
 from retrieval.index import brute_force
-from retrieval.tasks import (build_pseudo_tasks, duplicate_groups, retrieve_support, source_support,
-                             target_support)
-from trainer.corpus import Sentence
+from retrieval.tasks import build_pseudo_tasks, duplicate_groups, retrieve_support, source_support, target_support
+from trainer.data.corpus import Sentence
 
 
 @pytest.fixture(scope="module")

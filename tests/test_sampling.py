@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from trainer.sampling import epoch_of, sample_task_batch, shard_tasks
+from trainer.data.sampling import epoch_of, sample_task_batch, shard_tasks
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5])

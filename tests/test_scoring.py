@@ -4,10 +4,10 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import DATA, needs_data
-from trainer.corpus import entity_spans, read_corpus
-from trainer.scoring import read_conll, score, write_conll
+
+from trainer.data.corpus import entity_spans, read_corpus
+from trainer.data.scoring import read_conll, score, write_conll
 
 CONLLEVAL = DATA / "conlleval.pl"
 
@@ -78,7 +78,7 @@ def test_length_mismatch_is_an_error():
 
 def test_files_are_written_whole_or_not_at_all(tmp_path):
     """The one atomic-write helper that records, shards, units, caches and predictions use."""
-    from trainer.paths import atomic_file, write_atomic
+    from trainer.utils.paths import atomic_file, write_atomic
 
     path = tmp_path / "sub" / "out.json"
     write_atomic(path, "old")

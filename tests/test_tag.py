@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
+
+from trainer.config import with_overrides
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -47,15 +48,15 @@ def _read_parts(out: Path) -> list[dict]:
 
 def _reference(trained: Path, words: list[list[str]], unspaced: bool = False) -> list[list[str]]:
     """Tags from one process, no Ray: exact retrieval over the whole source, then the Adapter."""
+    from jobs.inputs import adaptation_inputs
     from retrieval.embed import Embedder
     from retrieval.tasks import target_support
-    from trainer.adapt import AdaptItem, Adapter
-    from trainer.checkpoint import adaptation_inputs
-    from trainer.corpus import Sentence, read_corpus
+    from trainer.data.corpus import Sentence, read_corpus
+    from trainer.training.adapt import Adapter, AdaptItem
 
     found = adaptation_inputs(trained / "best")
     cfg = found.config
-    cfg.model.prefix_cache_dir = ""
+    cfg = with_overrides(cfg, [("model.prefix_cache_dir", "")])
     source = read_corpus(found.source).sentences
     sentences = [Sentence(tuple(w), ("O",) * len(w), unspaced) for w in words]
     embed = Embedder(found.encoder, max_length=cfg.model.max_length, pooling=cfg.retrieval.pooling, progress=False)
@@ -69,7 +70,7 @@ def _reference(trained: Path, words: list[list[str]], unspaced: bool = False) ->
 
 
 def test_text_is_split_into_sentences_and_words_as_the_corpora_are():
-    from trainer.textio import split_sentences, tokenize
+    from jobs.textio import split_sentences, tokenize
 
     words = tokenize("Dr. Smith flog nach Paris. Dann sprach er mit J. Doe! ¿Qué pasa? Fin.")
     assert [" ".join(s) for s in split_sentences(words)] == [
@@ -79,7 +80,7 @@ def test_text_is_split_into_sentences_and_words_as_the_corpora_are():
 
 
 def test_formats_folders_and_globs(tmp_path):
-    from trainer.textio import InputSet, expand
+    from jobs.textio import InputSet, expand
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in/1.txt").write_text("Anna lives in Berlin .\nJohn works . He left .\n")
@@ -103,7 +104,7 @@ def test_formats_folders_and_globs(tmp_path):
 
 
 def test_bad_input_is_named_by_file_and_line_before_any_work(tmp_path):
-    from trainer.textio import InputSet
+    from jobs.textio import InputSet
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
@@ -116,7 +117,7 @@ def test_bad_input_is_named_by_file_and_line_before_any_work(tmp_path):
 
 
 def test_shards_are_written_whole_and_skipped_when_done(tmp_path, toy_corpus):
-    from trainer.textio import ShardWriter, shards
+    from jobs.textio import ShardWriter, shards
 
     writer = ShardWriter(tmp_path, conll=True)
     sentences = toy_corpus["es"][:3]
@@ -130,7 +131,8 @@ def test_shards_are_written_whole_and_skipped_when_done(tmp_path, toy_corpus):
 
 
 def test_the_checkpoint_records_and_checks_its_encoder_and_source(trained, tiny_bert_no_dropout, tmp_path):
-    from trainer.checkpoint import adaptation_inputs, read_info
+    from jobs.inputs import adaptation_inputs
+    from trainer.training.checkpoint import read_info
 
     info = read_info(trained / "best")
     enc, src = info["provenance"]["retrieval_encoder"], info["provenance"]["source"]
@@ -151,7 +153,8 @@ def test_the_checkpoint_records_and_checks_its_encoder_and_source(trained, tiny_
 
 
 def test_an_encoder_that_is_not_on_this_machine_is_named_before_any_work(trained, tmp_path):
-    from trainer.checkpoint import META_FILE, adaptation_inputs
+    from jobs.inputs import adaptation_inputs
+    from trainer.training.checkpoint import META_FILE
 
     copy = shutil.copytree(trained / "best", tmp_path / "best")
     meta = json.loads((copy / META_FILE).read_text())
@@ -168,7 +171,7 @@ def test_an_encoder_that_is_not_on_this_machine_is_named_before_any_work(trained
 def test_a_checkpoint_given_as_an_encoder_loads_its_own_encoder(trained):
     import torch
 
-    from trainer.checkpoint import load_encoder, load_model
+    from trainer.training.checkpoint import load_encoder, load_model
 
     encoder = load_encoder(str(trained / "best"))
     reference = load_model(trained / "best")[0].encoder
@@ -176,9 +179,9 @@ def test_a_checkpoint_given_as_an_encoder_loads_its_own_encoder(trained):
 
 
 def test_a_checkpoint_is_used_with_its_own_settings_and_overrides_of_how_only(trained):
-    from trainer.adapt import Adapter
-    from trainer.checkpoint import use_config
-    from trainer.errors import ConfigError
+    from trainer.training.adapt import Adapter
+    from trainer.training.checkpoint import use_config
+    from trainer.utils.errors import ConfigError
 
     folder = trained / "best"
     cfg = use_config(folder)
@@ -203,7 +206,7 @@ def test_evaluate_and_tag_take_the_checkpoints_settings_and_refuse_changing_them
     from jobs.evaluate import checkpoint_config
     from jobs.tag import main
     from trainer.config import load_config
-    from trainer.errors import ConfigError
+    from trainer.utils.errors import ConfigError
 
     folder = str(trained / "best")
     job = load_config(None, ["data.target_sample=7", "cluster.num_adapter_actors=3", "model.max_length=256"])
@@ -290,10 +293,10 @@ def test_a_killed_adapter_actor_loses_no_sentence_and_writes_none_twice(ray_loca
 
     from cluster.tag_stream import TagStream
     from jobs.tag import open_input, prepare, sentences
+    from jobs.textio import ShardWriter, shards
     from retrieval.cache import RetrievalCache
     from trainer.config import load_config
-    from trainer.corpus import read_corpus
-    from trainer.textio import ShardWriter, shards
+    from trainer.data.corpus import read_corpus
 
     words = _text_folder(tmp_path / "in", toy_corpus, n_per_lang=8)
     args = SimpleNamespace(checkpoint=str(trained / "best"), encoder=None, source=None, lang=None, format="auto",

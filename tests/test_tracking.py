@@ -2,7 +2,7 @@
 import pytest
 
 from cluster.tracking import NullLogger, check_reachable, make_logger, tracking_uri
-from trainer.errors import ConfigError
+from trainer.utils.errors import ConfigError
 
 
 def test_rank_zero_logs_and_other_ranks_do_nothing(tmp_path):

@@ -5,8 +5,17 @@ import json
 
 import pytest
 
-from jobs.variants import (REUSES, STARTS_FROM, TABLE3, TABLE4, VARIANTS, markdown_table, summarize, variant_config,
-                           with_parents)
+from jobs.variants import (
+    REUSES,
+    STARTS_FROM,
+    TABLE3,
+    TABLE4,
+    VARIANTS,
+    markdown_table,
+    summarize,
+    variant_config,
+    with_parents,
+)
 from trainer.config import Config
 
 
@@ -57,8 +66,8 @@ def test_rows_evaluate_or_start_from_their_parents_checkpoint(tmp_path, ray_loca
     from jobs.common import CONFIGS
     from jobs.demo import synthetic_data, tiny_model
     from jobs.pipeline import run_variants
-    from trainer.checkpoint import read_info
     from trainer.config import load_config, with_overrides
+    from trainer.training.checkpoint import read_info
 
     files = synthetic_data(tmp_path / "data")
     cfg = load_config(CONFIGS / "demo.yaml", [

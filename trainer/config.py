@@ -1,94 +1,131 @@
-"""Typed job configuration: one YAML file per job plus dotted overrides.
+"""Typed job configuration: one YAML file per job plus dotted overrides, on pydantic v2.
 
 Every hyper-parameter default of the project lives here and nowhere else. The defaults are the
 paper's (Wu et al., AAAI 2020) and the official Meta-Cross code's where the paper is silent.
+
+Each setting says, on its field, what changing it changes (`setting(..., results=, resume=, use=)`):
+what a seed computes (the inputs record a job compares before reusing its work), the weights of a
+meta-training run (a checkpoint made under another value is not resumed), and what a trained
+checkpoint means (it is not used, evaluated or tagged with, under another value).
+
+Models are frozen (a changed configuration is a new one: `with_overrides`), unknown keys are
+refused, types are strict (a YAML 1.1 number written `3e-5`, which PyYAML reads as a string, is
+read as the number), NaN and infinities are refused, and every problem is reported at once, one
+line each, naming its dotted key and the file and line it came from. Whether what a setting
+points at exists (a model folder, the hub, a tracking store) is asked where a job starts
+(jobs.environment), not here.
 """
 from __future__ import annotations
 
 import contextvars
-import dataclasses
-import json
-import math
+import copy
 import os
 import re
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Annotated, Any, Literal, Optional, Sequence
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from .corpus import split_selector
-from .errors import ConfigError
+from trainer.utils.errors import ConfigError
+from trainer.utils.paths import split_selector
 
 LANGUAGES = ("en", "es", "nl", "de", "fr", "zh")
+ROLES = ("results", "resume", "use")
 
-# Settings of the machinery rather than of the method: not in the YAML files, and not part of any
-# record or checkpoint fingerprint (they change how work is carried, never what it computes).
-EVAL_BATCH_SIZE = 32  # windows per forward pass when labelling without adaptation, or filling the frozen bottom
-ACTOR_MAX_RESTARTS = 3  # an adapter actor that dies is restarted this many times, its unit retried
-TRAIN_MAX_FAILURES = 2  # a Ray Train worker group that fails is restarted from its last checkpoint this often
-CHECKPOINTS_KEPT = 2  # Ray Train checkpoints kept per training run
+# Windows per forward pass when labelling without adaptation, or filling the frozen bottom: the
+# default of the functions that take a batch size, not a setting (it changes memory, not results).
+EVAL_BATCH_SIZE = 32
 
 
-@dataclass
-class ModelConfig:
-    name_or_path: str = "bert-base-multilingual-cased"
-    max_length: int = 128
+def setting(default: Any, *, results: bool = True, resume: bool = True, use: bool = False, **constraints) -> Any:
+    """A field of the configuration, and what changing it changes.
+
+    `results`: what a seed computes (false: where files go, how work is spread, or a path whose
+    content the inputs record counts by digest instead). `resume`: the weights meta-training
+    produces, so that a checkpoint made under another value is not resumed. `use`: true where a
+    trained checkpoint may be used under another value than it was trained with (how and where it
+    runs, what it labels); false where the value is part of what the checkpoint means."""
+    extra = {"roles": {"results": results, "resume": resume, "use": use}}
+    if isinstance(default, (list, dict)):
+        return Field(default_factory=lambda: copy.deepcopy(default), json_schema_extra=extra, **constraints)
+    return Field(default, json_schema_extra=extra, **constraints)
+
+
+def _yaml_number(value: Any) -> Any:
+    # YAML 1.1 reads "3e-5" (no dot) as a string; every number of this configuration is meant.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_yaml_number)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class ModelConfig(Section):
+    name_or_path: str = setting("bert-base-multilingual-cased", results=False)
+    max_length: int = setting(128)
     # Subwords of one window kept as left context of the next when a sentence is split.
-    window_context: int = 32
+    window_context: int = setting(32)
     # The paper freezes "the bottom three layers"; the official code freezes layers 0..3 (four).
     # Embeddings, pooler and layers 0..num_frozen_layers-1 are frozen.
-    num_frozen_layers: int = 4
-    freeze_embeddings: bool = True
-    freeze_pooler: bool = True
-    dropout: float = 0.1
+    num_frozen_layers: int = setting(4)
+    freeze_embeddings: bool = setting(True)
+    freeze_pooler: bool = setting(True)
+    dropout: Number = setting(0.1)
     # Hidden states of the frozen bottom (embeddings and frozen layers), kept on disk and shared by
     # every checkpoint with the same frozen weights: English train for meta-training, each
     # evaluation unit for adaptation; "" keeps them in memory only.
-    prefix_cache_dir: str = ".metaner/prefix"
+    prefix_cache_dir: str = setting(".metaner/prefix", results=False, resume=False, use=True)
     # A trained checkpoint folder whose weights (encoder and classifier) replace the pretrained
     # encoder and the fresh head before training starts: meta-training on top of a fine-tuned
     # English model. Its label set must be the one training uses.
-    init_checkpoint: Optional[str] = None
+    init_checkpoint: Optional[str] = setting(None, results=False)
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     # Root that every relative corpus path below is resolved against. METANER_DATA overrides
     # the default so that a checkout can point at a shared corpus folder.
-    root: str = "../shared/data"
-    source_train: str = "meta-cross/en/train.txt"
-    source_dev: str = "meta-cross/en/valid.txt"
-    targets: list[str] = field(default_factory=lambda: ["es", "nl", "de", "fr", "zh"])
+    root: str = setting("../shared/data", results=False, resume=False, use=True)
+    source_train: str = setting("meta-cross/en/train.txt", results=False, use=True)
+    source_dev: str = setting("meta-cross/en/valid.txt", results=False, use=True)
+    targets: list[str] = setting(["es", "nl", "de", "fr", "zh"], resume=False, use=True)
     # A path may end in "#train" / "#test" to select a split of a corpus without sentence breaks.
-    target_files: dict[str, str] = field(default_factory=lambda: {
+    target_files: dict[str, str] = setting({
         "es": "meta-cross/es/test.txt",
         "nl": "meta-cross/nl/test.txt",
         "de": "meta-cross/de/test.txt",
         "fr": "raw/europeana/enp_FR.bnf.bio#test",
         "zh": "raw/panx/dev-zh.tsv",
-    })
+    }, results=False, resume=False, use=True)
     # Target-language training data, used only by the low-resource job (Table 6).
-    target_train_files: dict[str, str] = field(default_factory=lambda: {
+    target_train_files: dict[str, str] = setting({
         "es": "meta-cross/es/train.txt",
         "nl": "meta-cross/nl/train.txt",
         "de": "meta-cross/de/train.txt",
         "fr": "raw/europeana/enp_FR.bnf.bio#train",
-    })
-    low_resource_fractions: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05])
+    }, results=False, resume=False, use=True)
+    low_resource_fractions: list[float] = setting([0.01, 0.02, 0.05], resume=False, use=True)
     # The paper maps MISC to O where the target corpus has no MISC type.
-    misc_to_o: list[str] = field(default_factory=lambda: ["fr", "zh"])
+    misc_to_o: list[str] = setting(["fr", "zh"], resume=False, use=True)
     # Targets written without spaces, one character per word in their corpora. With a sentencepiece
     # or byte-level vocabulary (XLM-R, e5) each sentence is tokenised as one unspaced string, as
     # the encoder read such text in pretraining, and labels reach characters through the pieces'
     # offsets; WordPiece vocabularies (mBERT) split every CJK character anyway and are unaffected.
     # [] tokenises every character as a word of its own.
-    unspaced_languages: list[str] = field(default_factory=lambda: ["zh"])
+    unspaced_languages: list[str] = setting(["zh"], resume=False, use=True)
     # Sample this many sentences of each target test set (0 = all), reproducibly from the seed.
-    target_sample: int = 0
+    target_sample: int = setting(0, resume=False, use=True)
     # Sample of English dev used for model selection during meta-training (0 = all).
-    dev_sample: int = 500
+    dev_sample: int = setting(500, use=True)
 
     def resolve(self, relative: str) -> str:
         """Absolute path of a corpus path, keeping a trailing '#train'/'#test' split selector."""
@@ -98,149 +135,148 @@ class DataConfig:
         return f"{path}#{split}" if split else path
 
 
-@dataclass
-class RetrievalConfig:
-    k: int = 2
-    pooling: Literal["cls", "mean"] = "cls"
+class RetrievalConfig(Section):
+    k: int = setting(2, use=True)
+    pooling: Literal["cls", "mean"] = setting("cls")
     # The official code embeds with the pretrained encoder, not the fine-tuned one.
-    encoder: Literal["pretrained", "finetuned"] = "pretrained"
-    index: Literal["flat", "ivf"] = "flat"
-    ivf_nlist: int = 256
-    ivf_nprobe: int = 16
+    encoder: Literal["pretrained", "finetuned"] = setting("pretrained")
+    index: Literal["flat", "ivf"] = setting("flat", use=True)
+    ivf_nlist: int = setting(256, use=True)
+    ivf_nprobe: int = setting(16, use=True)
     # The official code drops the single most similar source sentence even for target sentences.
-    drop_top1_for_targets: bool = False
-    batch_size: int = 64
-    cache_dir: str = ".metaner/cache"
+    drop_top1_for_targets: bool = setting(False, use=True)
+    batch_size: int = setting(64, resume=False, use=True)
+    cache_dir: str = setting(".metaner/cache", results=False, resume=False, use=True)
 
 
-@dataclass
-class TrainConfig:
-    mode: Literal["meta", "base"] = "meta"
-    num_inner_steps: int = 2
-    meta_batch_size: int = 32
-    num_meta_steps: int = 3001
-    eval_every: int = 300
-    checkpoint_every: int = 300
-    log_every: int = 10
+class TrainConfig(Section):
+    mode: Literal["meta", "base"] = setting("meta")
+    num_inner_steps: int = setting(2)
+    meta_batch_size: int = setting(32)
+    num_meta_steps: int = setting(3001)
+    eval_every: int = setting(300)
+    checkpoint_every: int = setting(300, results=False, resume=False)
+    log_every: int = setting(10, results=False, resume=False)
     # Tasks whose inner loops run together (torch.func over per-task copies of the trainable
     # top); 0 sizes the chunks to the free memory.
-    task_chunk_size: int = 0
+    task_chunk_size: int = setting(0, results=False, resume=False)
     # BertAdam's inner steps as torch.compile'd kernels: "auto" from a million trainable weights
     # (there a step is bound by passes over every task's weight copy; below, compiling costs more
     # than it saves).
-    compile_updates: Literal["auto", "always", "never"] = "auto"
+    compile_updates: Literal["auto", "always", "never"] = setting("auto")
     # A task's support windows end to end in one row (block-diagonal attention) rather than a row
     # per window padded to the chunk's longest, and a fine-tuning batch's windows end to end in
     # rows of 128 positions rather than padded to its longest: fewer padded positions, longer
     # attention rows. "auto" from a hidden size of 256, where the per-position layers outweigh the
     # attention (on one CPU thread: 6 % faster at hidden 384, 10 % slower at 64). Needs a frozen
     # bottom and an encoder with absolute positions (else never).
-    pack_support: Literal["auto", "always", "never"] = "auto"
+    pack_support: Literal["auto", "always", "never"] = setting("auto", results=False, resume=False)
     # The arithmetic of every forward and backward pass (meta-training, fine-tuning, adaptation,
     # tagging): "bf16" under torch.autocast, the frozen bottom computed and kept in bf16 (half its
     # memory), with fp32 weights, BertAdam moments and meta-gradient sums; "fp32" everywhere, which
     # keeps the equality with the official code exact. bf16 is what GPUs run fast; a CPU without
     # AVX512-BF16 or AMX runs it many times slower (benchmarks/README.md).
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16"] = setting("fp32", use=True)
     # Which positions the loss covers: a word's first subword (this project), or every position
     # of a window with continuation subwords as X and [CLS]/[SEP] as classes (the official code).
-    loss_positions: Literal["first_subword", "all"] = "first_subword"
-    inner_lr: float = 3e-5
-    meta_lr: float = 3e-5
+    loss_positions: Literal["first_subword", "all"] = setting("first_subword")
+    inner_lr: Number = setting(3e-5)
+    meta_lr: Number = setting(3e-5)
     # The official code scales inner_lr by the meta learning rate's warmup-linear schedule over
     # meta-training progress (its warmup_prop_inner = 0.1); false keeps inner_lr constant.
-    schedule_inner_lr: bool = True
-    warmup_proportion: float = 0.1
-    weight_decay: float = 0.01
+    schedule_inner_lr: bool = setting(True)
+    warmup_proportion: Number = setting(0.1)
+    weight_decay: Number = setting(0.01)
     # Multiplies every learning rate (meta, inner, base, adaptation) for the fresh classifier only;
     # 1 is the paper's single rate. For an encoder whose hidden states are small, a new linear head
     # moves too slowly at a BERT-style rate when training is short.
-    classifier_lr_scale: float = 1.0
+    classifier_lr_scale: Number = setting(1.0)
     # BertAdam clips each parameter tensor's gradient norm to this value.
-    max_grad_norm: float = 1.0
-    optimizer: Literal["bertadam", "adamw"] = "bertadam"
-    mask_ratio: float = 0.2
-    mask_on: Literal["query", "support", "both"] = "query"
-    lambda_max: float = 2.0
+    max_grad_norm: Number = setting(1.0)
+    optimizer: Literal["bertadam", "adamw"] = setting("bertadam")
+    mask_ratio: Number = setting(0.2)
+    mask_on: Literal["query", "support", "both"] = setting("query")
+    lambda_max: Number = setting(2.0)
     # Batch size of plain fine-tuning (the "Base Model" row).
-    base_batch_size: int = 32
+    base_batch_size: int = setting(32)
     # Fine-tuning steps on a target-language sample in the low-resource job.
-    low_resource_steps: int = 100
-    seeds: list[int] = field(default_factory=lambda: [95, 495, 539, 667, 806])
-    output_dir: str = "outputs"
+    low_resource_steps: int = setting(100)
+    seeds: list[int] = setting([95, 495, 539, 667, 806], results=False, resume=False, use=True)
+    output_dir: str = setting("outputs", results=False, resume=False, use=True)
 
 
-@dataclass
-class AdaptConfig:
-    enabled: bool = True
-    adapt_lr: float = 1e-5
-    num_adapt_steps: int = 1
+class AdaptConfig(Section):
+    enabled: bool = setting(True, use=True)
+    adapt_lr: Number = setting(1e-5, use=True)
+    num_adapt_steps: int = setting(1, use=True)
     # Sentences adapted together by the batched path (each from the same meta weights).
-    batch_size: int = 8
-    lambda_max: float = 0.0
+    batch_size: int = setting(8, use=True)
+    lambda_max: Number = setting(0.0, use=True)
 
 
-@dataclass
-class ClusterConfig:
-    address: Optional[str] = None
+class ClusterConfig(Section):
+    address: Optional[str] = setting(None, results=False, resume=False, use=True)
     # Ray Train workers, each with a DeepSpeed engine; 0 meta-trains in the job's own process
     # (no Ray Train, no DeepSpeed), as a laptop or a debugger wants.
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    zero_stage: int = 0
+    num_workers: int = setting(2, resume=False, use=True)
+    use_gpu: bool = setting(False, resume=False, use=True)
+    cpus_per_worker: Number = setting(1.0, resume=False, use=True)
+    zero_stage: int = setting(0, resume=False, use=True)
     # How the workers share a meta-batch: "dynamic", each claims the next chunk of tasks as it comes
     # free (a worker the machine slows down takes fewer; the sum's order then varies from run to
     # run, in the last bits); "static", shares placed by cost up front (reproducible to the bit).
-    task_balance: Literal["static", "dynamic"] = "dynamic"
-    num_embed_actors: int = 2
-    num_index_shards: int = 2
-    num_adapter_actors: int = 2
+    task_balance: Literal["static", "dynamic"] = setting("dynamic", resume=False, use=True)
+    num_embed_actors: int = setting(2, results=False, resume=False, use=True)
+    num_index_shards: int = setting(2, results=False, resume=False, use=True)
+    num_adapter_actors: int = setting(2, results=False, resume=False, use=True)
     # Sentences per unit of work sent to an adapter actor (and per resumable file).
-    adapt_unit_size: int = 32
-    cpus_per_actor: float = 0.5
-    gpus_per_actor: float = 0.0
+    adapt_unit_size: int = setting(32, resume=False, use=True)
+    cpus_per_actor: Number = setting(0.5, results=False, resume=False, use=True)
+    gpus_per_actor: Number = setting(0.0, results=False, resume=False, use=True)
     # Where Ray Train keeps a job's checkpoints and the training workers put the models the driver
     # collects (each job under a folder of its own): a folder every node mounts, or a pyarrow
     # filesystem URI (s3://bucket/path, gs://bucket/path), as Ray Train's own storage_path. Unset:
     # <out>/.../ray on the driver's disk, which a cluster of several nodes accepts only where every
     # node sees it (checked before any work).
-    storage_path: Optional[str] = None
+    storage_path: Optional[str] = setting(None, resume=False, use=True)
+    # An adapter actor that dies is restarted this many times, its unit of work retried.
+    actor_max_restarts: int = setting(3, results=False, resume=False, use=True)
+    # A Ray Train worker group that fails is started again from its last checkpoint this often.
+    train_max_failures: int = setting(2, results=False, resume=False, use=True)
+    # Ray Train checkpoints kept per training run.
+    checkpoints_kept: int = setting(2, results=False, resume=False, use=True)
 
 
-@dataclass
-class TagConfig:
+class TagConfig(Section):
     # Sentences per output shard: the unit written whole (atomically) and skipped when a run is
     # started again with the same --out.
-    shard_size: int = 1000
+    shard_size: int = setting(1000, results=False, resume=False, use=True)
     # Shards read, retrieved and adapted at once: what bounds memory, whatever the input's size.
-    shards_in_flight: int = 2
+    shards_in_flight: int = setting(2, results=False, resume=False, use=True)
     # A longer sentence (a line without sentence ends) is cut into pieces of this many words, so
     # that one line cannot fill an adapter's memory.
-    max_words: int = 256
+    max_words: int = setting(256, results=False, resume=False, use=True)
     # Seconds to wait for the actors to be placed and loaded before naming the resources missing.
-    start_timeout_s: float = 300.0
+    start_timeout_s: Number = setting(300.0, results=False, resume=False, use=True)
 
 
-@dataclass
-class MlflowConfig:
-    tracking_uri: Optional[str] = None
-    experiment: str = "metaner"
+class MlflowConfig(Section):
+    tracking_uri: Optional[str] = setting(None, results=False, resume=False, use=True)
+    experiment: str = setting("metaner", results=False, resume=False, use=True)
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    adapt: AdaptConfig = field(default_factory=AdaptConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    tag: TagConfig = field(default_factory=TagConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    adapt: AdaptConfig = Field(default_factory=AdaptConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    tag: TagConfig = Field(default_factory=TagConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys to values, for logging as parameters."""
@@ -257,87 +293,181 @@ class Config:
         return out
 
 
+def roles(key: str) -> dict[str, bool]:
+    """What changing the setting at dotted `key` changes ({"results", "resume", "use"}); a key
+    inside a mapping setting (data.target_files.fr) is its setting's. KeyError: no such setting."""
+    model: Any = Config
+    for part in key.split("."):
+        info = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if info is None:
+            raise KeyError(key)
+        if isinstance(info.json_schema_extra, dict) and "roles" in info.json_schema_extra:
+            return dict(info.json_schema_extra["roles"])
+        model = info.annotation
+    raise KeyError(key)
+
+
+def default(key: str) -> Any:
+    """The default of the setting at dotted `key` (e.g. "model.dropout"): for the signatures of
+    functions that take one setting, so that it is written once, here."""
+    section, _, name = key.partition(".")
+    return Config.model_fields[section].annotation.model_fields[name].get_default(call_default_factory=True)
+
+
+def affects(key: str, role: str) -> bool:
+    """Whether changing the setting at dotted `key` changes `role` (one of ROLES)."""
+    return roles(key)[role]
+
+
 # ---------------------------------------------------------------- loading and checking values
 #
-# Coercion is written by hand (no pydantic): the dataclasses above stay plain, and every message
-# names the dotted key the user wrote.
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is typing.Union:  # Optional[X]
-        if value is None:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, args))}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {str(k): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads "3e-5" (no dot) as a string.
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            # .inf, .nan and 1e999 parse as floats; no setting of this project works with them.
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"{key}: unsupported type {hint}")  # a programming error, not user input
-
+# A configuration is built from one nested dict: the defaults, each YAML file (its includes
+# first) and each override merged into it key by key, then validated once by pydantic. Where each
+# dotted key came from is kept, so that a message names the file and line.
 
 # (dotted key, message) pairs: the key lets a file's line be looked up and repeats be skipped.
 Problems = list[tuple[str, str]]
+# Where each dotted key was last set: "config file F" and its line, or an override's text.
+Origins = dict[str, tuple[str, Optional[int]]]
 
 
-def _apply(obj: Any, updates: dict[str, Any], prefix: str, problems: Problems) -> None:
-    hints = typing.get_type_hints(type(obj))
-    names = [f.name for f in dataclasses.fields(obj)]
+def _merge(into: dict, updates: dict, prefix: str, origins: Origins, origin: str, lines: dict[str, int]) -> None:
+    """Merge `updates` into `into`: a mapping into a mapping key by key (a section, or a mapping
+    setting such as data.target_files, where `data.target_files.fr=PATH` changes one language and
+    keeps the others), anything else replaces."""
     for name, value in updates.items():
         key = f"{prefix}{name}"
-        if name not in names:
-            problems.append((key, f"unknown key {key!r}; allowed keys here: {', '.join(prefix + n for n in names)}"))
-            continue
-        current = getattr(obj, name)
+        if isinstance(value, dict) and isinstance(into.get(name), dict):
+            _merge(into[name], value, key + ".", origins, origin, lines)
+        else:
+            into[name] = copy.deepcopy(value)
+        origins[key] = (origin, lines.get(key))
+
+
+_TYPE_WORDS = {"int_type": "an integer", "int_parsing": "an integer", "bool_type": "true or false",
+               "float_type": "a number", "float_parsing": "a number", "string_type": "a string",
+               "list_type": "a list", "dict_type": "a mapping"}
+
+
+def _field_names(loc: Sequence) -> list[str]:
+    """The keys allowed beside the key at `loc` (its section's fields)."""
+    model: Any = Config
+    for part in loc[:-1]:
+        info = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if info is None:
+            return []
+        model = info.annotation
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _message(error: dict) -> tuple[str, str]:
+    """(dotted key, one line naming it and what to do) of one pydantic error."""
+    loc = [str(p) for p in error["loc"]]
+    key, kind, value = ".".join(loc), error["type"], error.get("input")
+    if kind == "extra_forbidden":
+        prefix = ".".join(loc[:-1]) + "." if len(loc) > 1 else ""
+        allowed = ", ".join(prefix + n for n in _field_names(loc))
+        return key, f"unknown key {key!r}; allowed keys here: {allowed}"
+    if kind == "model_type":
+        return key, f"{key}: expected a mapping of {', '.join(_field_names(loc + ['x']))}"
+    if kind == "literal_error":
+        allowed = typing.get_args(_annotation(loc))
+        return key, f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}"
+    if kind == "finite_number":
+        return key, f"{key}: expected a finite number, got {value!r}"
+    if kind in _TYPE_WORDS:
+        return key, f"{key}: expected {_TYPE_WORDS[kind]}, got {value!r}"
+    return key, f"{key}: {error['msg']}"
+
+
+def _annotation(loc: Sequence[str]) -> Any:
+    model: Any = Config
+    for part in loc:
+        model = model.model_fields[part].annotation
+    return model
+
+
+def _without(data: dict, loc: Sequence) -> None:
+    """Drop the value at `loc` (its default then applies), so that the other keys can be checked."""
+    for part in loc[:-1]:
+        data = data.get(part) if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            return
+    if isinstance(data, dict):
+        data.pop(loc[-1], None)
+
+
+def _build(data: dict, problems: Problems, origins: Origins) -> Config:
+    """Config from the merged dict, raising every problem at once: those of loading, of types
+    and keys (pydantic), then the checks (validate) of the keys that loaded."""
+    found: Problems = []
+    cfg = None
+    for _ in range(2):  # again without the keys pydantic refused, to check the others too
         try:
-            if dataclasses.is_dataclass(current):
-                if not isinstance(value, dict):
-                    names = ", ".join(f.name for f in dataclasses.fields(current))
-                    raise ConfigError(f"{key}: expected a mapping of {names}")
-                _apply(current, value, key + ".", problems)
-            elif isinstance(current, dict) and isinstance(value, dict):
-                # A mapping setting (e.g. data.target_files) is updated key by key, so that
-                # `data.target_files.fr=PATH` changes one language and keeps the others.
-                setattr(obj, name, {**current, **_coerce(key, value, hints[name])})
-            else:
-                setattr(obj, name, _coerce(key, value, hints[name]))
-        except ValueError as err:
-            problems.append((key, str(err)))
+            cfg = Config.model_validate(data)
+            break
+        except ValidationError as err:
+            for error in err.errors():
+                found.append(_message(error))
+                _without(data, [str(p) for p in error["loc"]])
+    bad = {key for key, _ in problems + found}
+    messages = [message for _, message in problems]
+    for key, message in found:
+        where = _where(key, origins)
+        messages.append(f"{where}: {message}" if where else message)
+    if cfg is not None:
+        messages += [message for key, message in _validation(cfg) if key not in bad]
+    if messages or cfg is None:
+        raise ConfigError(messages or ["the configuration does not load"])
+    return cfg
+
+
+def _where(key: str, origins: Origins) -> str:
+    """The file and line that set `key` (or the section holding it), "" for a default or override."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        origin = origins.get(".".join(parts[:n]))
+        if origin is not None:
+            name, line = origin
+            if not name.startswith("config file"):
+                return ""
+            return f"{name}:{line}" if line else name
+    return ""
+
+
+def _defaults() -> dict:
+    return Config().model_dump()
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """A checked Config from the nested dict that `Config.to_dict` wrote (checkpoints, workers)."""
+    merged, origins = _defaults(), {}
+    _merge(merged, data, "", origins, "recorded", {})
+    return _build(merged, [], origins)
+
+
+def with_overrides(cfg: Config, overrides: Sequence[Override]) -> Config:
+    """A checked copy of `cfg` with each `a.b=value` (or ("a.b", value)) applied in order; a key
+    naming a section (`cluster`) takes a mapping of its keys."""
+    merged, origins, problems = cfg.model_dump(), {}, []
+    _override(merged, overrides, problems, origins)
+    return _build(merged, problems, origins)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[Override] = ()) -> Config:
+    """Defaults, then the YAML file at `path` (after the files it names under `include:`, relative
+    to it, in order), then each `a.b=value` override, then checks.
+
+    Raises ConfigError (a ValueError) listing every problem, one line each: unknown keys, types,
+    finite numbers, choices, then ranges, repeats and the limits between keys. Nothing is read but
+    the files, nothing is started or written; what the values point at (a model folder, the hub,
+    a tracking store) is checked by jobs.environment.load_job_config.
+    """
+    merged, origins, problems = _defaults(), {}, []
+    if path is not None:
+        _apply_file(merged, Path(path), problems, origins)
+    _override(merged, overrides, problems, origins)
+    return _build(merged, problems, origins)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -397,7 +527,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 Override = typing.Union[str, tuple[str, Any]]
 
 
-def _override(cfg: Config, overrides: Sequence[Override], problems: Problems) -> None:
+def _override(data: dict, overrides: Sequence[Override], problems: Problems, origins: Origins) -> None:
     for item in overrides:
         if isinstance(item, str):
             try:
@@ -410,54 +540,11 @@ def _override(cfg: Config, overrides: Sequence[Override], problems: Problems) ->
         nested: Any = value
         for k in reversed(keys):
             nested = {k: nested}
-        _apply(cfg, nested, "", problems)
+        _merge(data, nested, "", origins, f"override {item!r}", {})
 
 
-def _finish(cfg: Config, problems: Problems, environment: bool = False) -> Config:
-    """Raise every problem at once: those of loading, then the checks of keys that loaded."""
-    bad = {key for key, _ in problems}
-    messages = [message for _, message in problems]
-    messages += [message for key, message in _validation(cfg) if key not in bad]
-    if environment and not messages:
-        messages += check_environment(cfg)
-    if messages:
-        raise ConfigError(messages)
-    return cfg
-
-
-def config_from_dict(data: dict[str, Any]) -> Config:
-    """A checked Config from the nested dict that `Config.to_dict` wrote (checkpoints, workers)."""
-    cfg, problems = Config(), []
-    _apply(cfg, data, "", problems)
-    return _finish(cfg, problems)
-
-
-def with_overrides(cfg: Config, overrides: Sequence[Override]) -> Config:
-    """A checked copy of `cfg` with each `a.b=value` (or ("a.b", value)) applied in order; a key
-    naming a section (`cluster`) takes a mapping of its keys."""
-    out, problems = Config(), []
-    _apply(out, cfg.to_dict(), "", problems)
-    _override(out, overrides, problems)
-    return _finish(out, problems)
-
-
-def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file at `path` (after the files it names under `include:`, relative
-    to it, in order), then each `a.b=value` override, then checks.
-
-    Raises ConfigError (a ValueError) listing every problem, one line each: values (types,
-    ranges, finite numbers, choices, repeats), then, when those are fine, what they point at
-    (tracking URI, model folder). Nothing is started or written before.
-    """
-    cfg, problems = Config(), []
-    if path is not None:
-        _apply_file(cfg, Path(path), problems)
-    _override(cfg, overrides, problems)
-    return _finish(cfg, problems, environment=True)
-
-
-def _apply_file(cfg: Config, path: Path, problems: Problems, chain: tuple[Path, ...] = ()) -> None:
-    """Apply one YAML file onto `cfg`, the files it includes first: a block shared by several job
+def _apply_file(data: dict, path: Path, problems: Problems, origins: Origins, chain: tuple[Path, ...] = ()) -> None:
+    """Merge one YAML file into `data`, the files it includes first: a block shared by several job
     files (the GPU cluster) is written once, and a key set again here overrides it."""
     name = f"config file {path}" + (f" (included by {chain[-1]})" if chain else "")
     if path.resolve() in chain:
@@ -469,22 +556,18 @@ def _apply_file(cfg: Config, path: Path, problems: Problems, chain: tuple[Path, 
     except (OSError, UnicodeDecodeError) as err:
         reason = getattr(err, "strerror", None) or str(err)
         raise ConfigError([f"{name} cannot be read ({reason}); give a readable UTF-8 YAML file"]) from None
-    data, lines = _load_yaml(text, name)
-    data = {} if data is None else data
-    if not isinstance(data, dict):
+    found, lines = _load_yaml(text, name)
+    found = {} if found is None else found
+    if not isinstance(found, dict):
         raise ConfigError([f"{name}: expected a mapping of sections at the top level"])
-    includes = data.pop("include", [])
+    includes = found.pop("include", [])
     includes = [includes] if isinstance(includes, str) else includes
     if not isinstance(includes, list) or not all(isinstance(i, str) and i for i in includes):
         raise ConfigError([f"{name}:{lines.get('include', 1)}: include: give a file name or a list of file names, "
                           "relative to this file"])
     for included in includes:
-        _apply_file(cfg, path.parent / included, problems, chain + (path.resolve(),))
-    found: Problems = []
-    _apply(cfg, data, "", found)
-    for key, message in found:
-        where = f"{name}:{lines[key]}" if key in lines else name
-        problems.append((key, f"{where}: {message}"))
+        _apply_file(data, path.parent / included, problems, origins, chain + (path.resolve(),))
+    _merge(data, found, "", origins, name, lines)
 
 
 _PROBLEMS: contextvars.ContextVar[Optional[Problems]] = contextvars.ContextVar("config_problems", default=None)
@@ -570,6 +653,9 @@ def validate(cfg: Config) -> None:
     _check(c.zero_stage in (0, 1, 2), "cluster.zero_stage", "must be 0, 1 or 2")
     for key in ("num_embed_actors", "num_index_shards", "num_adapter_actors", "adapt_unit_size"):
         _check(getattr(c, key) >= 1, f"cluster.{key}", "must be at least 1")
+    for key in ("actor_max_restarts", "train_max_failures"):
+        _check(getattr(c, key) >= 0, f"cluster.{key}", "must be 0 or more")
+    _check(c.checkpoints_kept >= 1, "cluster.checkpoints_kept", "must be at least 1")
     for key in ("shard_size", "shards_in_flight", "max_words"):
         _check(getattr(cfg.tag, key) >= 1, f"tag.{key}", "must be at least 1")
     _check(cfg.tag.start_timeout_s > 0, "tag.start_timeout_s", "must be more than 0 seconds")
@@ -636,7 +722,7 @@ def _check_more(cfg: Config) -> None:
                "URI such as s3://bucket/path or gs://bucket/path")
     _check(bool(cfg.mlflow.experiment.strip()), "mlflow.experiment", "give an experiment name")
     if cfg.mlflow.tracking_uri is not None:
-        for problem in tracking_uri_problems(cfg.mlflow.tracking_uri, check_files=False):
+        for problem in tracking_uri_problems(cfg.mlflow.tracking_uri):
             _check(False, "mlflow.tracking_uri", problem)
 
 
@@ -645,114 +731,22 @@ _STORAGE_URI = re.compile(r"^(s3|gs|gcs|hdfs|viewfs|abfs|abfss|file)://\S+$")
 _RAY_ADDRESS = re.compile(r"^(auto|local|(ray://)?([\w.-]+|\[[0-9a-fA-F:]+\]):\d{1,5})$")
 # Schemes MLflow's tracking stores understand ("+driver" allowed on the database ones).
 TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
-# A Hugging Face hub id: "name" or "owner/name" (letters, digits, '-', '_', '.'), at most 96 characters.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
-
-def tracking_uri_problems(uri: str, check_files: bool = True) -> list[str]:
-    """What is wrong with a tracking URI (empty: nothing): scheme known; with `check_files`, a
-    sqlite store's folder exists and a file store is allowed by MLflow."""
-    scheme = uri.split(":", 1)[0].lower() if re.match(r"^[A-Za-z][\w+.-]*:", uri) else ""
+def tracking_uri_problems(uri: str) -> list[str]:
+    """What is wrong with a tracking URI as written (empty: nothing): a known scheme, a sqlite
+    store that names a file. Whether its store can be used is asked where a job starts
+    (jobs.environment)."""
+    scheme = uri_scheme(uri)
     if scheme and scheme.split("+")[0] not in TRACKING_SCHEMES:
         return [f"{uri!r}: unknown scheme {scheme!r}; use one of {', '.join(s + ':' for s in TRACKING_SCHEMES)} "
                 "(e.g. sqlite:///mlflow.db or http://127.0.0.1:5000)"]
     if not uri.strip():
         return ["give a tracking URI, e.g. sqlite:///mlflow.db, or null for ./mlflow.db"]
-    if scheme == "sqlite":
-        if not uri.startswith("sqlite:///") or uri in ("sqlite:///", "sqlite:///:memory:"):
-            return [f"{uri!r}: name a database file, sqlite:///relative/path.db or sqlite:////absolute/path.db"]
-        folder = os.path.dirname(uri[len("sqlite:///"):]) or "."
-        if check_files and not os.path.isdir(folder):
-            return [f"{uri!r}: the folder {os.path.abspath(folder)} of the sqlite store does not exist; create it "
-                    "or choose another path (sqlite:////abs/path.db is absolute, sqlite:///path.db relative)"]
-    if (scheme in ("file", "") and check_files
-            and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1")):
-        return [f"{uri!r} is a file store, which MLflow 3 refuses ('in maintenance mode'); use "
-                "sqlite:///mlflow.db, or set MLFLOW_ALLOW_FILE_STORE=true"]
+    if scheme == "sqlite" and (not uri.startswith("sqlite:///") or uri in ("sqlite:///", "sqlite:///:memory:")):
+        return [f"{uri!r}: name a database file, sqlite:///relative/path.db or sqlite:////absolute/path.db"]
     return []
 
 
-def _encoder_config(folder: str) -> tuple[dict | None, str | None]:
-    path = os.path.join(folder, "config.json")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        return None, f"the folder {folder} holds no config.json; give a folder written by save_pretrained"
-    except (OSError, ValueError) as err:
-        return None, f"{path} cannot be read as JSON ({err}); save the model again"
-    if not isinstance(data, dict):
-        return None, f"{path} is not a JSON object; save the model again"
-    return data, None
-
-
-def _looks_local(name: str) -> bool:
-    """A path rather than a hub id: absolute, relative with a dot, or existing here."""
-    return os.path.isabs(name) or name.startswith(".") or os.path.exists(name)
-
-
-def hub_problems(name_or_path: str) -> list[str]:
-    """Whether a hub id in model.name_or_path resolves, asked only where a job is about to use it
-    (building a Config stays offline and instant): the local Hugging Face cache first, where its
-    config.json must be readable; if it is not there, the hub itself unless HF_HUB_OFFLINE is set,
-    within 10 seconds. Local paths are checked by check_environment; they give []."""
-    # Imported when asked: huggingface_hub reads HF_HUB_OFFLINE and its other settings from the
-    # environment when first imported, and a job sets some (jobs.console.setup) after it has
-    # imported this module.
-    import huggingface_hub
-    from huggingface_hub import constants
-
-    name = os.path.expanduser(name_or_path)
-    if _looks_local(name):
-        return []
-    key = "model.name_or_path"
-    cached = huggingface_hub.try_to_load_from_cache(name, "config.json")
-    if isinstance(cached, str):
-        problem = _encoder_config(os.path.dirname(cached))[1]
-        return [f"{key}: {problem}"] if problem else []
-    if constants.HF_HUB_OFFLINE:
-        return [f"{key}: {name!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-                "HF_HUB_OFFLINE is set; download it where the hub can be reached, or give a model folder"]
-    try:
-        huggingface_hub.model_info(name, timeout=10)
-    except huggingface_hub.errors.RepositoryNotFoundError:
-        return [f"{key}: no model {name!r} on the Hugging Face hub (or it is private); check the id or give a folder"]
-    except Exception as err:  # no network, a proxy, a rate limit: loading would fail the same way later
-        return [f"{key}: {name!r} is not in the local Hugging Face cache and the hub cannot be reached "
-                f"({type(err).__name__}); give a model folder, or run where the hub can be reached"]
-    return []
-
-
-def check_environment(cfg: Config) -> list[str]:
-    """Problems with what the configuration points at (read-only: nothing is started or written).
-
-    The tracking URI's store, and the model: a local folder must hold config.json, whose layer
-    count and position limit bound model.num_frozen_layers and model.max_length; anything else
-    must be a well-formed hub id (whether it resolves is asked by `hub_problems`, where a job is
-    about to start its cluster).
-    """
-    problems = []
-    if cfg.mlflow.tracking_uri is not None:
-        problems += [f"mlflow.tracking_uri: {p}" for p in tracking_uri_problems(cfg.mlflow.tracking_uri)]
-    m = cfg.model
-    name = os.path.expanduser(m.name_or_path)
-    if not _looks_local(name):
-        if not (_HUB_ID.match(name) and len(name) <= 96 and "--" not in name and ".." not in name):
-            problems.append(f"model.name_or_path: {m.name_or_path!r} is neither a folder nor a hub id (owner/name); "
-                            "give the folder of a saved model or a hub id")
-        return problems
-    if not os.path.isdir(name):
-        return problems + [f"model.name_or_path: {m.name_or_path!r} is not a folder; give the folder of a saved "
-                           "model (config.json, weights, tokenizer) or a hub id"]
-    encoder, problem = _encoder_config(name)
-    if problem:
-        return problems + [f"model.name_or_path: {problem}"]
-    layers = next((encoder[k] for k in ("num_hidden_layers", "n_layers", "num_layers") if isinstance(encoder.get(k), int)), None)
-    if layers is not None and m.num_frozen_layers > layers:
-        problems.append(f"model.num_frozen_layers: {m.num_frozen_layers}, but the encoder in {name} has {layers} layers "
-                        f"(config.json); use 0 to {layers}")
-    positions = encoder.get("max_position_embeddings")
-    if isinstance(positions, int) and m.max_length > positions:
-        problems.append(f"model.max_length: {m.max_length}, but the encoder in {name} takes at most {positions} "
-                        f"positions (config.json max_position_embeddings); use {positions} or less")
-    return problems
+def uri_scheme(uri: str) -> str:
+    """The scheme of a URI in lower case ("" for a plain path)."""
+    return uri.split(":", 1)[0].lower() if re.match(r"^[A-Za-z][\w+.-]*:", uri) else ""

@@ -24,17 +24,17 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch.func import grad, vmap
 
-from .corpus import Sentence, content_key
-from .features import IGNORE, Featurizer, Window, labelled_predictions
-from .losses import token_loss
-from .model import NerModel, attention, in_mode, trainable_parameters
-from .bottom import BottomStore, FrozenBottom
-from .checkpoint import load_model, use_config
-from .engine import VMAP_ATTENTION, Top, quiet_vmap, stack
-from .errors import CheckpointError
-from .inner import adapting
-from .optim import batched_bertadam_step, param_groups
-from .predict import device_of, predict, to_device
+from trainer.data.corpus import Sentence, content_key
+from trainer.data.features import IGNORE, Featurizer, Window, labelled_predictions
+from trainer.modules.batched import VMAP_ATTENTION, Top, quiet_vmap, stack
+from trainer.modules.bottom import BottomStore, FrozenBottom
+from trainer.modules.losses import token_loss
+from trainer.modules.model import NerModel, attention, in_mode, trainable_parameters
+from trainer.training.checkpoint import load_model, use_config
+from trainer.training.inner import adapting
+from trainer.training.optim import batched_bertadam_step, param_groups
+from trainer.training.predict import device_of, predict, to_device
+from trainer.utils.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class Adapter:
 
     A plain class: the cluster layer turns it into an actor. `source` is a checkpoint folder or a
     model; `cfg` the settings it adapts and labels with (default for a folder: the checkpoint's
-    own, trainer.checkpoint.use_config). With `prefix_dir`, each unit's frozen-bottom hidden states
+    own, trainer.training.checkpoint.use_config). With `prefix_dir`, each unit's frozen-bottom hidden states
     are kept there (see `BottomStore`), so another checkpoint with the same frozen layers skips
     that part of the work.
     """

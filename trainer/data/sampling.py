@@ -1,6 +1,7 @@
 """Which tasks each meta-step uses, and which worker runs which: a pure function of the seed."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -47,3 +48,16 @@ def shard_tasks(batch: np.ndarray, rank: int, world_size: int, cost: Sequence[fl
 def epoch_of(step: int, meta_batch_size: int, num_tasks: int) -> int:
     """The pass over the task set that meta-step `step` belongs to (masks are redrawn per epoch)."""
     return (step * meta_batch_size) // max(num_tasks, 1)
+
+
+@dataclass(frozen=True)
+class Task:
+    """A pseudo task: `query` and `support` are indices of source sentences."""
+
+    support: tuple[int, ...]
+    query: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "support", tuple(int(i) for i in self.support))
+        if not self.support:
+            raise ValueError(f"task with query {self.query} has an empty support set")

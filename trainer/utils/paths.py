@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
-from .errors import ConfigError
+from trainer.utils.errors import ConfigError
+
+# A corpus path may end in '#train' or '#test': a split of a corpus without sentence breaks.
+SPLIT_SUFFIX = re.compile(r"^(?P<path>.+)#(?P<split>[^#/\\]*)$", re.S)
+SPLITS = ("train", "test")
 
 
 def make_output_dir(path: str | os.PathLike, setting: str) -> Path:
@@ -62,3 +67,11 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     """`text` (UTF-8) as the whole content of `path`, atomically (see `atomic_file`)."""
     with atomic_file(path) as fh:
         fh.write(text)
+
+
+def split_selector(path: str) -> tuple[str, str | None]:
+    """(file, split) of a corpus path: only a trailing '#train' or '#test' is a split selector."""
+    match = SPLIT_SUFFIX.match(path)
+    if match and match["split"] in SPLITS:
+        return match["path"], match["split"]
+    return path, None

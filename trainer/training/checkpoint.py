@@ -1,7 +1,7 @@
 """Checkpoints as plain folders: safetensors weights, the encoder's config, tokenizer, labels, job config.
 
 Everything read from a checkpoint loads here: its model, its encoder where one is named as an
-encoder, and the weights training starts from (model.init_checkpoint). trainer.model builds models
+encoder, and the weights training starts from (model.init_checkpoint). trainer.modules.model builds models
 from pretrained encoders only.
 
 Weights are read with safetensors only and trainer state with `torch.load(weights_only=True)`, so a
@@ -10,26 +10,29 @@ hub access.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import Config, ModelConfig, config_from_dict, with_overrides
-from .corpus import split_selector
-from .digest import file_sha256, files_sha256
-from .errors import CheckpointError, ConfigError, InputError
-from .model import (TOKENIZER_FILES, NerModel, build_model as pretrained_model, load_encoder as pretrained_encoder,
-                    load_tokenizer as tokenizer_of)
-from .paths import make_output_dir
+from trainer.config import Config, affects, config_from_dict, default, with_overrides
+from trainer.modules.model import (
+    TOKENIZER_FILES,
+    NerModel,
+    build_model as pretrained_model,
+    load_encoder as pretrained_encoder,
+    load_tokenizer as tokenizer_of,
+)
+from trainer.utils.digest import file_sha256, files_sha256
+from trainer.utils.errors import CheckpointError, ConfigError
+from trainer.utils.paths import make_output_dir, split_selector
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +146,7 @@ def load_model(path: str | os.PathLike, labels: Optional[Sequence[str]] = None,
 
     If `labels` is given it must equal the checkpoint's label set, in order.
     """
-    # transformers deferred: see trainer.model.load_encoder.
+    # transformers deferred: see trainer.modules.model.load_encoder.
     from transformers import AutoConfig, AutoModel
 
     folder = Path(path)
@@ -152,7 +155,7 @@ def load_model(path: str | os.PathLike, labels: Optional[Sequence[str]] = None,
         raise CheckpointError(f"label set {list(labels)} differs from the checkpoint's {info['labels']} in {folder}; "
                               "load with the checkpoint's labels or train a new model")
     encoder = AutoModel.from_config(AutoConfig.from_pretrained(folder))
-    model = NerModel(encoder, info["labels"], info.get("dropout", ModelConfig.dropout))
+    model = NerModel(encoder, info["labels"], info.get("dropout", default("model.dropout")))
     state = weights_file(folder)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -178,7 +181,7 @@ def is_checkpoint(folder: str | os.PathLike) -> bool:
 
 
 def load_encoder(name_or_path: str | os.PathLike):
-    """The encoder of a checkpoint folder, else trainer.model.load_encoder's (a hub id or a
+    """The encoder of a checkpoint folder, else trainer.modules.model.load_encoder's (a hub id or a
     pretrained model's folder)."""
     if os.path.isdir(name_or_path) and is_checkpoint(name_or_path):
         # A checkpoint's weights are the NerModel's (encoder.*, classifier.*): AutoModel would find
@@ -188,10 +191,10 @@ def load_encoder(name_or_path: str | os.PathLike):
 
 
 def build_model(cfg, labels: Optional[Sequence[str]] = None, seed: Optional[int] = None) -> NerModel:
-    """The model as `cfg.model` describes it (trainer.model.build_model), its encoder a
+    """The model as `cfg.model` describes it (trainer.modules.model.build_model), its encoder a
     checkpoint's where model.name_or_path names one, and every weight model.init_checkpoint's
     where that is set."""
-    model = pretrained_model(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_checkpoint=None)),
+    model = pretrained_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"init_checkpoint": None})}),
                              labels, seed, encoder=load_encoder(cfg.model.name_or_path))
     if cfg.model.init_checkpoint:
         start_from(model, cfg.model.init_checkpoint)
@@ -221,6 +224,9 @@ def start_from(model: NerModel, folder: str | os.PathLike) -> None:
     logger.info("weights from %s", folder)
 
 
+NUMPY_SCALARS = [np.float64(0).__reduce__()[0], np.dtype, type(np.dtype(np.float64)), type(np.dtype(np.int64))]
+
+
 def load_trainer_state(path: str | os.PathLike) -> Optional[dict]:
     """Optimizer/scheduler/step/RNG state, or None if the checkpoint has none. Only tensors and
     plain containers load; anything else is refused by torch.load(weights_only=True)."""
@@ -228,7 +234,10 @@ def load_trainer_state(path: str | os.PathLike) -> Optional[dict]:
     if not file.is_file():
         return None
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        # numpy scalars are plain values too: states written before dev scores were made Python
+        # floats hold numpy.float64, and must still resume.
+        with torch.serialization.safe_globals(NUMPY_SCALARS):
+            return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError (or RuntimeError) for forbidden payloads
         raise CheckpointError(f"{file} holds something other than tensors and plain values; refusing to load it "
                               f"({type(err).__name__})") from None
@@ -315,95 +324,6 @@ def provenance(config) -> dict:
             "source": {"path": os.path.abspath(path), "split": split, "sha256": digest}}
 
 
-@dataclass
-class AdaptationInputs:
-    """What tagging with a checkpoint reads besides its own files, found and checked."""
-
-    checkpoint: str
-    config: Any  # the checkpoint's Config: the settings it was trained and is adapted with
-    labels: list
-    encoder: str  # folder holding the retrieval encoder (the checkpoint itself when it retrieves)
-    source: str  # the English source corpus, with a '#split' selector if it had one
-    checked: bool  # both were matched against hashes the checkpoint recorded
-
-
-def _matches(want: Optional[str], digest, mismatch) -> bool:
-    """Whether a recorded digest was checked (False: none recorded); CheckpointError(mismatch(have))
-    when the content's `digest()` differs from it."""
-    if want is None:
-        return False
-    have = digest()
-    if have != want:
-        raise CheckpointError(mismatch(have))
-    return True
-
-
-def _encoder_of(folder: Path, cfg, recorded: dict, given: Optional[str]) -> tuple[str, bool]:
-    """(folder to load the retrieval encoder from, whether its weights matched the recorded hash)."""
-    if recorded.get("kind") == "checkpoint" or (not recorded and cfg.retrieval.encoder == "finetuned"):
-        return str(folder), True
-    name = recorded.get("name_or_path") or cfg.model.name_or_path
-    want = recorded.get("weights_sha256")
-    hint = f"(weights sha256 {want[:12]}...)" if want else ""
-    if given:
-        if not os.path.isdir(given):
-            raise InputError(f"--encoder {given}: no such folder; give the folder of the retrieval encoder "
-                             f"{name} {hint}")
-        path = given
-    elif os.path.isdir(name):
-        path = name
-    elif recorded.get("kind") == "folder" or os.path.isabs(name):
-        raise CheckpointError(f"checkpoint {folder} retrieves with the encoder in {name}, which is not on this "
-                              f"machine; pass --encoder FOLDER holding it {hint}")
-    else:
-        path = hub_snapshot(name)
-        if path is None:
-            raise CheckpointError(f"checkpoint {folder} retrieves with the hub model {name}, which is not in this "
-                                  f"machine's Hugging Face cache (the hub is not asked); pass --encoder FOLDER "
-                                  f"holding it {hint}")
-    return path, _matches(want, lambda: weights_sha256(path), lambda have: (
-        f"checkpoint {folder} was trained with the retrieval encoder {name} {hint}, but the weights in {path} differ "
-        f"(sha256 {str(have)[:12]}...); pass --encoder FOLDER with the original weights"))
-
-
-def _source_of(folder: Path, cfg, recorded: dict, given: Optional[str]) -> tuple[str, bool]:
-    """(English source path with its split selector, whether its content matched the recorded hash)."""
-    want, split = recorded.get("sha256"), recorded.get("split")
-    if given:
-        path, given_split = split_selector(given)
-        split = given_split or split
-    elif recorded.get("path"):
-        path = recorded["path"]
-    else:
-        path, split = split_selector(cfg.data.resolve(cfg.data.source_train))
-    hint = f"(sha256 {want[:12]}...)" if want else ""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {folder} adapts from the English source {path}, which is not on this "
-                              f"machine; pass --source FILE with that corpus {hint}")
-    selected = f"{path}#{split}" if split else path
-    return selected, _matches(want, lambda: file_sha256(path), lambda have: (
-        f"checkpoint {folder} was trained on the English source {recorded.get('path') or path} {hint}, but {path} "
-        f"differs (sha256 {have[:12]}...); pass --source FILE with the original corpus"))
-
-
-def adaptation_inputs(path: str | os.PathLike, encoder: Optional[str] = None,
-                      source: Optional[str] = None) -> AdaptationInputs:
-    """The checkpoint's settings, labels, retrieval encoder and English source, each found on this
-    machine and matched against the hashes it recorded (CheckpointError naming what to pass otherwise).
-    `encoder` and `source` replace the recorded locations, not the recorded content."""
-    folder = Path(path).resolve()
-    info = read_info(folder)
-    cfg = _recorded_config(folder, info)
-    recorded = info.get(PROVENANCE) or {}
-    enc, enc_ok = _encoder_of(folder, cfg, recorded.get("retrieval_encoder") or {}, encoder)
-    src, src_ok = _source_of(folder, cfg, recorded.get("source") or {}, source)
-    unchecked = [what for what, ok in ((f"retrieval encoder {enc}", enc_ok), (f"English source {src}", src_ok)) if not ok]
-    if unchecked:
-        logger.warning("checkpoint %s records no hash of its %s (saved before checkpoints recorded them): used "
-                       "unchecked", folder, " and ".join(unchecked))
-    return AdaptationInputs(str(folder), cfg, list(info["labels"]), enc, src, enc_ok and src_ok)
-
-
 # ------------------------------------------------------------------------ settings at use time
 #
 # A checkpoint is used (evaluated, tagged with, adapted) with the settings it was trained with,
@@ -412,17 +332,7 @@ def adaptation_inputs(path: str | os.PathLike, encoder: Optional[str] = None,
 # (the encoder, how it reads text into windows, its frozen layers, the label set, how sentences
 # are embedded for retrieval, training's own settings) is part of what the checkpoint means.
 
-USE_SETTINGS = ("adapt.", "tag.", "cluster.", "mlflow.", "data.", "retrieval.k", "retrieval.index",
-                "retrieval.ivf_nlist", "retrieval.ivf_nprobe", "retrieval.drop_top1_for_targets",
-                "retrieval.batch_size", "retrieval.cache_dir", "model.prefix_cache_dir", "train.precision",
-                "train.seeds", "train.output_dir")
-
-
-def _use_setting(key: str) -> bool:
-    return any(key.startswith(s) if s.endswith(".") else key == s for s in USE_SETTINGS)
-
-
-def _recorded_config(folder: Path, info: dict):
+def recorded_config(folder: Path, info: dict):
     try:
         return config_from_dict(info.get("config") or {})
     except ValueError as err:
@@ -433,13 +343,13 @@ def _recorded_config(folder: Path, info: dict):
 def use_config(path: str | os.PathLike, overrides: Sequence = ()):
     """The settings to use the checkpoint at `path` with: the config it recorded (metaner.json),
     `overrides` applied on top (`a.b=value` texts or (dotted key, value) pairs, in order, as
-    trainer.config.with_overrides takes them). An override may change only USE_SETTINGS; one that
+    trainer.config.with_overrides takes them). An override may change only settings a checkpoint may be used under (trainer.config: use=True); one that
     would change any other key is refused, a ConfigError naming each such key."""
     folder = Path(path)
-    recorded = _recorded_config(folder, read_info(folder))
+    recorded = recorded_config(folder, read_info(folder))
     cfg = with_overrides(recorded, overrides)
     before, after = recorded.flat(), cfg.flat()
-    changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k) and not _use_setting(k)]
+    changed = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k) and not affects(k, "use")]
     if changed:
         raise ConfigError([f"{key}={after.get(key)!r}: checkpoint {folder} was trained with {before.get(key)!r}, and "
                            f"{key} is part of what a checkpoint means: leave it out, or train a checkpoint with it"

@@ -13,16 +13,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from .predict import evaluate
-from .bottom import FrozenBottom, keep_source
-from .config import EVAL_BATCH_SIZE
-from .corpus import Sentence
-from .engine import PACK_FROM, stack_packed
-from .features import Featurizer, Window
-from .losses import token_loss
-from .masking import mask_batch, mask_generator
-from .model import NerModel, trainable_parameters
-from .optim import make_optimizer, optimizer_step, param_groups
+from trainer.config import EVAL_BATCH_SIZE
+from trainer.data.corpus import Sentence
+from trainer.data.features import Featurizer, Window
+from trainer.data.masking import mask_batch, mask_generator
+from trainer.modules.batched import PACK_FROM, stack_packed
+from trainer.modules.bottom import FrozenBottom, keep_source
+from trainer.modules.losses import token_loss
+from trainer.modules.model import NerModel, trainable_parameters
+from trainer.training.optim import make_optimizer, optimizer_step, param_groups
+from trainer.training.predict import evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def finetune(model: NerModel, featurizer: Featurizer, sentences: Sequence[Senten
              bottom_store: Optional[str] = None) -> dict:
     """Train in place; with `dev`, evaluate every `train.eval_every` steps and end on the best weights.
 
-    `bottom`: the frozen bottom of the source windows, kept (`trainer.bottom.keep_source`), so that
+    `bottom`: the frozen bottom of the source windows, kept (`trainer.modules.bottom.keep_source`), so that
     each step runs only the trainable top, as meta-training does (frozen layers then run without
     dropout, as in meta-training). Unused when masking changes the inputs (train.mask_ratio > 0).
     `bottom_store`: a folder (model.prefix_cache_dir) where those states are read or saved for

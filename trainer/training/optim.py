@@ -20,7 +20,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 from torch.optim import Optimizer
 
-from .errors import ConfigError
+from trainer.utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def make_optimizer(params, cfg, lr: float, t_total: int):
         return BertAdam(params, lr=lr, warmup=train.warmup_proportion, t_total=t_total,
                         weight_decay=train.weight_decay, max_grad_norm=train.max_grad_norm), None
     if train.optimizer == "adamw":
-        # transformers deferred: see trainer.model.load_encoder.
+        # transformers deferred: see trainer.modules.model.load_encoder.
         from transformers import get_constant_schedule, get_linear_schedule_with_warmup
 
         # Weight decay comes from the groups; eps as BertAdam's e.

@@ -1,7 +1,7 @@
 """The paper's model: a pretrained encoder, dropout and a linear token classifier.
 
 Pretrained encoders (a hub id or a folder save_pretrained wrote) load here; anything read from a
-metaner checkpoint (its model, its encoder, model.init_checkpoint) loads in trainer.checkpoint.
+metaner checkpoint (its model, its encoder, model.init_checkpoint) loads in trainer.training.checkpoint.
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .corpus import LABELS
-from .errors import ConfigError
-from .features import labels_for
+from trainer.config import default
+from trainer.data.corpus import LABELS
+from trainer.data.features import labels_for
+from trainer.utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _local_folder(name_or_path: str, what: str) -> bool:
 
 def load_encoder(name_or_path: str | os.PathLike) -> nn.Module:
     """`AutoModel` from a hub id or local folder, with a ConfigError that names the setting (a
-    checkpoint's encoder: trainer.checkpoint.load_encoder)."""
+    checkpoint's encoder: trainer.training.checkpoint.load_encoder)."""
     # transformers takes seconds to import, and reads the Hugging Face settings of the environment
     # when imported (jobs.console.setup sets some after this module is): only loading a model needs it.
     from transformers import AutoModel
@@ -90,7 +90,7 @@ class NerModel(nn.Module):
     `dropout` is the head's; the encoder keeps the dropout of its own config (BERT's 0.1).
     """
 
-    def __init__(self, encoder: nn.Module, labels: Sequence[str] = LABELS, dropout: float = ModelConfig.dropout,
+    def __init__(self, encoder: nn.Module, labels: Sequence[str] = LABELS, dropout: float = default("model.dropout"),
                  seed: Optional[int] = None):
         super().__init__()
         if not labels:
@@ -129,7 +129,7 @@ class NerModel(nn.Module):
         return torch.autocast(next(self.parameters()).device.type, dtype=torch.bfloat16)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, labels: Sequence[str] = LABELS, dropout: float = ModelConfig.dropout,
+    def from_pretrained(cls, name_or_path: str, labels: Sequence[str] = LABELS, dropout: float = default("model.dropout"),
                         seed: Optional[int] = None) -> "NerModel":
         """Load the encoder from a hub id or a local folder and add a fresh classifier."""
         return cls(load_encoder(name_or_path), labels, dropout, seed)
@@ -319,9 +319,9 @@ def build_model(cfg, labels: Optional[Sequence[str]] = None, seed: Optional[int]
                 encoder: Optional[nn.Module] = None) -> NerModel:
     """The model as `cfg.model` describes it: `encoder` (default: the pretrained one of
     model.name_or_path), a fresh head (the labels of `train.loss_positions` unless given), frozen
-    bottom. A model.init_checkpoint is a checkpoint to read: trainer.checkpoint.build_model."""
+    bottom. A model.init_checkpoint is a checkpoint to read: trainer.training.checkpoint.build_model."""
     if cfg.model.init_checkpoint:
-        raise ValueError("model.init_checkpoint is set: build the model with trainer.checkpoint.build_model, "
+        raise ValueError("model.init_checkpoint is set: build the model with trainer.training.checkpoint.build_model, "
                          "which loads its weights")
     labels = labels_for(cfg.train.loss_positions) if labels is None else labels
     encoder = load_encoder(cfg.model.name_or_path) if encoder is None else encoder

@@ -10,12 +10,11 @@ import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
-
 from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
 from seqeval.metrics.sequence_labeling import get_entities
 
-from .corpus import ENTITY_TYPES, CorpusError, read_text, split_fields
-from .paths import atomic_file
+from trainer.data.corpus import ENTITY_TYPES, CorpusError, read_text, split_fields
+from trainer.utils.paths import atomic_file
 
 
 def score(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict:
@@ -30,14 +29,16 @@ def score(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict:
         # All-O predictions are a legitimate (bad) result: F1 0, not a warning per call.
         warnings.simplefilter("ignore")
         report = classification_report(gold, pred, output_dict=True, zero_division=0)
+        # float(): seqeval returns numpy scalars, which a checkpoint's trainer state (loaded with
+        # weights_only=True) must not hold.
         overall = {
-            "precision": 100.0 * precision_score(gold, pred, zero_division=0),
-            "recall": 100.0 * recall_score(gold, pred, zero_division=0),
-            "f1": 100.0 * f1_score(gold, pred, zero_division=0),
+            "precision": 100.0 * float(precision_score(gold, pred, zero_division=0)),
+            "recall": 100.0 * float(recall_score(gold, pred, zero_division=0)),
+            "f1": 100.0 * float(f1_score(gold, pred, zero_division=0)),
         }
     per_type = {
-        name: {"precision": 100.0 * row["precision"], "recall": 100.0 * row["recall"],
-               "f1": 100.0 * row["f1-score"], "support": int(row["support"])}
+        name: {"precision": 100.0 * float(row["precision"]), "recall": 100.0 * float(row["recall"]),
+               "f1": 100.0 * float(row["f1-score"]), "support": int(row["support"])}
         for name, row in report.items() if not name.endswith(" avg")
     }
     return {**overall, "per_type": per_type}

@@ -23,9 +23,9 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .config import ModelConfig
-from .corpus import LABELS, Sentence, entity_spans
-from .errors import ConfigError
+from trainer.config import default
+from trainer.data.corpus import LABELS, Sentence, entity_spans
+from trainer.utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def vocabulary(tokenizer) -> str:
 class Featurizer:
     """Tokenise with a fast Hugging Face tokenizer and cut sentences into labelled windows."""
 
-    def __init__(self, tokenizer, max_length: int = ModelConfig.max_length, context: int = ModelConfig.window_context,
+    def __init__(self, tokenizer, max_length: int = default("model.max_length"), context: int = default("model.window_context"),
                  labels: Sequence[str] = LABELS):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("a fast tokenizer is needed for word alignment; load it with AutoTokenizer(use_fast=True)")
@@ -346,3 +346,13 @@ def labelled_predictions(logits: torch.Tensor, labels: torch.Tensor) -> list[lis
     """Argmax label ids at the labelled positions of each row, in order."""
     best = logits.argmax(-1)
     return [best[row][labels[row] != IGNORE].tolist() for row in range(labels.shape[0])]
+
+
+def group_windows(windows: Sequence[Window]) -> list[list[Window]]:
+    """Windows of `Featurizer.encode` grouped per sentence, in sentence order."""
+    groups: dict[int, list[Window]] = {}
+    for w in windows:
+        groups.setdefault(w.sentence, []).append(w)
+    if sorted(groups) != list(range(len(groups))):
+        raise ValueError("windows do not cover sentences 0..n-1; pass the whole output of Featurizer.encode")
+    return [groups[i] for i in range(len(groups))]

@@ -29,7 +29,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
 
-from .errors import CorpusError
+from trainer.utils.errors import CorpusError
+from trainer.utils.paths import SPLIT_SUFFIX, SPLITS, split_selector
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,6 @@ _CONTROL = re.compile(r"[\x01-\x08\x0b-\x1f\x7f]")
 # they stand for a letter, so they are kept, with a warning.
 _C1 = re.compile(r"[\x80-\x9f]")
 # Only a trailing "#train"/"#test" selects a split; any other "#" is part of the file name.
-_SPLIT_SUFFIX = re.compile(r"^(?P<path>.+)#(?P<split>[^#/\\]*)$", re.S)
-SPLITS = ("train", "test")
 _CHUNK = 1 << 20
 
 # Europeana French: the paper splits the unsegmented file at each "." token and uses
@@ -470,14 +469,6 @@ def drop_misc(tags: Sequence[str]) -> list[str]:
 FORMATS = ("auto", "sentences", "stream")
 
 
-def split_selector(path: str) -> tuple[str, str | None]:
-    """(file, split) of a corpus path: only a trailing '#train' or '#test' is a split selector."""
-    match = _SPLIT_SUFFIX.match(path)
-    if match and match["split"] in SPLITS:
-        return match["path"], match["split"]
-    return path, None
-
-
 def _resolve_split(path: str, split: str | None) -> tuple[str, str | None]:
     """The file and split asked for; a '#name' suffix that is no split and no file is named."""
     file, suffix = split_selector(path)
@@ -487,7 +478,7 @@ def _resolve_split(path: str, split: str | None) -> tuple[str, str | None]:
     split = split or suffix
     if split not in (None, *SPLITS):
         raise CorpusError(file, None, f"unknown split {split!r}", "Use '#train' or '#test'")
-    match = _SPLIT_SUFFIX.match(file)
+    match = SPLIT_SUFFIX.match(file)
     if suffix is None and match and not os.path.lexists(path) and os.path.isfile(match["path"]):
         # "file#dev": no such file, but "file" exists: a mistyped split, not a file name.
         raise CorpusError(match["path"], None, f"unknown split {match['split']!r} (and no file is named {path})",

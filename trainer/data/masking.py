@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ConfigError
-from .features import IGNORE
+from trainer.data.features import IGNORE
+from trainer.utils.errors import ConfigError
 
 _MIX = (1_000_003, 998_244_353)
 

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .corpus import CorpusError, Sentence, entity_spans, os_error
-from .digest import files_sha256
-from .errors import InputError
-from .paths import make_output_dir, write_atomic
+from trainer.data.corpus import CorpusError, Sentence, entity_spans, os_error
+from trainer.utils.digest import files_sha256
+from trainer.utils.errors import InputError
+from trainer.utils.paths import make_output_dir, write_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -20,38 +20,36 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from .adapt import adapt_many
-from .bottom import FrozenBottom
-from .checkpoint import WEIGHTS, load_trainer_state, rng_state, save_checkpoint, set_rng_state
-from .corpus import Sentence
-from .digest import values_sha256
-from .distributed import agree_min, all_gather_object, all_reduce_sum
-from .engine import TaskEngine
-from .errors import CheckpointError
-from .features import Featurizer
-from .maml import Task, group_windows
-from .model import NerModel, evaluating
-from .optim import BertAdam, make_optimizer, optimizer_step, ordered_groups, schedule_factor
-from .predict import predict
-from .sampling import epoch_of, sample_task_batch, shard_tasks
-from .scoring import score
+from trainer.config import affects
+from trainer.data.corpus import Sentence
+from trainer.data.features import Featurizer, group_windows
+from trainer.data.sampling import Task, epoch_of, sample_task_batch, shard_tasks
+from trainer.data.scoring import score
+from trainer.modules.bottom import FrozenBottom
+from trainer.modules.model import NerModel, evaluating
+from trainer.training.adapt import adapt_many
+from trainer.training.checkpoint import WEIGHTS, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from trainer.training.engine import TaskEngine
+from trainer.training.optim import BertAdam, make_optimizer, optimizer_step, ordered_groups, schedule_factor
+from trainer.training.predict import predict
+from trainer.utils.digest import values_sha256
+from trainer.utils.distributed import agree_min, all_gather_object, all_reduce_sum
+from trainer.utils.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
-
-# Settings that do not change what a run computes (where files and metrics go, how the work is
-# spread, how often it is saved or logged): a checkpoint resumes under other values of these.
-RESUME_IGNORES = ("mlflow.", "cluster.", "train.output_dir", "train.seeds", "train.log_every",
-                  "train.checkpoint_every", "train.task_chunk_size", "train.pack_support",
-                  "retrieval.cache_dir", "retrieval.batch_size",
-                  "model.prefix_cache_dir", "data.root", "data.targets", "data.target_files",
-                  "data.target_train_files", "data.target_sample", "data.low_resource_fractions", "data.misc_to_o",
-                  "data.unspaced_languages")
 
 
 def config_fingerprint(cfg) -> dict:
     """The settings a run's weights depend on, as dotted keys (JSON values)."""
-    values = {k: v for k, v in cfg.flat().items() if not k.startswith(RESUME_IGNORES)}
+    values = {k: v for k, v in cfg.flat().items() if affects(k, "resume")}
     return json.loads(json.dumps(values, sort_keys=True, default=str))
+
+
+def _changes_weights(key: str) -> bool:
+    try:
+        return affects(key, "resume")
+    except KeyError:
+        return False
 
 
 def fingerprint_hash(values: dict) -> str:
@@ -112,7 +110,7 @@ class MetaTrainer:
         self.curve: list[tuple[int, float]] = []  # (step, English-dev F1) of every selection
         self._done_tasks, self._seconds, self._warm = 0, 0.0, False
         # Set by a distributed caller for `cluster.task_balance=dynamic`: step -> a claim of the
-        # next chunk, shared by the ranks (trainer.distributed.ChunkClaims).
+        # next chunk, shared by the ranks (trainer.utils.distributed.ChunkClaims).
         self.claims: Optional[Callable[[int], Callable[[], int]]] = None
 
     # ------------------------------------------------------------------ one meta-step
@@ -260,9 +258,9 @@ class MetaTrainer:
             last = self.step == train.num_meta_steps
             if self.step % train.eval_every == 0 or last:
                 metrics["dev_f1"] = self.evaluate()
-                self.curve.append((self.step, metrics["dev_f1"]))
+                self.curve.append((self.step, float(metrics["dev_f1"])))
                 if metrics["dev_f1"] > self.best_f1:
-                    self.best_f1, self.best_step = metrics["dev_f1"], self.step
+                    self.best_f1, self.best_step = float(metrics["dev_f1"]), self.step
                     if on_best is not None and self.rank == 0:
                         on_best(self)
             self.log.log_metrics(metrics, step=self.step)
@@ -296,7 +294,9 @@ class MetaTrainer:
         now = config_fingerprint(self.cfg)
         if "config_hash" not in state or state["config_hash"] == fingerprint_hash(now):
             return
-        then = json.loads(state["config"])
+        # A state written by another version may record settings that no longer change the weights
+        # (tag.*, before tagging's settings were marked so) or no longer exist: only those that do count.
+        then = {k: v for k, v in json.loads(state["config"]).items() if _changes_weights(k)}
         changed = [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
         if changed:
             key = changed[0]

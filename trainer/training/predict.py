@@ -6,11 +6,11 @@ from typing import Sequence
 
 import torch
 
-from .config import EVAL_BATCH_SIZE
-from .corpus import Sentence
-from .features import Featurizer, Window, labelled_predictions
-from .model import NerModel, evaluating
-from .scoring import score
+from trainer.config import EVAL_BATCH_SIZE
+from trainer.data.corpus import Sentence
+from trainer.data.features import Featurizer, Window, labelled_predictions
+from trainer.data.scoring import score
+from trainer.modules.model import NerModel, evaluating
 
 
 def device_of(model: torch.nn.Module) -> torch.device:

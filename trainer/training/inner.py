@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .optim import BertAdam
+from trainer.training.optim import BertAdam
 
 
 @contextmanager

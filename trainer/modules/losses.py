@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .features import IGNORE
+from trainer.data.features import IGNORE
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, lambda_max: float = 0.0,

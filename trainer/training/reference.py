@@ -1,6 +1,6 @@
 """First-order MAML over pseudo meta-NER tasks, one task at a time, in place on one model: the
-reference implementation that the vectorised engine (trainer/engine.py, used by
-trainer/meta_trainer.py) is tested and benchmarked against.
+reference implementation that the vectorised engine (trainer/training/engine.py, used by
+trainer/training/meta_trainer.py) is tested and benchmarked against.
 
 For each task the trainable parameters are saved (a copy of those tensors only), adapted by
 `num_inner_steps` BertAdam steps on the support sentences, the query loss gradient is taken at the
@@ -13,44 +13,28 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 
-from .features import Featurizer, Window
-from .inner import adapting
-from .losses import token_loss
-from .masking import mask_batch, mask_generator, masked_sides
-from .model import NerModel, in_mode
-from .optim import BertAdam, make_optimizer, optimizer_step, ordered_groups, param_groups, schedule_factor
+from trainer.data.features import Featurizer, Window
+from trainer.data.masking import mask_batch, mask_generator, masked_sides
+from trainer.data.sampling import Task
+from trainer.modules.losses import token_loss
+from trainer.modules.model import NerModel, in_mode
+from trainer.training.inner import adapting
+from trainer.training.optim import (
+    BertAdam,
+    make_optimizer,
+    optimizer_step,
+    ordered_groups,
+    param_groups,
+    schedule_factor,
+)
 
 logger = logging.getLogger(__name__)
 
 Source = Sequence[Union[Window, Sequence[Window]]]
-
-
-@dataclass(frozen=True)
-class Task:
-    """A pseudo task: `query` and `support` are indices of source sentences."""
-
-    support: tuple[int, ...]
-    query: int
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "support", tuple(int(i) for i in self.support))
-        if not self.support:
-            raise ValueError(f"task with query {self.query} has an empty support set")
-
-
-def group_windows(windows: Sequence[Window]) -> list[list[Window]]:
-    """Windows of `Featurizer.encode` grouped per sentence, in sentence order."""
-    groups: dict[int, list[Window]] = {}
-    for w in windows:
-        groups.setdefault(w.sentence, []).append(w)
-    if sorted(groups) != list(range(len(groups))):
-        raise ValueError("windows do not cover sentences 0..n-1; pass the whole output of Featurizer.encode")
-    return [groups[i] for i in range(len(groups))]
 
 
 class MetaLearner:

@@ -19,13 +19,13 @@ from typing import Collection, Iterator, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .config import EVAL_BATCH_SIZE
-from .digest import text_sha256
-from .distributed import barrier
-from .errors import ConfigError
-from .features import FEATURES_VERSION, IGNORE, Featurizer, Window
-from .model import NerModel, evaluating
-from .paths import atomic_file
+from trainer.config import EVAL_BATCH_SIZE
+from trainer.data.features import FEATURES_VERSION, IGNORE, Featurizer, Window
+from trainer.modules.model import NerModel, evaluating
+from trainer.utils.digest import text_sha256
+from trainer.utils.distributed import barrier
+from trainer.utils.errors import ConfigError
+from trainer.utils.paths import atomic_file
 
 logger = logging.getLogger(__name__)
 
