@@ -31,11 +31,8 @@ def _setup(tiny_bert_no_dropout, **train):
     from trainer.data.features import Featurizer
     from trainer.modules.model import build_model
 
-    cfg = Config()
-    cfg = with_overrides(cfg, [("model.name_or_path", tiny_bert_no_dropout), ("model.num_frozen_layers", 1),
-                               ("model.dropout", 0.0)])
-    for key, value in train.items():
-        setattr(cfg.train, key, value)
+    cfg = with_overrides(Config(), [("model.name_or_path", tiny_bert_no_dropout), ("model.num_frozen_layers", 1),
+                                    ("model.dropout", 0.0), *((f"train.{key}", value) for key, value in train.items())])
     featurizer = Featurizer(AutoTokenizer.from_pretrained(tiny_bert_no_dropout), 64, 8)
     return cfg, featurizer, lambda: build_model(cfg, seed=7)
 
