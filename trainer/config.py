@@ -293,25 +293,32 @@ class Config(Section):
         return out
 
 
+def _fields(loc: Sequence[str]) -> list:
+    """The FieldInfo of each key along `loc`, from Config down, stopping where a key names no field
+    (past a mapping setting's keys, or an unknown key)."""
+    found, model = [], Config
+    for part in loc:
+        info = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if info is None:
+            break
+        found.append(info)
+        model = info.annotation
+    return found
+
+
 def roles(key: str) -> dict[str, bool]:
     """What changing the setting at dotted `key` changes ({"results", "resume", "use"}); a key
     inside a mapping setting (data.target_files.fr) is its setting's. KeyError: no such setting."""
-    model: Any = Config
-    for part in key.split("."):
-        info = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if info is None:
-            raise KeyError(key)
+    for info in _fields(key.split(".")):
         if isinstance(info.json_schema_extra, dict) and "roles" in info.json_schema_extra:
             return dict(info.json_schema_extra["roles"])
-        model = info.annotation
     raise KeyError(key)
 
 
 def default(key: str) -> Any:
     """The default of the setting at dotted `key` (e.g. "model.dropout"): for the signatures of
     functions that take one setting, so that it is written once, here."""
-    section, _, name = key.partition(".")
-    return Config.model_fields[section].annotation.model_fields[name].get_default(call_default_factory=True)
+    return _fields(key.split("."))[-1].get_default(call_default_factory=True)
 
 
 def affects(key: str, role: str) -> bool:
@@ -351,12 +358,10 @@ _TYPE_WORDS = {"int_type": "an integer", "int_parsing": "an integer", "bool_type
 
 def _field_names(loc: Sequence) -> list[str]:
     """The keys allowed beside the key at `loc` (its section's fields)."""
-    model: Any = Config
-    for part in loc[:-1]:
-        info = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if info is None:
-            return []
-        model = info.annotation
+    parents = _fields(loc[:-1])
+    if len(parents) < len(loc) - 1:
+        return []
+    model = parents[-1].annotation if parents else Config
     return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
 
 
@@ -371,20 +376,13 @@ def _message(error: dict) -> tuple[str, str]:
     if kind == "model_type":
         return key, f"{key}: expected a mapping of {', '.join(_field_names(loc + ['x']))}"
     if kind == "literal_error":
-        allowed = typing.get_args(_annotation(loc))
+        allowed = typing.get_args(_fields(loc)[-1].annotation)
         return key, f"{key}: {value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}"
     if kind == "finite_number":
         return key, f"{key}: expected a finite number, got {value!r}"
     if kind in _TYPE_WORDS:
         return key, f"{key}: expected {_TYPE_WORDS[kind]}, got {value!r}"
     return key, f"{key}: {error['msg']}"
-
-
-def _annotation(loc: Sequence[str]) -> Any:
-    model: Any = Config
-    for part in loc:
-        model = model.model_fields[part].annotation
-    return model
 
 
 def _without(data: dict, loc: Sequence) -> None:
