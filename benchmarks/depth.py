@@ -31,7 +31,6 @@ from benchmarks._setup import prepare  # noqa: E402
 prepare()  # threads, offline hub and sys.path, before torch is imported
 
 import argparse  # noqa: E402
-import copy  # noqa: E402
 from typing import Sequence  # noqa: E402
 
 from benchmarks import common  # noqa: E402
@@ -80,8 +79,7 @@ def engine_rates(b: common.Bundle, source, support, steps: int, device: str, tas
     """{variant: run} of the engine (and the per-task reference), taking turns step by step."""
     from trainer.data.features import group_windows
 
-    cfg = copy.deepcopy(b.cfg)
-    cfg = with_overrides(cfg, [("train.num_meta_steps", steps), ("train.meta_batch_size", tasks)])
+    cfg = with_overrides(b.cfg, [("train.num_meta_steps", steps), ("train.meta_batch_size", tasks)])
     batches = bench_meta.task_batches(support, steps, tasks)
     variants = {"engine": bench_meta.engine_variant(b, cfg, source, support, steps + 1, device)}
     if reference:
@@ -110,8 +108,7 @@ def precision_pair(args, frozen: int, source, support, targets, supports, steps:
     tasks = args.precision_tasks
     cfgs = {}
     for name, b in (("fp32", fp32), ("bf16", bf16)):
-        cfg = copy.deepcopy(b.cfg)
-        cfg = with_overrides(cfg, [("train.num_meta_steps", steps), ("train.meta_batch_size", tasks)])
+        cfg = with_overrides(b.cfg, [("train.num_meta_steps", steps), ("train.meta_batch_size", tasks)])
         cfgs[name] = bench_meta.engine_variant(b, cfg, source, support, steps + 1, args.device)
     runs = bench_meta.taking_turns(cfgs, steps, args.device)
     rate = {k: steps * tasks / r["seconds"] for k, r in runs.items()}
@@ -130,8 +127,7 @@ def distributed_rate(args, b: common.Bundle, source, support, workdir: str) -> f
     from cluster.runtime import init_ray
 
     init_ray(num_cpus=2, log_to_driver=False)
-    cfg = copy.deepcopy(b.cfg)
-    cfg = with_overrides(cfg, [("train.num_meta_steps", args.ds_steps + 1)])
+    cfg = with_overrides(b.cfg, [("train.num_meta_steps", args.ds_steps + 1)])
     run = bench_meta.distributed(b, cfg, source, support, args.ds_steps, args.workers, args.device, workdir)
     return run["tasks_per_s"]
 
