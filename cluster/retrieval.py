@@ -18,7 +18,7 @@ from cluster.runtime import CUDA_CONTEXT_BYTES, FAISS_SCRATCH_BYTES, MIB, gpu_pl
 from retrieval.cache import RetrievalCache
 from retrieval.embed import Embedder, as_sentences
 from retrieval.index import IndexShard, IndexSpec, as_matrix, merge_topk, shard_bounds
-from retrieval.tasks import build_pseudo_tasks, retrieve_support
+from retrieval.tasks import ReusedIndex, build_pseudo_tasks, retrieve_support
 from trainer.utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -216,8 +216,8 @@ def build_supports(cfg, source: list, sets: dict[str, list], encoder=None, token
     r = cfg.retrieval
     started = time.perf_counter()
     cache = RetrievalCache(r.cache_dir)
-    index = ShardedIndexSpec.from_config(cfg)
-    with ShardedEmbedder.from_config(cfg, encoder, tokenizer) as embedder:
+    with ShardedEmbedder.from_config(cfg, encoder, tokenizer) as embedder, \
+            ReusedIndex(ShardedIndexSpec.from_config(cfg)) as index:
         support = build_pseudo_tasks(source, embedder, k=r.k, cache=cache, index=index) if source_tasks else None
         out = {name: retrieve_support(q, source, embedder, k=r.k, drop_top1=r.drop_top1_for_targets,
                                       cache=cache, index=index) for name, q in sets.items()}

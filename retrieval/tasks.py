@@ -40,6 +40,46 @@ class IndexBuilder(Protocol):
     def key(self) -> str: ...
 
 
+class ReusedIndex:
+    """An IndexBuilder that builds its index once and serves every later build over the same xb
+    from it, until close(): a job searches the source's index for its pseudo tasks and for every
+    target set, and a sharded index costs a process start per shard actor."""
+
+    def __init__(self, builder: IndexBuilder):
+        self.builder, self.builds = builder, 0
+        self._xb: np.ndarray | None = None
+        self._searcher: Searcher | None = None
+
+    def key(self) -> str:
+        return self.builder.key()
+
+    def build(self, xb: np.ndarray) -> Searcher:
+        xb = as_matrix("xb", xb)
+        if self._searcher is None or not np.array_equal(xb, self._xb):
+            self.close()
+            self._searcher, self._xb = self.builder.build(xb), xb
+            self.builds += 1
+        return _Kept(self._searcher)
+
+    def close(self) -> None:
+        if self._searcher is not None and hasattr(self._searcher, "close"):
+            self._searcher.close()
+        self._searcher = self._xb = None
+
+    def __enter__(self) -> "ReusedIndex":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Kept:
+    """A searcher without close(): its owner, a ReusedIndex, closes it."""
+
+    def __init__(self, searcher: Searcher):
+        self.search = searcher.search
+
+
 def duplicate_groups(sentences: Sequence[Any]) -> np.ndarray:
     """Group id of each sentence; sentences with the same word tuple share an id."""
     ids: dict[tuple[str, ...], int] = {}

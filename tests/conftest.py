@@ -158,6 +158,46 @@ def trained_checkpoint(tiny_bert_no_dropout, toy_corpus, tmp_path_factory) -> Pa
     return root
 
 
+# The demo at its smallest that still runs every stage (2 meta-steps, 10 sentences a language),
+# with settings that cannot fit one 1-CPU node: the two training workers, the embedding actor and
+# the index shard, and the two adapter actors each land one on each node of a two-node cluster.
+SMALL_DEMO = ["train.num_meta_steps=2", "train.eval_every=2", "train.checkpoint_every=2", "data.target_sample=10",
+              "data.dev_sample=10", "cluster.num_workers=2", "cluster.cpus_per_worker=1", "cluster.num_embed_actors=1",
+              "cluster.num_index_shards=1", "cluster.num_adapter_actors=2", "cluster.cpus_per_actor=0.75",
+              "cluster.task_balance=static"]
+
+
+def run_demo(out: Path, *extra: str, cwd: Path, env: dict | None = None):
+    """`python -m jobs.demo --out out SMALL_DEMO extra`, its own local Ray cluster unless `env`
+    names one; stdout and stderr as text."""
+    import subprocess
+    import sys
+
+    own = env is None
+    env = dict(os.environ if own else env)
+    env.pop("METANER_VERBOSE", None)
+    if own:
+        env.pop("RAY_ADDRESS", None)
+    # Bytes: text mode would read each carriage return of a bar as a line end.
+    result = subprocess.run([sys.executable, "-m", "jobs.demo", "--out", str(out), *SMALL_DEMO, *extra],
+                            capture_output=True, cwd=cwd, env=env, timeout=900)
+    result.stdout, result.stderr = (b.decode("utf-8", "replace") for b in (result.stdout, result.stderr))
+    return result
+
+
+@pytest.fixture(scope="session")
+def one_node_demo(tmp_path_factory):
+    """The small demo run once with --verbose on a local one-node cluster: (result, tmp folder, out).
+    Shared by the test of what --verbose shows and the two-node test, whose reference it is
+    (--verbose changes what the console shows, not what is computed)."""
+    tmp = tmp_path_factory.mktemp("one-node-demo")
+    out = tmp / "one"
+    result = run_demo(out, f"mlflow.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+                      f"cluster.storage_path={tmp / 'storage'}", "--verbose", cwd=tmp)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result, tmp, out
+
+
 def set_dropout(model, p: float) -> None:
     """Set every dropout of the model, encoder included (`NerModel`'s own `dropout` is the head's only)."""
     from torch import nn

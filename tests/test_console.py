@@ -8,23 +8,15 @@ import textwrap
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_demo
 
 # Ray's prefix of a line a worker printed: (Name pid=123) or (pid=123, ip=...).
 WORKER_LINE = re.compile(r"^\((?:[\w.]+ )?pid=\d+")
-# As small as the demo runs: every stage still happens, on 10 sentences per language.
-SMALL = ["train.num_meta_steps=2", "train.eval_every=2", "train.checkpoint_every=2", "data.target_sample=10",
-         "data.dev_sample=10"]
 
 
 def _demo(tmp_path, *extra):
     out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if k not in ("METANER_VERBOSE", "RAY_ADDRESS")}
-    # Bytes: text mode would read each carriage return of a bar as a line end.
-    result = subprocess.run([sys.executable, "-m", "jobs.demo", "--out", str(out),
-                             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *SMALL, *extra],
-                            capture_output=True, cwd=tmp_path, env=env, timeout=900)
-    result.stdout, result.stderr = (b.decode("utf-8", "replace") for b in (result.stdout, result.stderr))
+    result = run_demo(out, f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *extra, cwd=tmp_path)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return result, out
 
@@ -58,8 +50,8 @@ def test_the_demo_console_shows_stages_bars_and_results_and_the_log_file_the_res
 
 
 @pytest.mark.slow
-def test_verbose_puts_the_workers_output_back_on_the_console(tmp_path):
-    result, out = _demo(tmp_path, "--verbose")
+def test_verbose_puts_the_workers_output_back_on_the_console(one_node_demo):
+    result, _, out = one_node_demo
     console = result.stdout + result.stderr
     assert any(WORKER_LINE.match(line) and "RayTrainWorker" in line for line in _lines(console)), console
     assert "meta-step 2/2" in console and "| Ours (this run) |" in console

@@ -9,8 +9,8 @@ import pytest
 
 from retrieval.cache import RetrievalCache
 from retrieval.embed import Embedder
-from retrieval.index import brute_force
-from retrieval.tasks import build_pseudo_tasks, duplicate_groups, retrieve_support, source_support, target_support
+from retrieval.index import IndexSpec, brute_force
+from retrieval.tasks import ReusedIndex, build_pseudo_tasks, duplicate_groups, retrieve_support, source_support, target_support
 from trainer.data.corpus import Sentence
 
 
@@ -147,6 +147,48 @@ def test_target_support_and_drop_top1(embedder, source, toy_corpus):
     _, ranked = brute_force(xq, xb, 3)
     np.testing.assert_array_equal(target_support(xq, xb, 2), ranked[:, :2])
     np.testing.assert_array_equal(target_support(xq, xb, 2, drop_top1=True), ranked[:, 1:3])
+
+
+class _Counted:
+    """An index builder that counts its builds and the searchers still open."""
+
+    def __init__(self):
+        self.spec, self.builds, self.open = IndexSpec("flat", device="cpu"), 0, 0
+
+    def key(self):
+        return self.spec.key()
+
+    def build(self, xb):
+        self.builds += 1
+        self.open += 1
+        shard, owner = self.spec.build(xb), self
+
+        class Searcher:
+            search = shard.search
+
+            def close(self):
+                owner.open -= 1
+
+        return Searcher()
+
+
+def test_one_index_serves_the_pseudo_tasks_and_every_target_set(embedder, source, toy_corpus):
+    xb = embedder.embed(source)
+    counted = _Counted()
+    with ReusedIndex(counted) as index:
+        support = source_support(xb, source, 2, index)
+        targets = {lang: target_support(embedder.embed(toy_corpus[lang]), xb.copy(), 2, index=index)
+                   for lang in ("de", "zh")}
+        assert (counted.builds, counted.open) == (1, 1)
+        other = target_support(xb[:5], xb[5:], 1, index=index)  # another xb: a new index, the first closed
+        assert (counted.builds, counted.open) == (2, 1)
+    assert counted.open == 0 and index.builds == 2
+    # Tolerance 0: the same flat search as a fresh index each time, which matches brute force.
+    np.testing.assert_array_equal(support, source_support(xb, source, 2))
+    for lang, ids in targets.items():
+        _, ranked = brute_force(embedder.embed(toy_corpus[lang]), xb, 2)
+        np.testing.assert_array_equal(ids, ranked)
+    np.testing.assert_array_equal(other, brute_force(xb[:5], xb[5:], 1)[1])
 
 
 # ---------------------------------------------------------------- cache

@@ -23,17 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_demo
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(sys.platform != "linux", reason="Linux mount namespaces")]
 
 RAY = str(Path(sys.executable).with_name("ray"))
-# One CPU a node, and settings that cannot fit one node: the two training workers, the
-# embedding actor and the index shard, and the two adapter actors each land one on each node.
-SPREAD = ["cluster.num_workers=2", "cluster.cpus_per_worker=1", "cluster.num_embed_actors=1",
-          "cluster.num_index_shards=1", "cluster.num_adapter_actors=2", "cluster.cpus_per_actor=0.75",
-          "cluster.task_balance=static", "train.num_meta_steps=12", "train.eval_every=6",
-          "train.checkpoint_every=6"]
 ROWS = ("base", "ours")
 
 
@@ -131,11 +125,10 @@ class TwoNodes:
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
-def _demo(out: Path, shared: Path, *extra: str, nodes: "TwoNodes | None" = None) -> subprocess.CompletedProcess:
-    env = nodes.env(RAY_ADDRESS=nodes.address) if nodes else _env()
-    return subprocess.run([sys.executable, "-m", "jobs.demo", "--out", str(out),
-                           f"mlflow.tracking_uri=sqlite:///{shared / (out.name + '.db')}", *SPREAD, *extra],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+def _demo(out: Path, shared: Path, *extra: str, nodes: TwoNodes) -> subprocess.CompletedProcess:
+    """The small demo (conftest.SMALL_DEMO: one of each kind of worker and actor per node) on `nodes`."""
+    return run_demo(out, f"mlflow.tracking_uri=sqlite:///{shared / (out.name + '.db')}", *extra, cwd=REPO,
+                    env=nodes.env(RAY_ADDRESS=nodes.address))
 
 
 def _f1(out: Path) -> dict:
@@ -143,7 +136,7 @@ def _f1(out: Path) -> dict:
 
 
 @pytest.mark.skipif(not _can_unshare(), reason="needs unshare -m (root, or CAP_SYS_ADMIN) for a node-local folder")
-def test_the_demo_on_two_nodes_ends_as_on_one(tmp_path):
+def test_the_demo_on_two_nodes_ends_as_on_one(tmp_path, one_node_demo):
     shared = tmp_path / "shared"
     shared.mkdir()
     out = tmp_path / "two"
@@ -171,8 +164,7 @@ def test_the_demo_on_two_nodes_ends_as_on_one(tmp_path):
     assert len(on.get("ShippedAdapter", ())) == 2, spread
     assert len(on.get("Embedder", set()) | on.get("IndexShard", set())) == 2, spread
 
-    one = _demo(tmp_path / "one", shared, f"cluster.storage_path={shared / 'storage-one'}")
-    assert one.returncode == 0, one.stderr[-5000:]
-    two_f1, one_f1 = _f1(out), _f1(tmp_path / "one")
+    # The same job on one node (run once for the session, with --verbose, which changes only the console).
+    two_f1, one_f1 = _f1(out), _f1(one_node_demo[2])
     for row in ROWS:
         assert two_f1[row] == pytest.approx(one_f1[row], abs=1e-9), row
