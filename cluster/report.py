@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from trainer.data.corpus import drop_misc
+from trainer.data.scoring import score, write_conll
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,6 @@ def score_language(lang: str, sentences: Sequence, predictions: Sequence[Sequenc
     `misc_to_o`: the target's annotation has no MISC type (its gold MISC was mapped to O when
     read), so predicted MISC is mapped to O too: a type the test set cannot contain is not scored.
     """
-    # seqeval, which trainer.data.scoring imports, pulls in scikit-learn (seconds): the tables' figures
-    # (PAPER) are read without it.
-    from trainer.data.scoring import score, write_conll
-
     if misc_to_o:
         predictions = [drop_misc(p) for p in predictions]
     out = Path(out_dir)

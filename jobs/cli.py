@@ -10,6 +10,7 @@ import traceback
 from dataclasses import replace
 
 from trainer.data.corpus import read_corpus
+from trainer.data.scoring import read_conll, score
 from trainer.utils.errors import InputError
 
 from .common import DEBUG_HELP, exit_status, one_line
@@ -84,10 +85,6 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    # seqeval, which trainer.data.scoring imports, pulls in scikit-learn (seconds): only `metaner score`
-    # needs it.
-    from trainer.data.scoring import read_conll, score
-
     types = [t.strip() for t in args.types.split(",") if t.strip()]
     bad = [t for t in types if not t.replace("_", "").isalnum()]
     if not types or bad:

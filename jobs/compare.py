@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer.data.scoring import bootstrap_f1, read_conll, score
 from trainer.utils.errors import InputError
 
 from .common import DEBUG_HELP, print_or_fail
@@ -45,10 +46,6 @@ def _seed_number(name: str) -> float:
 
 def compare(out: Path, against: str, resamples: int, seed: int = 0, run_seed: int | None = None) -> str:
     """`seed` draws the resamples; `run_seed` picks the training seed whose predictions compare."""
-    # seqeval, which trainer.data.scoring imports, pulls in scikit-learn (seconds): a wrong folder is
-    # named before.
-    from trainer.data.scoring import bootstrap_f1, read_conll
-
     rows = predictions(out, run_seed)
     if against not in rows:
         which = "" if run_seed is None else f" for seed {run_seed}"
@@ -76,9 +73,6 @@ def compare(out: Path, against: str, resamples: int, seed: int = 0, run_seed: in
 
 
 def _f1(gold, pred) -> float:
-    # seqeval deferred: see compare.
-    from trainer.data.scoring import score
-
     return float(score(gold, pred)["f1"])
 
 

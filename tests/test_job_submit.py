@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SMALL_DEMO
 
 
 def _free_port() -> int:
@@ -70,9 +70,8 @@ def test_demo_job_through_ray_job_submit(tmp_path):
             submit = _ray("job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
                           "--submission-id", "demo-ci", "--no-wait", "--", "python", "-m", "jobs.demo",
                           "--out", str(out), f"mlflow.tracking_uri=sqlite:///{store}",
-                          # fewer meta-steps than the demo's default: the plumbing is what is tested
-                          "train.num_meta_steps=8", "train.eval_every=4", "train.checkpoint_every=4", env=env,
-                          check=False)
+                          # the demo at its smallest: the plumbing is what is tested
+                          *SMALL_DEMO, env=env, check=False)
             if "No available agent" not in submit.stdout + submit.stderr:
                 break
             time.sleep(5)
@@ -83,7 +82,7 @@ def test_demo_job_through_ray_job_submit(tmp_path):
             status = (done.stdout + done.stderr).lower()  # the CLI reports on its log stream
             if any(f"job 'demo-ci' {word}" in status for word in ("succeeded", "failed", "stopped")):
                 break
-            time.sleep(10)
+            time.sleep(5)
         logs = _ray("job", "logs", "--address", f"http://127.0.0.1:{dash}", "demo-ci", env=env, check=False).stdout
         assert "job 'demo-ci' succeeded" in status, f"job ended as: {status}\n{logs[-4000:]}"
         assert "| Ours (this run) |" in logs and "| Base Model (this run) |" in logs

@@ -10,8 +10,6 @@ import warnings
 from typing import Iterable, Sequence
 
 import numpy as np
-from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
-from seqeval.metrics.sequence_labeling import get_entities
 
 from trainer.data.corpus import ENTITY_TYPES, CorpusError, read_text, split_fields
 from trainer.utils.paths import atomic_file
@@ -19,6 +17,10 @@ from trainer.utils.paths import atomic_file
 
 def score(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict:
     """Overall and per-type precision/recall/F1 in percent, with entity counts."""
+    # seqeval pulls in scikit-learn (seconds): imported when a score is computed, so that reading
+    # and checking a file (and every job that only imports this module) does not wait for it.
+    from seqeval.metrics import classification_report, f1_score, precision_score, recall_score
+
     if len(gold) != len(pred):
         raise ValueError(f"{len(gold)} gold sentences but {len(pred)} predicted")
     for i, (g, p) in enumerate(zip(gold, pred)):
@@ -130,6 +132,8 @@ def read_conll(path: str | os.PathLike, types: Sequence[str] = ENTITY_TYPES, spe
 
 def _entity_counts(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> np.ndarray:
     """[n, 3] per sentence: correct, predicted and gold entities (conlleval's exact-span match)."""
+    from seqeval.metrics.sequence_labeling import get_entities  # deferred: see score
+
     rows = []
     for g, p in zip(gold, pred):
         gs, ps = set(get_entities(list(g))), set(get_entities(list(p)))
