@@ -105,17 +105,35 @@ class UnitStore:
 class ShippedAdapter:
     """A `trainer.training.adapt.Adapter` whose checkpoint reaches it through Ray's object store
     (`storage.pack`): the actor may run on a node that does not see the driver's disk. Unpacked
-    into a folder of the actor's own, removed when the actor ends."""
+    into a folder of the actor's own, removed when the actor ends or loads another checkpoint."""
 
     def __init__(self, files: dict | str, featurizer, cfg, device: str = "cpu", prefix_dir=None):
-        """`files`: storage.pack's dict, or the name of the `CheckpointHolder` actor that keeps one."""
+        """`files`: storage.pack's dict, or the name of the `CheckpointHolder` actor that keeps one
+        and the settings to adapt with (which then replace `cfg`)."""
+        self._holder, self._featurizer, self._device, self._prefix_dir = None, featurizer, device, prefix_dir
+        self._folder = None
+        if isinstance(files, str):
+            self._holder = files
+            files, cfg = self._held()
+        self._load(files, cfg)
+
+    def _held(self) -> tuple[dict, object]:
+        holder = ray.get_actor(self._holder, namespace=HOLDERS)
+        refs, cfg = ray.get(holder.get.remote())
+        return ray.get(refs[0]), cfg
+
+    def _load(self, files: dict, cfg) -> None:
         from trainer.training.adapt import Adapter  # torch and the model code: in the actor, not the driver's import
 
-        if isinstance(files, str):
-            holder = ray.get_actor(files, namespace=HOLDERS)
-            files = ray.get(ray.get(holder.files.remote())[0])
-        self._folder = tempfile.TemporaryDirectory(prefix="metaner-checkpoint-")
-        self.adapter = Adapter(unpack(files, self._folder.name), featurizer, cfg, device, prefix_dir)
+        folder = tempfile.TemporaryDirectory(prefix="metaner-checkpoint-")
+        adapter = Adapter(unpack(files, folder.name), self._featurizer, cfg, self._device, self._prefix_dir)
+        if self._folder is not None:
+            self._folder.cleanup()
+        self._folder, self.adapter = folder, adapter
+
+    def reload(self) -> None:
+        """Load the checkpoint and settings that the holder keeps now."""
+        self._load(*self._held())
 
     def run(self, *args, **kwargs):
         return self.adapter.run(*args, **kwargs)
@@ -125,18 +143,29 @@ HOLDERS = "metaner-checkpoints"  # Ray namespace of the holders' names
 
 
 class CheckpointHolder:
-    """The ObjectRef of a packed checkpoint, for the adapter actors to ask at each (re)start."""
+    """The ObjectRef of a packed checkpoint and the settings to adapt with, for the adapter actors
+    to ask at each (re)start and reload."""
 
-    def __init__(self, files: list):
-        self._files = files  # [ObjectRef]: in a list, Ray hands the reference over, not the value
+    def __init__(self, files: list, cfg):
+        self.set(files, cfg)
 
-    def files(self) -> list:
-        return self._files
+    def set(self, files: list, cfg) -> None:
+        self._files, self._cfg = files, cfg  # [ObjectRef]: in a list, Ray hands the reference over, not the value
+
+    def get(self) -> tuple[list, object]:
+        return self._files, self._cfg
+
+
+def pool_shape(cfg) -> tuple:
+    """What a pool's actors are made with, which loading another checkpoint cannot change: their
+    number, their resources and the frozen-bottom store."""
+    c = cfg.cluster
+    return c.num_adapter_actors, c.cpus_per_actor, c.gpus_per_actor, cfg.model.prefix_cache_dir
 
 
 class AdapterPool:
     """`num_adapter_actors` Adapter actors, each loading the checkpoint once (put in Ray's object
-    store once by this process, whichever nodes the actors run on)."""
+    store once by this process, whichever nodes the actors run on); `load` moves them to another."""
 
     def __init__(self, checkpoint: str, cfg, max_restarts: Optional[int] = None):
         c = cfg.cluster
@@ -150,16 +179,26 @@ class AdapterPool:
         device = "cuda" if c.gpus_per_actor > 0 else "cpu"
         # Absolute here: actors may run in another working directory (a Ray job's, a node's).
         prefix_dir = os.path.abspath(cfg.model.prefix_cache_dir) if cfg.model.prefix_cache_dir else None
-        # Held for the pool's life: a restarted actor is built again from the same files. Ray logs
-        # an error on the console for a restartable actor whose constructor takes any reference,
-        # an object's or an actor's, even nested in a list (ray-project/ray#53727: the object may
-        # be gone at a restart), which this one, held here, never is: the actors are given the
-        # name of a holder, not restarted, and ask it for the reference.
+        # Held for the pool's life: a restarted actor is built again from what the holder keeps.
+        # Ray logs an error on the console for a restartable actor whose constructor takes any
+        # reference, an object's or an actor's, even nested in a list (ray-project/ray#53727: the
+        # object may be gone at a restart), which this one, held here, never is: the actors are
+        # given the name of a holder, not restarted, and ask it for the reference.
+        self.shape = pool_shape(cfg)
         self.files = ray.put(pack(checkpoint))
         name = f"checkpoint-{uuid.uuid4().hex}"
         holder = ray.remote(CheckpointHolder).options(name=name, namespace=HOLDERS, num_cpus=0)
-        self.holder = holder.remote([self.files])
-        self.actors = [remote.remote(name, None, cfg, device, prefix_dir) for _ in range(c.num_adapter_actors)]
+        self.holder = holder.remote([self.files], cfg)
+        self.actors = [remote.remote(name, None, None, device, prefix_dir) for _ in range(c.num_adapter_actors)]
+
+    def load(self, checkpoint: str, cfg) -> None:
+        """Every actor loads `checkpoint`, to adapt with `cfg`: no new process, no import again."""
+        if pool_shape(cfg) != self.shape:
+            raise ValueError(f"the pool's actors are {self.shape} (cluster.num_adapter_actors, cpus_per_actor, "
+                             f"gpus_per_actor, model.prefix_cache_dir), not {pool_shape(cfg)}: start another pool")
+        self.files = ray.put(pack(checkpoint))  # the old files leave the store once no actor holds them
+        ray.get(self.holder.set.remote([self.files], cfg))
+        ray.get([actor.reload.remote() for actor in self.actors])
 
     def pids(self) -> list[int]:
         return ray.get([a.__ray_call__.remote(lambda self: os.getpid()) for a in self.actors])
@@ -207,6 +246,36 @@ class AdapterPool:
         ray.kill(self.holder)
 
 
+class ReusedPool:
+    """One AdapterPool for a job's successive evaluations: started at the first, moved to each next
+    checkpoint instead of new actors that each import torch and transformers again; a new pool
+    when the actors' shape changes. close() shuts it down, as a job does before training, which
+    needs the CPUs and GPUs the actors hold."""
+
+    def __init__(self):
+        self.pool: AdapterPool | None = None
+
+    def get(self, checkpoint: str, cfg) -> AdapterPool:
+        if self.pool is not None and self.pool.shape != pool_shape(cfg):
+            self.close()
+        if self.pool is None:
+            self.pool = AdapterPool(checkpoint, cfg)
+        else:  # even the folder it holds: it may have been written again since
+            self.pool.load(checkpoint, cfg)
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+
+    def __enter__(self) -> "ReusedPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def collect(units: Sequence[Unit], store: UnitStore, sizes: dict[str, int]) -> dict[str, list[list[str]]]:
     """Predictions per language in the original sentence order; every sentence exactly once."""
     out: dict[str, list] = {lang: [None] * n for lang, n in sizes.items()}
@@ -226,12 +295,18 @@ def collect(units: Sequence[Unit], store: UnitStore, sizes: dict[str, int]) -> d
 
 
 def adapt_targets(checkpoint: str, cfg, targets: dict[str, Sequence], supports: dict[str, Sequence[Sequence]],
-                  work_dir: str | os.PathLike, progress: bool = True, pool: AdapterPool | None = None) -> dict[str, list[list[str]]]:
-    """Predicted tags of every target sentence, through the pool, resumable from `work_dir`."""
+                  work_dir: str | os.PathLike, progress: bool = True,
+                  pool: AdapterPool | ReusedPool | None = None) -> dict[str, list[list[str]]]:
+    """Predicted tags of every target sentence, through the pool, resumable from `work_dir`.
+
+    `pool`: an AdapterPool holding `checkpoint`, a ReusedPool to take one from, or None for a
+    pool of this call's own."""
     units = make_units(targets, supports, cfg.cluster.adapt_unit_size)
     store = UnitStore(Path(work_dir) / inputs_key(checkpoint, cfg, units))
     if {u.id for u in units} - store.done():
         own = pool is None
+        if isinstance(pool, ReusedPool):
+            pool = pool.get(checkpoint, cfg)
         pool = pool or AdapterPool(checkpoint, cfg)
         try:
             pool.run(units, store, progress)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from cluster.adapt_pool import adapt_targets
+from cluster.adapt_pool import ReusedPool, adapt_targets
 from cluster.report import PAPER_TABLE3, log_evaluation, score_language
 from cluster.retrieval import Supports, build_supports
 from cluster.tracking import tracking_uri
@@ -25,19 +25,22 @@ logger = logging.getLogger(__name__)
 
 
 def evaluate_one(cfg, checkpoint: str, data: Data, supports: Supports, run, out: Path,
-                 paper: dict[str, float] | None = None, label: str = "") -> dict:
+                 paper: dict[str, float] | None = None, label: str = "", pool: ReusedPool | None = None) -> dict:
     """Predictions through the adapter pool, scores per language, a child run per language;
     `paper`: the paper's F1 of the same row, drawn beside this run's in the chart; `label` names
-    the chart (row, seed, encoder)."""
+    the chart (row, seed, encoder); `pool`: the job's pool, kept for its next evaluation (None: a
+    pool of this evaluation's own)."""
     if cfg.retrieval.encoder == "finetuned":
         # Target neighbours by the trained encoder instead of the pretrained one.
         from trainer.training.checkpoint import load_model
 
         model, tokenizer, _ = load_model(checkpoint)
+        if pool is not None:
+            pool.close()  # the embedding actors need the CPUs and GPUs that the adapters hold
         supports = build_supports(cfg, data.source, data.targets, encoder=model.encoder, tokenizer=tokenizer,
                                   source_tasks=False)
     support_sentences = {lang: supports.sentences(lang, data.source) for lang in data.targets}
-    predictions = adapt_targets(checkpoint, cfg, data.targets, support_sentences, out / "units")
+    predictions = adapt_targets(checkpoint, cfg, data.targets, support_sentences, out / "units", pool=pool)
     results = {lang: score_language(lang, data.targets[lang], predictions[lang], out,
                                     misc_to_o=lang in cfg.data.misc_to_o)
                for lang in data.targets}

@@ -13,6 +13,7 @@ import logging
 import time
 from pathlib import Path
 
+from cluster.adapt_pool import ReusedPool
 from cluster.report import PAPER
 from cluster.retrieval import build_supports
 from trainer.config import with_overrides
@@ -90,37 +91,45 @@ def run_variants(cfg, variants: list[str], out: Path) -> dict:
     by_retrieval: dict[str, object] = {}  # variants that retrieve alike share their support sets
     finished: dict = {}  # (variant, seed) -> scores.json of the seed
     table, wall = {}, {}
-    for name in with_parents(variants):
-        vcfg = planned[name, cfg.train.seeds[0]][0]
-        key = json.dumps(vcfg.to_dict()["retrieval"], sort_keys=True)
-        if key not in by_retrieval:
-            by_retrieval[key] = build_supports(vcfg, data.source, {"dev": data.dev, **data.targets})
-        with tracked_run(vcfg, name, {"variant": name, "parent": parent_of(name) or ""}) as parent_run:
-            for seed in vcfg.train.seeds:
-                scfg, record = planned[name, seed]
-                folder = out / name / f"seed{seed}"
-                done = _done(folder, record)
-                if done is None:
-                    write_record(folder, record)
-                    reused = finished[REUSES[name], seed]["checkpoint"] if name in REUSES else None
-                    done = _train_and_evaluate(scfg, name, seed, data, by_retrieval[key], parent_run, folder,
-                                               PAPER.get(name), record["hash"], reused)
-                else:
-                    logger.info("%s, seed %d: finished by an earlier run, read from %s", name, seed,
-                                shown(folder / "scores.json"), extra={"stage": True})
-                finished[name, seed] = done
-            per_seed = {seed: finished[name, seed]["f1"] for seed in vcfg.train.seeds}
-            table[name] = summarize(per_seed)
-            wall[name] = sum(finished[name, seed]["wall_s"] for seed in vcfg.train.seeds)
-            parent_run.log_metrics({f"f1_{k}_{stat}": v[i] for k, v in table[name].items()
-                                    for i, stat in enumerate(("mean", "std"))})
-            parent_run.log_metrics({"wall_s": wall[name]})
-        text = markdown_table(table, {k: PAPER[k] for k in table if k in PAPER}, wall)
-        (out / "results.md").write_text(text, encoding="utf-8")
-        _write_json(out / "results.json", {"f1": table, "wall_s": wall,
-                                           "job_wall_s": time.time() - started, "job_started": started})
-    print(text)
+    with ReusedPool() as pool:
+        for name in with_parents(variants):
+            _run_variant(name, planned, cfg, data, by_retrieval, finished, table, wall, pool, out, started)
+    print(markdown_table(table, {k: PAPER[k] for k in table if k in PAPER}, wall))
     return table
+
+
+def _run_variant(name: str, planned: dict, cfg, data, by_retrieval: dict, finished: dict, table: dict, wall: dict,
+                 pool, out: Path, started: float) -> None:
+    """Every seed of one row (see run_variants), then the tables rewritten."""
+    vcfg = planned[name, cfg.train.seeds[0]][0]
+    key = json.dumps(vcfg.to_dict()["retrieval"], sort_keys=True)
+    if key not in by_retrieval:
+        pool.close()  # the embedding actors need the CPUs and GPUs that the adapters hold
+        by_retrieval[key] = build_supports(vcfg, data.source, {"dev": data.dev, **data.targets})
+    with tracked_run(vcfg, name, {"variant": name, "parent": parent_of(name) or ""}) as parent_run:
+        for seed in vcfg.train.seeds:
+            scfg, record = planned[name, seed]
+            folder = out / name / f"seed{seed}"
+            done = _done(folder, record)
+            if done is None:
+                write_record(folder, record)
+                reused = finished[REUSES[name], seed]["checkpoint"] if name in REUSES else None
+                done = _train_and_evaluate(scfg, name, seed, data, by_retrieval[key], parent_run, folder,
+                                           PAPER.get(name), record["hash"], reused, pool)
+            else:
+                logger.info("%s, seed %d: finished by an earlier run, read from %s", name, seed,
+                            shown(folder / "scores.json"), extra={"stage": True})
+            finished[name, seed] = done
+        per_seed = {seed: finished[name, seed]["f1"] for seed in vcfg.train.seeds}
+        table[name] = summarize(per_seed)
+        wall[name] = sum(finished[name, seed]["wall_s"] for seed in vcfg.train.seeds)
+        parent_run.log_metrics({f"f1_{k}_{stat}": v[i] for k, v in table[name].items()
+                                for i, stat in enumerate(("mean", "std"))})
+        parent_run.log_metrics({"wall_s": wall[name]})
+    text = markdown_table(table, {k: PAPER[k] for k in table if k in PAPER}, wall)
+    (out / "results.md").write_text(text, encoding="utf-8")
+    _write_json(out / "results.json", {"f1": table, "wall_s": wall,
+                                       "job_wall_s": time.time() - started, "job_started": started})
 
 
 def _write_json(path: Path, value) -> None:
@@ -128,9 +137,11 @@ def _write_json(path: Path, value) -> None:
 
 
 def _train_and_evaluate(cfg, name: str, seed: int, data, supports, parent, folder: Path,
-                        paper: dict[str, float] | None, inputs: str, checkpoint: str | None = None) -> dict:
-    """Train (unless given the `checkpoint` to evaluate) and evaluate one seed of a row; its
-    scores, precision, recall, English-dev curve and wall time go to <folder>/scores.json."""
+                        paper: dict[str, float] | None, inputs: str, checkpoint: str | None = None,
+                        pool: ReusedPool | None = None) -> dict:
+    """Train (unless given the `checkpoint` to evaluate) and evaluate one seed of a row, on the
+    job's adapter `pool` (shut down before training, which needs the resources its actors hold);
+    its scores, precision, recall, English-dev curve and wall time go to <folder>/scores.json."""
     # torch, which trainer.training.checkpoint imports, takes seconds: the driver reads a checkpoint's
     # record only, and only once a seed is done.
     from trainer.training.checkpoint import dev_curve
@@ -141,6 +152,8 @@ def _train_and_evaluate(cfg, name: str, seed: int, data, supports, parent, folde
         if checkpoint is None:
             how = "fine-tuning" if cfg.train.mode == "base" else "meta-training"
             logger.info("%s, seed %d: %s", name, seed, how, extra={"stage": True})
+            if pool is not None:
+                pool.close()
             checkpoint = train_one(cfg, seed, data, supports, run, folder)
             logger.info("%s, seed %d: trained in %s, checkpoint %s", name, seed,
                         duration(time.perf_counter() - started), shown(checkpoint), extra={"stage": True})
@@ -148,7 +161,7 @@ def _train_and_evaluate(cfg, name: str, seed: int, data, supports, parent, folde
             logger.info("%s, seed %d: evaluating %s", name, seed, shown(checkpoint), extra={"stage": True})
         run.set_tags({"checkpoint": checkpoint})
         label = f"{name}, seed {seed}, {Path(cfg.model.name_or_path).name}"
-        results = evaluate_one(cfg, checkpoint, data, supports, run, folder / "eval", paper, label)
+        results = evaluate_one(cfg, checkpoint, data, supports, run, folder / "eval", paper, label, pool)
         # Wall time of this process's work on the seed; a resumed seed counts only its last part.
         elapsed = time.perf_counter() - started
         run.log_metrics({"wall_s": elapsed})

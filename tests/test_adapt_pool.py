@@ -109,3 +109,41 @@ def test_pool_equals_sequential_and_survives_a_killed_actor(ray_local, checkpoin
     again = adapt_targets(checkpoint, cfg, targets, supports, tmp_path / "work", progress=False)
     assert again == sequential
     assert {p.name: p.stat().st_mtime_ns for p in store.folder.glob("*.json")} == before
+
+
+@pytest.mark.slow
+def test_a_reused_pool_moves_its_actors_to_the_next_checkpoint_and_settings(ray_local, checkpoint,
+                                                                             tiny_bert_no_dropout, toy_corpus,
+                                                                             tmp_path):
+    import ray
+    from transformers import AutoTokenizer
+
+    from cluster.adapt_pool import ReusedPool
+    from trainer.modules.model import build_model
+    from trainer.training.adapt import Adapter, AdaptItem
+    from trainer.training.checkpoint import save_checkpoint
+
+    cfg = _cfg(tiny_bert_no_dropout)
+    other = tmp_path / "other"  # other weights, and labelled without adaptation
+    save_checkpoint(other, build_model(cfg, seed=4), tokenizer=AutoTokenizer.from_pretrained(tiny_bert_no_dropout),
+                    config=cfg)
+    other_cfg = _cfg(tiny_bert_no_dropout, **{"adapt.enabled": False})
+    targets, supports = _targets(toy_corpus)
+    targets, supports = {"es": targets["es"]}, {"es": supports["es"]}
+
+    def sequential(folder, settings):
+        tags = Adapter(folder, cfg=settings).run([AdaptItem(i, s, tuple(supports["es"][i]))
+                                                  for i, s in enumerate(targets["es"])])
+        return {"es": [tags[i] for i in range(len(targets["es"]))]}
+
+    with ReusedPool() as pool:
+        first = adapt_targets(checkpoint, cfg, targets, supports, tmp_path / "a", progress=False, pool=pool)
+        pids = pool.pool.pids()
+        second = adapt_targets(str(other), other_cfg, targets, supports, tmp_path / "b", progress=False, pool=pool)
+        assert pool.pool.pids() == pids, "the pool started new actors instead of moving its own"
+        held = pool.pool
+    assert pool.pool is None  # closed, its actors killed
+    assert first == sequential(checkpoint, cfg) and second == sequential(str(other), other_cfg)
+    assert first != second, "the two checkpoints label alike, so the comparison above proves little"
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(held.actors[0].__ray_ready__.remote(), timeout=30)
