@@ -192,10 +192,8 @@ class AdapterPool:
         self.actors = [remote.remote(name, None, None, device, prefix_dir) for _ in range(c.num_adapter_actors)]
 
     def load(self, checkpoint: str, cfg) -> None:
-        """Every actor loads `checkpoint`, to adapt with `cfg`: no new process, no import again."""
-        if pool_shape(cfg) != self.shape:
-            raise ValueError(f"the pool's actors are {self.shape} (cluster.num_adapter_actors, cpus_per_actor, "
-                             f"gpus_per_actor, model.prefix_cache_dir), not {pool_shape(cfg)}: start another pool")
+        """Every actor loads `checkpoint`, to adapt with `cfg` (of the same `pool_shape`): no new
+        process, no import again."""
         self.files = ray.put(pack(checkpoint))  # the old files leave the store once no actor holds them
         ray.get(self.holder.set.remote([self.files], cfg))
         ray.get([actor.reload.remote() for actor in self.actors])

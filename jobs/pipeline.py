@@ -84,6 +84,12 @@ def run_variants(cfg, variants: list[str], out: Path) -> dict:
     from its last checkpoint, an evaluation from its finished units. The tables are rewritten
     after each variant.
     """
+    with ReusedPool() as pool:
+        return _run_variants(cfg, variants, out, pool)
+
+
+def _run_variants(cfg, variants: list[str], out: Path, pool: ReusedPool) -> dict:
+    """run_variants on the job's adapter pool."""
     started = time.time()
     planned = plan(cfg, variants, out)
     start_cluster(cfg, out=out)
@@ -91,45 +97,38 @@ def run_variants(cfg, variants: list[str], out: Path) -> dict:
     by_retrieval: dict[str, object] = {}  # variants that retrieve alike share their support sets
     finished: dict = {}  # (variant, seed) -> scores.json of the seed
     table, wall = {}, {}
-    with ReusedPool() as pool:
-        for name in with_parents(variants):
-            _run_variant(name, planned, cfg, data, by_retrieval, finished, table, wall, pool, out, started)
-    print(markdown_table(table, {k: PAPER[k] for k in table if k in PAPER}, wall))
+    for name in with_parents(variants):
+        vcfg = planned[name, cfg.train.seeds[0]][0]
+        key = json.dumps(vcfg.to_dict()["retrieval"], sort_keys=True)
+        if key not in by_retrieval:
+            pool.close()  # the embedding actors need the CPUs and GPUs that the adapters hold
+            by_retrieval[key] = build_supports(vcfg, data.source, {"dev": data.dev, **data.targets})
+        with tracked_run(vcfg, name, {"variant": name, "parent": parent_of(name) or ""}) as parent_run:
+            for seed in vcfg.train.seeds:
+                scfg, record = planned[name, seed]
+                folder = out / name / f"seed{seed}"
+                done = _done(folder, record)
+                if done is None:
+                    write_record(folder, record)
+                    reused = finished[REUSES[name], seed]["checkpoint"] if name in REUSES else None
+                    done = _train_and_evaluate(scfg, name, seed, data, by_retrieval[key], parent_run, folder,
+                                               PAPER.get(name), record["hash"], reused, pool)
+                else:
+                    logger.info("%s, seed %d: finished by an earlier run, read from %s", name, seed,
+                                shown(folder / "scores.json"), extra={"stage": True})
+                finished[name, seed] = done
+            per_seed = {seed: finished[name, seed]["f1"] for seed in vcfg.train.seeds}
+            table[name] = summarize(per_seed)
+            wall[name] = sum(finished[name, seed]["wall_s"] for seed in vcfg.train.seeds)
+            parent_run.log_metrics({f"f1_{k}_{stat}": v[i] for k, v in table[name].items()
+                                    for i, stat in enumerate(("mean", "std"))})
+            parent_run.log_metrics({"wall_s": wall[name]})
+        text = markdown_table(table, {k: PAPER[k] for k in table if k in PAPER}, wall)
+        (out / "results.md").write_text(text, encoding="utf-8")
+        _write_json(out / "results.json", {"f1": table, "wall_s": wall,
+                                           "job_wall_s": time.time() - started, "job_started": started})
+    print(text)
     return table
-
-
-def _run_variant(name: str, planned: dict, cfg, data, by_retrieval: dict, finished: dict, table: dict, wall: dict,
-                 pool, out: Path, started: float) -> None:
-    """Every seed of one row (see run_variants), then the tables rewritten."""
-    vcfg = planned[name, cfg.train.seeds[0]][0]
-    key = json.dumps(vcfg.to_dict()["retrieval"], sort_keys=True)
-    if key not in by_retrieval:
-        pool.close()  # the embedding actors need the CPUs and GPUs that the adapters hold
-        by_retrieval[key] = build_supports(vcfg, data.source, {"dev": data.dev, **data.targets})
-    with tracked_run(vcfg, name, {"variant": name, "parent": parent_of(name) or ""}) as parent_run:
-        for seed in vcfg.train.seeds:
-            scfg, record = planned[name, seed]
-            folder = out / name / f"seed{seed}"
-            done = _done(folder, record)
-            if done is None:
-                write_record(folder, record)
-                reused = finished[REUSES[name], seed]["checkpoint"] if name in REUSES else None
-                done = _train_and_evaluate(scfg, name, seed, data, by_retrieval[key], parent_run, folder,
-                                           PAPER.get(name), record["hash"], reused, pool)
-            else:
-                logger.info("%s, seed %d: finished by an earlier run, read from %s", name, seed,
-                            shown(folder / "scores.json"), extra={"stage": True})
-            finished[name, seed] = done
-        per_seed = {seed: finished[name, seed]["f1"] for seed in vcfg.train.seeds}
-        table[name] = summarize(per_seed)
-        wall[name] = sum(finished[name, seed]["wall_s"] for seed in vcfg.train.seeds)
-        parent_run.log_metrics({f"f1_{k}_{stat}": v[i] for k, v in table[name].items()
-                                for i, stat in enumerate(("mean", "std"))})
-        parent_run.log_metrics({"wall_s": wall[name]})
-    text = markdown_table(table, {k: PAPER[k] for k in table if k in PAPER}, wall)
-    (out / "results.md").write_text(text, encoding="utf-8")
-    _write_json(out / "results.json", {"f1": table, "wall_s": wall,
-                                       "job_wall_s": time.time() - started, "job_started": started})
 
 
 def _write_json(path: Path, value) -> None:

@@ -46,7 +46,7 @@ class ReusedIndex:
     target set, and a sharded index costs a process start per shard actor."""
 
     def __init__(self, builder: IndexBuilder):
-        self.builder, self.builds = builder, 0
+        self.builder = builder
         self._xb: np.ndarray | None = None
         self._searcher: Searcher | None = None
 
@@ -58,7 +58,6 @@ class ReusedIndex:
         if self._searcher is None or not np.array_equal(xb, self._xb):
             self.close()
             self._searcher, self._xb = self.builder.build(xb), xb
-            self.builds += 1
         return _Kept(self._searcher)
 
     def close(self) -> None:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,9 +172,6 @@ SMALL_DEMO = ["train.num_meta_steps=2", "train.eval_every=2", "train.checkpoint_
 def run_demo(out: Path, *extra: str, cwd: Path, env: dict | None = None):
     """`python -m jobs.demo --out out SMALL_DEMO extra`, its own local Ray cluster unless `env`
     names one; stdout and stderr as text."""
-    import subprocess
-    import sys
-
     own = env is None
     env = dict(os.environ if own else env)
     env.pop("METANER_VERBOSE", None)
