@@ -19,6 +19,22 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+
+def pytest_collection_modifyitems(config, items):
+    """Two tiers. A bare `pytest` (no paths, no -m) runs the suite and leaves out the end-to-end
+    tier (`slow`: whole jobs on their own Ray clusters, killed and restarted workers and jobs, the
+    benchmark scripts), whose time goes to process start-ups: tens of processes a run, each
+    importing torch, transformers and DeepSpeed. `-m slow` runs that tier; a file or test id named
+    on the command line runs what it names, slow or not. Not `addopts = -m "not slow"`, which
+    would deselect a slow test even when it is named."""
+    if config.option.markexpr or config.args_source is not pytest.Config.ArgsSource.TESTPATHS:
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
 def load_job_config(path):
     """A job's YAML loaded as the job loads it; skipped, saying why, where it names a model under
     ../shared and that folder is not beside the checkout (the setting that reads it does not load)."""
