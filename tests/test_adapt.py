@@ -73,7 +73,7 @@ def test_adaptation_restores_weights_bit_exactly_and_changes_predictions(model, 
 def _assert_batched_equals_sequential(model, featurizer, sentences, supports, settings):
     sequential = [_adapted_sequential(model, featurizer, s, sup, settings) for s, sup in zip(sentences, supports)]
     batched = _adapted_batched(model, featurizer, sentences, supports, settings)
-    for (tags_s, logits_s), (tags_b, logits_b) in zip(sequential, batched):
+    for (tags_s, logits_s, _), (tags_b, logits_b, _) in zip(sequential, batched):
         assert tags_s == tags_b
         for a, b in zip(logits_s, logits_b):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -182,7 +182,7 @@ def test_batched_equals_sequential_without_a_frozen_prefix(tiny_bert, featurizer
     freeze(model, 0, freeze_embeddings=False)
     sentences, supports = items
     sequential = [_adapted_sequential(model, featurizer, s, sup, SETTINGS)[0] for s, sup in zip(sentences, supports)]
-    assert [t for t, _ in _adapted_batched(model, featurizer, sentences, supports, SETTINGS)] == sequential
+    assert [r.tags for r in _adapted_batched(model, featurizer, sentences, supports, SETTINGS)] == sequential
 
 
 def test_prefix_store_is_shared_by_checkpoints_with_the_same_frozen_bottom(model, featurizer, items, tiny_bert,
@@ -250,3 +250,37 @@ def test_batched_adaptation_equals_sequential_on_unspaced_chinese(e5_tokenizer, 
     _assert_batched_equals_sequential(model, featurizer, sentences, supports, SETTINGS)
     tags = adapt_many(model, featurizer, sentences, supports, load_config(None, CFG))
     assert [len(t) for t in tags] == [len(s.words) for s in sentences]
+
+
+def _argmax_tags(featurizer, sentence, soft):
+    tags = ["?"] * len(sentence.words)
+    for first, row in zip(soft.firsts, soft.probs):
+        tags[first] = featurizer.tag(int(row.argmax()))
+    return tags
+
+
+def test_soft_labels_are_the_probabilities_the_tags_are_the_argmax_of(model, featurizer, toy_corpus):
+    """The soft path gives the same tags, and per labelled unit (every word here, a long sentence's
+    windows merged) float16 probabilities that sum to 1, equal on the batched and sequential paths."""
+    en = toy_corpus["en"]
+    long = Sentence(tuple(w for s in en[:6] for w in s.words), tuple(t for s in en[:6] for t in s.tags))
+    sentences, supports = [long, en[7], toy_corpus["es"][0]], [[en[9]], [], [en[10], en[11]]]
+    cfg = load_config(None, CFG)
+    hard = adapt_many(model, featurizer, sentences, supports, cfg)
+    for batched in (True, False):
+        soft = adapt_many(model, featurizer, sentences, supports, cfg, batched=batched, soft=True)
+        assert [tags for tags, _ in soft] == hard
+        for sentence, (tags, s) in zip(sentences, soft):
+            assert s.probs.dtype.name == "float16" and s.probs.shape == (len(sentence.words), len(LABELS))
+            assert s.firsts.tolist() == list(range(len(sentence.words)))
+            assert abs(s.probs.astype("float32").sum(-1) - 1).max() < 2e-3
+            assert _argmax_tags(featurizer, sentence, s) == tags
+        if batched:
+            first = soft
+    for (_, a), (_, b) in zip(first, soft):
+        assert abs(a.probs.astype("float32") - b.probs.astype("float32")).max() < 2e-3
+    # Without adaptation: predict's tags and their probabilities.
+    plain = Adapter(model, featurizer, load_config(None, ["adapt.enabled=false"])).run(
+        [(i, s) for i, s in enumerate(sentences)], soft=True)
+    assert [t for t, _ in plain.values()] == predict(model, featurizer, sentences)
+    assert all(_argmax_tags(featurizer, s, p) == t for s, (t, p) in zip(sentences, plain.values()))

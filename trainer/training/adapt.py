@@ -19,13 +19,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch.func import grad, vmap
 
 from trainer.data.corpus import Sentence, content_key
-from trainer.data.features import IGNORE, Featurizer, Window, labelled_predictions
+from trainer.data.features import IGNORE, Featurizer, Soft, Window, labelled_predictions
 from trainer.modules.batched import VMAP_ATTENTION, Top, quiet_vmap, stack
 from trainer.modules.bottom import BottomStore, FrozenBottom
 from trainer.modules.losses import token_loss
@@ -33,7 +33,7 @@ from trainer.modules.model import NerModel, attention, in_mode, trainable_parame
 from trainer.training.checkpoint import load_model, use_config
 from trainer.training.inner import adapting
 from trainer.training.optim import batched_bertadam_step, param_groups
-from trainer.training.predict import device_of, predict, to_device
+from trainer.training.predict import device_of, predict, predict_soft, to_device
 from trainer.utils.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -53,13 +53,24 @@ class AdaptSettings:
                    cfg.train.max_grad_norm, cfg.adapt.lambda_max, cfg.train.classifier_lr_scale)
 
 
+class Adapted(NamedTuple):
+    """One sentence after adaptation: its tags, and the logits of each of its windows."""
+
+    tags: list[str]
+    logits: list[torch.Tensor]
+    windows: list[Window]
+
+    def soft(self, featurizer: Featurizer, sentence: Sentence) -> Soft:
+        return featurizer.merge_soft([sentence], self.windows, self.logits)[0]
+
+
 # ---------------------------------------------------------------- sequential adaptation
 
 
 def _adapted_sequential(model: NerModel, featurizer: Featurizer, sentence: Sentence,
-                        support: Sequence[Sentence], s: AdaptSettings) -> tuple[list[str], list[torch.Tensor]]:
-    """Tags and per-window logits of `sentence` after adapting in place; weights and mode restored
-    (the step runs in the mode given, the labelling in eval mode)."""
+                        support: Sequence[Sentence], s: AdaptSettings) -> Adapted:
+    """`sentence` after adapting in place; weights and mode restored (the step runs in the mode
+    given, the labelling in eval mode)."""
     named = trainable_parameters(model)
     groups = param_groups(named, s.weight_decay, s.classifier_lr_scale)
     # A fresh optimiser each sentence: the first step is ~3.16 * adapt_lr * sign(g).
@@ -75,7 +86,7 @@ def _adapted_sequential(model: NerModel, featurizer: Featurizer, sentence: Sente
         with torch.no_grad():
             logits = model(target["input_ids"], target["attention_mask"])
         tags = featurizer.merge([sentence], windows, labelled_predictions(logits, target["labels"]))[0]
-        return tags, [logits[i, : len(w)] for i, w in enumerate(windows)]
+        return Adapted(tags, [logits[i, : len(w)] for i, w in enumerate(windows)], windows)
 
 
 # ---------------------------------------------------------------- batched adaptation
@@ -94,8 +105,8 @@ def _encode_groups(featurizer: Featurizer, groups: Sequence[Sequence[Sentence]])
 
 def _adapted_batched(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentence],
                      supports: Sequence[Sequence[Sentence]], s: AdaptSettings,
-                     bottom: Optional[FrozenBottom] = None):
-    """Tags and per-window logits of each sentence after one step from the meta weights."""
+                     bottom: Optional[FrozenBottom] = None) -> list[Adapted]:
+    """Each sentence after one step from the meta weights."""
     if s.num_adapt_steps != 1:
         raise ValueError("the batched path takes exactly one adaptation step; use the sequential path")
     if model.training:
@@ -125,7 +136,7 @@ def _adapted_batched(model: NerModel, featurizer: Featurizer, sentences: Sequenc
         n = len(windows)
         predicted = labelled_predictions(logits[b, :n], target.labels[b, :n])
         tags = featurizer.merge([sentence], windows, predicted)[0]
-        out.append((tags, [logits[b, i, : len(w)] for i, w in enumerate(windows)]))
+        out.append(Adapted(tags, [logits[b, i, : len(w)] for i, w in enumerate(windows)], windows))
     return out
 
 
@@ -135,8 +146,9 @@ def can_batch(model: NerModel, settings: AdaptSettings) -> bool:
 
 def adapt_many(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentence],
                supports: Sequence[Sequence[Sentence]], cfg, batched: Optional[bool] = None,
-               bottom: Optional[FrozenBottom] = None) -> list[list[str]]:
-    """Tags of each sentence, each adapted from the meta weights on its own support set.
+               bottom: Optional[FrozenBottom] = None, soft: bool = False) -> list:
+    """Tags of each sentence, each adapted from the meta weights on its own support set; with
+    `soft`, (tags, `Soft`) of each: the adapted model's probabilities too.
 
     Runs the batched path in chunks of `adapt.batch_size` where it applies (one step, eval mode,
     a non-empty support), the sequential path otherwise; `batched` forces a choice. The batched
@@ -147,21 +159,25 @@ def adapt_many(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sent
     settings = AdaptSettings.from_config(cfg)
     bottom = FrozenBottom(model, featurizer) if bottom is None else bottom
     use_batched = can_batch(model, settings) if batched is None else batched
-    out: list[Optional[list[str]]] = [None] * len(sentences)
+    out: list = [None] * len(sentences)
+
+    def keep(i: int, adapted: Adapted) -> None:
+        out[i] = (adapted.tags, adapted.soft(featurizer, sentences[i])) if soft else adapted.tags
+
     pending = [i for i in range(len(sentences)) if supports[i]] if use_batched else []
     # Chunks of similar length: every window of a chunk is padded to the chunk's longest, and
     # compute here is dominated by those padded positions when lengths mix.
     pending.sort(key=lambda i: (max(len(s.words) for s in supports[i]), len(sentences[i].words)))
     for i in sorted(set(range(len(sentences))) - set(pending)):
-        out[i] = _adapted_sequential(model, featurizer, sentences[i], supports[i], settings)[0]
+        keep(i, _adapted_sequential(model, featurizer, sentences[i], supports[i], settings))
     size = cfg.adapt.batch_size
     for start in range(0, len(pending), size):
         chunk = pending[start:start + size]
         results = _adapted_batched(model, featurizer, [sentences[i] for i in chunk],
                                    [supports[i] for i in chunk], settings, bottom)
-        for i, (tags, _) in zip(chunk, results):
-            out[i] = tags
-    return out  # type: ignore[return-value]
+        for i, adapted in zip(chunk, results):
+            keep(i, adapted)
+    return out
 
 
 # ---------------------------------------------------------------- a unit of work for a pool
@@ -206,18 +222,19 @@ class Adapter:
         self.model.eval()
         self.store = BottomStore(prefix_dir, self.model, featurizer) if prefix_dir else None
 
-    def run(self, unit: Sequence[Union[AdaptItem, tuple]]) -> dict[Any, list[str]]:
-        """Predicted tags per item id for one unit (a list of items)."""
+    def run(self, unit: Sequence[Union[AdaptItem, tuple]], soft: bool = False) -> dict[Any, Any]:
+        """Predicted tags per item id for one unit (a list of items); with `soft`, (tags, `Soft`)."""
         items = [i if isinstance(i, AdaptItem) else AdaptItem(*i) for i in unit]
         sentences = [i.sentence for i in items]
         if not self.cfg.adapt.enabled or self.cfg.adapt.num_adapt_steps == 0:
-            tags = predict(self.model, self.featurizer, sentences, self.cfg.adapt.batch_size)
+            tags = (predict_soft if soft else predict)(self.model, self.featurizer, sentences,
+                                                      self.cfg.adapt.batch_size)
         else:
             supports = [list(i.support) for i in items]
             content = self.content(items)
             states = self.store.load(content, device_of(self.model)) if self.store else {}
             bottom = FrozenBottom(self.model, self.featurizer, dict(states))
-            tags = adapt_many(self.model, self.featurizer, sentences, supports, self.cfg, bottom=bottom)
+            tags = adapt_many(self.model, self.featurizer, sentences, supports, self.cfg, bottom=bottom, soft=soft)
             if self.store and len(bottom) > len(states):
                 self.store.save(content, bottom.states)
         return {item.id: t for item, t in zip(items, tags)}

@@ -8,7 +8,7 @@ import torch
 
 from trainer.config import EVAL_BATCH_SIZE
 from trainer.data.corpus import Sentence
-from trainer.data.features import Featurizer, Window, labelled_predictions
+from trainer.data.features import Featurizer, Soft, Window, labelled_predictions
 from trainer.data.scoring import score
 from trainer.modules.model import NerModel, evaluating
 
@@ -21,14 +21,19 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _window_predictions(model: NerModel, featurizer: Featurizer, windows: Sequence[Window],
-                        batch_size: int) -> list[list[int]]:
-    out: list[list[int]] = []
+def _window_logits(model: NerModel, featurizer: Featurizer, windows: Sequence[Window], batch_size: int):
+    """(logits, collated batch) of each batch of windows, in eval mode."""
     with evaluating(model), torch.no_grad():
         for start in range(0, len(windows), batch_size):
             batch = to_device(featurizer.collate(windows[start:start + batch_size]), device_of(model))
-            logits = model(batch["input_ids"], batch["attention_mask"])
-            out.extend(labelled_predictions(logits, batch["labels"]))
+            yield model(batch["input_ids"], batch["attention_mask"]), batch
+
+
+def _window_predictions(model: NerModel, featurizer: Featurizer, windows: Sequence[Window],
+                        batch_size: int) -> list[list[int]]:
+    out: list[list[int]] = []
+    for logits, batch in _window_logits(model, featurizer, windows, batch_size):
+        out.extend(labelled_predictions(logits, batch["labels"]))
     return out
 
 
@@ -39,6 +44,21 @@ def predict(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentenc
         return []
     windows = featurizer.encode(sentences)
     return featurizer.merge(sentences, windows, _window_predictions(model, featurizer, windows, batch_size))
+
+
+def predict_soft(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentence],
+                 batch_size: int = EVAL_BATCH_SIZE) -> list[tuple[list[str], Soft]]:
+    """(tags, `Soft`) of each sentence in eval mode: `predict`'s tags and the probabilities they are
+    the argmax of."""
+    if not sentences:
+        return []
+    windows = featurizer.encode(sentences)
+    predicted, rows = [], []
+    for logits, batch in _window_logits(model, featurizer, windows, batch_size):
+        predicted.extend(labelled_predictions(logits, batch["labels"]))
+        rows.extend(logits)
+    tags = featurizer.merge(sentences, windows, predicted)
+    return list(zip(tags, featurizer.merge_soft(sentences, windows, rows)))
 
 
 def evaluate(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentence],
