@@ -54,6 +54,7 @@ class Shard:
     sentences: list  # trainer.data.corpus.Sentence
     wheres: list  # file:line of each sentence
     tags: list = field(default_factory=list)
+    soft: Optional[list] = None  # trainer.data.features.Soft per sentence, when the stream keeps them
     left: int = 0  # units not back yet
 
 
@@ -85,9 +86,10 @@ class _Flight:
 class TagStream:
     """The actors of one tagging run; `run` streams shards through them, `close` ends them."""
 
-    def __init__(self, checkpoint: str, encoder: str, cfg, source: Sequence, cache=None):
+    def __init__(self, checkpoint: str, encoder: str, cfg, source: Sequence, cache=None, soft: bool = False):
+        """`soft`: each shard keeps the model's probabilities beside its tags (`Shard.soft`)."""
         r, timeout = cfg.retrieval, cfg.tag.start_timeout_s
-        self.cfg, self.source = cfg, list(source)
+        self.cfg, self.source, self.soft = cfg, list(source), soft
         self.fetch = target_fetch(r.k, r.drop_top1_for_targets)
         if self.fetch > len(self.source):
             raise ConfigError(f"retrieval.k={r.k}{' + 1 dropped' if r.drop_top1_for_targets else ''} support sentences "
@@ -116,7 +118,7 @@ class TagStream:
                 self._open_next(f)
             while f.ready and f.free:
                 unit, actor = f.ready.popleft(), f.free.popleft()
-                f.adapting[actor.run.remote(self._items(unit))] = (unit, actor)
+                f.adapting[actor.run.remote(self._items(unit), soft=self.soft)] = (unit, actor)
             if not f.searching and not f.adapting:
                 if f.ready:
                     raise RuntimeError("every adapter actor died for good; the shards written so far are kept: run "
@@ -132,6 +134,8 @@ class TagStream:
                 continue  # its actor is gone: its slots are not given back
             f.free.append(actor)
             for i, t in tags.items():
+                if self.soft:
+                    t, unit.shard.soft[i] = t
                 unit.shard.tags[i] = t
             unit.shard.left -= 1
             if progress:
@@ -147,7 +151,8 @@ class TagStream:
             return
         number, first, items = nxt
         sentences = [s for s, _ in items]
-        shard = Shard(number, first, sentences, [w for _, w in items], [None] * len(sentences))
+        shard = Shard(number, first, sentences, [w for _, w in items], [None] * len(sentences),
+                      [None] * len(sentences) if self.soft else None)
         f.open[number] = shard
         f.embed_turn = self._retrieve(shard, f.searching, f.embed_turn)
 

@@ -6,8 +6,10 @@ support sentences, the model adapts to them, and the sentence is tagged; streame
 
 PATH is a file, a folder or a glob of plain text (one sentence per line; --format paragraphs joins
 the lines of each paragraph), CoNLL columns, or JSONL with a text field. Output: <out>/part-*.jsonl
-(words, tags and entity spans per sentence, in input order), and .conll with --conll. Started
-again with the same --out, a run skips the shards already written.
+(words, tags and entity spans per sentence, in input order), .conll with --conll, and with --soft
+the model's probabilities at every labelled unit (part-*.soft.npy, float16; the teacher's output
+that `metaner distill` trains a student on). Started again with the same --out, a run skips the
+shards already written.
 """
 from __future__ import annotations
 
@@ -82,7 +84,7 @@ def open_input(specs: list[str], cfg, args, text_field: str = "text"):
     return inputs, total
 
 
-def record(cfg, found, inputs, conll: bool) -> dict:
+def record(cfg, found, inputs, conll: bool, soft: bool = False) -> dict:
     """What the shards in --out are made from: a run started again continues them only if equal."""
     # torch deferred: see prepare.
     from trainer.training.checkpoint import weights_sha256
@@ -90,7 +92,7 @@ def record(cfg, found, inputs, conll: bool) -> dict:
     values = {k: v for k, v in cfg.flat().items() if not k.startswith(_NOT_OUTPUT)}
     values.update({"input.files": [os.path.abspath(f) for f in inputs.files], "input.digest": inputs.digest(),
                    "input.format": inputs.format, "input.unspaced": inputs.unspaced,
-                   "input.text_field": inputs.text_field, "output.conll": conll,
+                   "input.text_field": inputs.text_field, "output.conll": conll, "output.soft": soft,
                    "checkpoint.weights": weights_sha256(found.checkpoint),
                    "checkpoint.labels": found.labels, "encoder.weights": weights_sha256(found.encoder),
                    "source.sha256": file_sha256(split_selector(found.source)[0]),
@@ -99,13 +101,15 @@ def record(cfg, found, inputs, conll: bool) -> dict:
     return {"hash": values_sha256(values), "values": values}
 
 
-def tag(cfg, found, inputs, total: int, out: Path, conll: bool = False, progress: bool = True) -> dict:
-    """Stream every shard not yet in `out` through the actors; the summary of the whole output."""
+def tag(cfg, found, inputs, total: int, out: Path, conll: bool = False, progress: bool = True,
+        soft: bool = False) -> dict:
+    """Stream every shard not yet in `out` through the actors (keeping the model's probabilities
+    with `soft`); the summary of the whole output."""
     # Ray and FAISS take seconds to import: only once the input is read and checked.
     from cluster.tag_stream import TagStream
 
     source = read_corpus(found.source).sentences  # a corpus that cannot be read stops here, before actors
-    writer = ShardWriter(out, conll)
+    writer = ShardWriter(out, conll, soft)
     done, before, entities = _written(writer, total, cfg.tag.shard_size)
     started = time.perf_counter()
     if before < total:
@@ -114,10 +118,12 @@ def tag(cfg, found, inputs, total: int, out: Path, conll: bool = False, progress
         bar = tqdm(total=total, initial=before, desc="tag", unit="sent", disable=not progress, smoothing=0.1)
 
         def write(shard):
-            entities.update(writer.write(shard.number, shard.first, shard.sentences, shard.wheres, shard.tags))
+            entities.update(writer.write(shard.number, shard.first, shard.sentences, shard.wheres, shard.tags,
+                                         shard.soft))
 
         try:
-            with TagStream(found.checkpoint, found.encoder, cfg, source, RetrievalCache(cfg.retrieval.cache_dir)) as stream:
+            with TagStream(found.checkpoint, found.encoder, cfg, source, RetrievalCache(cfg.retrieval.cache_dir),
+                           soft) as stream:
                 stream.run(shards(sentences(inputs), cfg.tag.shard_size, skip=done), write, bar.update)
         finally:
             bar.close()
@@ -169,14 +175,16 @@ def run(argv=None) -> int:
                             "conll: first column the word; jsonl: a text field per line (auto: by name and content)")
         p.add_argument("--text-field", default="text", help="JSONL field holding the text or a list of words")
         p.add_argument("--conll", action="store_true", help="also write part-*.conll (word TAB tag)")
+        p.add_argument("--soft", action="store_true",
+                       help="also keep the model's probabilities at every labelled unit (part-*.soft.npy, float16)")
 
     job_cfg, args = parse(argv, "tag", arguments, model_from_config=False)
     cfg, found = prepare(job_cfg, args)
     inputs, total = open_input(args.input, cfg, args, args.text_field)
-    work = record(cfg, found, inputs, args.conll)
+    work = record(cfg, found, inputs, args.conll, args.soft)
     check_record(args.out, work)  # another run's shards in --out stop the job here
     write_record(args.out, work)
-    print_summary(tag(cfg, found, inputs, total, args.out, args.conll))
+    print_summary(tag(cfg, found, inputs, total, args.out, args.conll, soft=args.soft))
     return 0
 
 

@@ -11,7 +11,10 @@ adapted on.
 
 Outputs are shards of consecutive sentences, `part-NNNNNN.jsonl` (and `.conll` when asked),
 each written to a temporary file and renamed into place: a shard is either whole or absent, so a
-run started again skips the shards that exist.
+run started again skips the shards that exist. With soft labels, `part-NNNNNN.soft.npy` beside
+each holds the model's probabilities (float16, one row per labelled unit, the label set in the
+folder's record), written before the `.jsonl`; each JSONL line names its rows (`soft_row`) and the
+first word of each unit (`units`). `read_soft` reads them back memory-mapped.
 """
 from __future__ import annotations
 
@@ -24,16 +27,19 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
+
+import numpy as np
 
 from trainer.data.corpus import CorpusError, Sentence, entity_spans, os_error
 from trainer.utils.digest import files_sha256
 from trainer.utils.errors import InputError
-from trainer.utils.paths import make_output_dir, write_atomic
+from trainer.utils.paths import atomic_file, make_output_dir, write_atomic
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "text", "paragraphs", "conll", "jsonl")
+SOFT_SUFFIX = ".soft.npy"
 _JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 _CONLL_SUFFIXES = (".conll", ".conllu", ".bio", ".iob", ".tsv", ".testa", ".testb", ".train")
 # A "line" longer than this is not text with one sentence or paragraph per line (a minified dump,
@@ -292,8 +298,8 @@ def part_name(number: int) -> str:
 class ShardWriter:
     """Tagged shards in a folder, each file renamed into place whole (see module doc)."""
 
-    def __init__(self, folder: str | os.PathLike, conll: bool = False):
-        self.folder, self.conll = make_output_dir(folder, "--out"), conll
+    def __init__(self, folder: str | os.PathLike, conll: bool = False, soft: bool = False):
+        self.folder, self.conll, self.soft = make_output_dir(folder, "--out"), conll, soft
 
     def path(self, number: int, suffix: str = ".jsonl") -> Path:
         return self.folder / f"{part_name(number)}{suffix}"
@@ -303,10 +309,15 @@ class ShardWriter:
         return {int(p.stem.split("-")[1]) for p in self.folder.glob("part-*.jsonl") if p.stem[5:].isdigit()}
 
     def write(self, number: int, first: int, sentences: Sequence[Sentence], wheres: Sequence[str],
-              tags: Sequence[Sequence[str]]) -> Counter:
-        """Write shard `number` (its first sentence is sentence `first` of the input); entities per type."""
+              tags: Sequence[Sequence[str]], soft: Optional[Sequence] = None) -> Counter:
+        """Write shard `number` (its first sentence is sentence `first` of the input), with its
+        soft labels (`trainer.data.features.Soft` per sentence) when the writer keeps them;
+        entities per type."""
+        if self.soft != (soft is not None):
+            raise ValueError(f"shard {number}: soft labels {'missing' if self.soft else 'given'} for a writer "
+                             f"{'with' if self.soft else 'without'} them")
         counts: Counter = Counter()
-        lines, conll = [], []
+        lines, conll, row = [], [], 0
         for i, (sentence, where, t) in enumerate(zip(sentences, wheres, tags)):
             if len(t) != len(sentence.words):
                 raise RuntimeError(f"sentence {first + i} ({where}) has {len(sentence.words)} words but "
@@ -315,12 +326,19 @@ class ShardWriter:
             spans = [{"type": kind, "start": a, "end": b, "text": glue.join(sentence.words[a:b])}
                      for kind, a, b in entity_spans(list(t))]
             counts.update(s["type"] for s in spans)
-            lines.append(json.dumps({"sentence": first + i, "source": where, "words": list(sentence.words),
-                                     "tags": list(t), "entities": spans}, ensure_ascii=False))
+            line = {"sentence": first + i, "source": where, "words": list(sentence.words), "tags": list(t),
+                    "entities": spans}
+            if soft is not None:
+                line.update(units=soft[i].firsts.tolist(), soft_row=row)
+                row += len(soft[i].firsts)
+            lines.append(json.dumps(line, ensure_ascii=False))
             if self.conll:
                 conll.append("".join(f"{w}\t{tag}\n" for w, tag in zip(sentence.words, t)) + "\n")
         if self.conll:
             write_atomic(self.path(number, ".conll"), "".join(conll))
+        if soft is not None:
+            with atomic_file(self.path(number, SOFT_SUFFIX), "wb") as fh:
+                np.save(fh, np.concatenate([s.probs for s in soft]).astype(np.float16, copy=False))
         write_atomic(self.path(number), "\n".join(lines) + "\n")
         return counts
 
@@ -335,7 +353,43 @@ class ShardWriter:
 
     def paths(self) -> list[Path]:
         files = sorted(self.folder.glob("part-*.jsonl"))
-        return files + (sorted(self.folder.glob("part-*.conll")) if self.conll else [])
+        return (files + (sorted(self.folder.glob("part-*.conll")) if self.conll else [])
+                + (sorted(self.folder.glob(f"part-*{SOFT_SUFFIX}")) if self.soft else []))
+
+
+class SoftSentence(NamedTuple):
+    """A sentence of a soft-labelled output: its words, the model's tags, the first word of each
+    labelled unit and the probabilities there (float16 rows of the shard's memory map)."""
+
+    words: list[str]
+    tags: list[str]
+    units: list[int]
+    probs: np.ndarray
+    where: str  # shard file:line
+
+
+def read_soft(folder: str | os.PathLike) -> Iterator[SoftSentence]:
+    """Every sentence of a soft-labelled output folder, shard by shard in input order; each
+    shard's probabilities memory-mapped, not read into memory."""
+    folder = Path(folder)
+    for path in sorted(folder.glob("part-*.jsonl")):
+        sidecar = path.with_suffix(SOFT_SUFFIX)
+        if not sidecar.is_file():
+            raise InputError(f"{path} has no soft labels beside it ({sidecar.name}): tag with --soft into "
+                             "another folder")
+        probs = np.load(sidecar, mmap_mode="r")
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                where = f"{path}:{number}"
+                try:
+                    item = json.loads(line)
+                    units, row = item["units"], item["soft_row"]
+                    if not 0 <= row <= row + len(units) <= len(probs):
+                        raise ValueError(f"rows {row}..{row + len(units)} outside {sidecar.name}'s {len(probs)}")
+                    yield SoftSentence(item["words"], item["tags"], units, probs[row:row + len(units)], where)
+                except (ValueError, KeyError, TypeError) as err:
+                    raise InputError(f"{where}: not a soft-labelled shard line ({err}); tag again with --soft "
+                                     "into an empty folder") from None
 
 
 def shards(items: Iterator, size: int, skip: set[int] = frozenset()) -> Iterator[tuple[int, int, list]]:

@@ -46,8 +46,9 @@ def _read_parts(out: Path) -> list[dict]:
     return rows
 
 
-def _reference(trained: Path, words: list[list[str]], unspaced: bool = False) -> list[list[str]]:
-    """Tags from one process, no Ray: exact retrieval over the whole source, then the Adapter."""
+def _reference(trained: Path, words: list[list[str]], unspaced: bool = False, soft: bool = False) -> list:
+    """Tags (with `soft`, (tags, Soft)) from one process, no Ray: exact retrieval over the whole
+    source, then the Adapter."""
     from jobs.inputs import adaptation_inputs
     from retrieval.embed import Embedder
     from retrieval.tasks import target_support
@@ -62,7 +63,7 @@ def _reference(trained: Path, words: list[list[str]], unspaced: bool = False) ->
     embed = Embedder(found.encoder, max_length=cfg.model.max_length, pooling=cfg.retrieval.pooling, progress=False)
     ids = target_support(embed(sentences), embed(source), cfg.retrieval.k)
     tags = Adapter(found.checkpoint, cfg=cfg).run(
-        [AdaptItem(i, s, tuple(source[j] for j in ids[i])) for i, s in enumerate(sentences)])
+        [AdaptItem(i, s, tuple(source[j] for j in ids[i])) for i, s in enumerate(sentences)], soft=soft)
     return [tags[i] for i in range(len(sentences))]
 
 
@@ -125,6 +126,55 @@ def test_shards_are_written_whole_and_skipped_when_done(tmp_path, toy_corpus):
     assert writer.done() == {4} and sum(counts.values()) == sum(len(r["entities"]) for r in _read_parts(tmp_path))
     assert not list(tmp_path.glob(".*tmp")) and writer.path(4, ".conll").is_file()
     assert [(n, first, len(b)) for n, first, b in shards(iter(range(10)), 4, skip={1})] == [(0, 0, 4), (2, 8, 2)]
+
+
+def _assert_soft_equal(out: Path, reference: list) -> None:
+    """The soft shards in `out` hold, sentence by sentence, the reference's units and probabilities
+    (float16 both: exactly equal up to the summation order of actors' batches, 2e-3)."""
+    import numpy as np
+
+    from jobs.textio import read_soft
+
+    got = list(read_soft(out))
+    assert len(got) == len(reference)
+    for g, (tags, soft) in zip(got, reference):
+        assert g.tags == tags and g.units == soft.firsts.tolist()
+        assert isinstance(g.probs.base, np.memmap) or isinstance(g.probs, np.memmap)
+        assert np.abs(g.probs.astype(np.float32) - soft.probs.astype(np.float32)).max() < 2e-3
+
+
+def test_soft_shards_are_read_back_memory_mapped_and_a_bad_one_is_named(tmp_path, toy_corpus):
+    import numpy as np
+
+    from jobs.textio import ShardWriter, read_soft
+    from trainer.data.features import Soft
+    from trainer.utils.errors import InputError
+
+    sentences = toy_corpus["es"][:3]
+    rng = np.random.default_rng(0)
+    soft = []
+    for s in sentences:
+        p = rng.random((len(s.words), 9))
+        soft.append(Soft(np.arange(len(s.words), dtype=np.int32), (p / p.sum(-1, keepdims=True)).astype(np.float16)))
+    writer = ShardWriter(tmp_path / "out", soft=True)
+    writer.write(0, 0, sentences[:2], ["x:1", "x:2"], [list(s.tags) for s in sentences[:2]], soft[:2])
+    writer.write(1, 2, sentences[2:], ["x:3"], [list(s.tags) for s in sentences[2:]], soft[2:])
+    assert {p.name for p in writer.paths()} == {"part-000000.jsonl", "part-000001.jsonl", "part-000000.soft.npy",
+                                                "part-000001.soft.npy"}
+    got = list(read_soft(tmp_path / "out"))
+    assert [g.words for g in got] == [list(s.words) for s in sentences]
+    for g, s in zip(got, soft):
+        assert isinstance(g.probs, np.memmap) and np.array_equal(np.asarray(g.probs), s.probs)
+    with pytest.raises(ValueError, match="soft labels missing"):
+        writer.write(2, 3, sentences[:1], ["x:4"], [list(sentences[0].tags)])
+    # A line whose rows lie outside its sidecar, and a shard without one: named, with what to do.
+    part = tmp_path / "out" / "part-000001.jsonl"
+    part.write_text(part.read_text().replace('"soft_row": 0', '"soft_row": 99'))
+    with pytest.raises(InputError, match=r"part-000001.jsonl:1: not a soft-labelled shard line .*--soft"):
+        list(read_soft(tmp_path / "out"))
+    (tmp_path / "out" / "part-000001.soft.npy").unlink()
+    with pytest.raises(InputError, match=r"part-000001.jsonl has no soft labels beside it"):
+        list(read_soft(tmp_path / "out"))
 
 
 # --------------------------------------------------------------------------- the checkpoint
@@ -261,14 +311,16 @@ def test_tag_a_folder_exactly_in_input_order_and_resume(ray_local, trained, toy_
     words = _text_folder(tmp_path / "in", toy_corpus)
     out = tmp_path / "out"
     argv = ["--checkpoint", str(trained / "best"), "--input", str(tmp_path / "in"), "--out", str(out), "--conll",
-            *_JOB]
+            "--soft", *_JOB]
     assert _run_tag(argv) == 0
     printed = capsys.readouterr().out
     rows = _read_parts(out)
     assert [r["sentence"] for r in rows] == list(range(len(words)))
     assert [r["words"] for r in rows] == words
-    assert [r["tags"] for r in rows] == _reference(trained, words)
+    reference = _reference(trained, words, soft=True)
+    assert [r["tags"] for r in rows] == [tags for tags, _ in reference]
     assert len(list(out.glob("part-*.jsonl"))) == 3 and len(list(out.glob("part-*.conll"))) == 3
+    _assert_soft_equal(out, reference)
     assert "sentences  20" in printed and str(out) in printed and "wall time" in printed
 
     # An interrupted run leaves whole shards only; started again, it writes just the missing ones.
@@ -278,8 +330,10 @@ def test_tag_a_folder_exactly_in_input_order_and_resume(ray_local, trained, toy_
     (out / ".part-000002.jsonl.tmp").write_text("cut short")
     assert _run_tag(argv) == 0
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*")}
-    assert {k for k in after if after[k] != before.get(k)} == {"part-000001.jsonl", "part-000001.conll"}
+    assert {k for k in after if after[k] != before.get(k)} == {"part-000001.jsonl", "part-000001.conll",
+                                                               "part-000001.soft.npy"}
     assert [r["tags"] for r in _read_parts(out)] == [r["tags"] for r in rows]
+    _assert_soft_equal(out, reference)
 
     # Other inputs in the same --out are refused before any work, naming the difference.
     (tmp_path / "in/a.txt").write_text("Something else .\n")
