@@ -346,6 +346,25 @@ class Soft(NamedTuple):
     probs: np.ndarray  # float16 [units, labels]
 
 
+def soft_targets(windows: Sequence[Window], teacher: Sequence[Soft]) -> list[torch.Tensor]:
+    """Each window's rows of its sentence's soft labels (`teacher[window.sentence]`), one per
+    labelled position in order (float16). The student must read a sentence in its teacher's
+    units (the same tokenizer, max_length and window_context); a unit the teacher did not label
+    is refused."""
+    rows: dict[int, dict[int, int]] = {}
+    out = []
+    for w in windows:
+        soft = teacher[w.sentence]
+        at = rows.setdefault(w.sentence, {int(f): i for i, f in enumerate(soft.firsts)})
+        missing = [f for f in w.words if f not in at]
+        if missing:
+            raise ValueError(f"sentence {w.sentence}: the teacher labelled no unit starting at word {missing[0]}; "
+                             "train the student with the teacher's tokenizer, model.max_length and "
+                             "model.window_context")
+        out.append(torch.from_numpy(np.ascontiguousarray(soft.probs[[at[f] for f in w.words]], dtype=np.float16)))
+    return out
+
+
 def _inside(tag: str) -> str:
     """The tag of a later character of a piece labelled `tag`: inside the entity the piece opens."""
     return "I-" + tag[2:] if tag.startswith("B-") else tag

@@ -36,3 +36,18 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, lambda_max: float = 0
     has_label = labelled.any(dim=-1)
     row_max = torch.where(has_label, row_max, torch.zeros_like(row_max))
     return loss + lambda_max * row_max.sum() / has_label.sum().clamp(min=1)
+
+
+def soft_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error between the student's and the teacher's distributions at the labelled
+    positions, averaged over positions and labels: the loss of the teacher-student code of Wu et
+    al. (ACL 2020, microsoft/vert-papers SingleMulti-TS: MSELoss on softmax outputs). `teacher`
+    holds one row per labelled position of `labels`, in row-major order.
+
+    Why MSE and not KL: it is what their code trains with and reports; it is bounded, so a
+    confidently wrong teacher row costs a student at most a constant, where KL would grow without
+    bound."""
+    at = labels != IGNORE
+    if int(at.sum()) != teacher.shape[0]:
+        raise ValueError(f"{int(at.sum())} labelled positions but {teacher.shape[0]} teacher rows")
+    return F.mse_loss(torch.softmax(logits[at].float(), dim=-1), teacher.float())

@@ -1,9 +1,11 @@
-"""Plain fine-tuning on the source language: the paper's "Base Model" row.
+"""Plain fine-tuning on the source language: the paper's "Base Model" row; and a student trained
+on a teacher's soft labels (`teacher`), on the same loop.
 
 As in the official code's no-meta scheme: shuffled minibatches of `train.base_batch_size` windows,
 the same optimiser and schedule as meta-training over `num_steps`, the loss and entity masking of
 `train.lambda_max` / `train.mask_ratio` (masks redrawn every pass over the data; a Base Model
-recipe sets both to 0 for plain cross-entropy), and model selection on dev F1.
+recipe sets both to 0 for plain cross-entropy), and model selection on dev F1. A student's loss is
+`soft_loss` against its teacher's probabilities instead (the max term does not apply).
 """
 from __future__ import annotations
 
@@ -15,11 +17,11 @@ import torch
 
 from trainer.config import EVAL_BATCH_SIZE
 from trainer.data.corpus import Sentence
-from trainer.data.features import Featurizer, Window
+from trainer.data.features import Featurizer, Soft, Window, soft_targets
 from trainer.data.masking import mask_batch, mask_generator
 from trainer.modules.batched import PACK_FROM, stack_packed
 from trainer.modules.bottom import FrozenBottom, keep_source
-from trainer.modules.losses import token_loss
+from trainer.modules.losses import soft_loss, token_loss
 from trainer.modules.model import NerModel, trainable_parameters
 from trainer.training.optim import make_optimizer, optimizer_step, param_groups
 from trainer.training.predict import evaluate
@@ -90,10 +92,13 @@ def _packed_loss(model: NerModel, featurizer: Featurizer, bottom: FrozenBottom, 
 
 
 def _train_step(model: NerModel, optimizer, scheduler, batch: dict, targets, train, windows=None,
-                bottom: Optional[FrozenBottom] = None, featurizer: Optional[Featurizer] = None) -> float:
+                bottom: Optional[FrozenBottom] = None, featurizer: Optional[Featurizer] = None,
+                teacher: Optional[torch.Tensor] = None) -> float:
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    if featurizer is not None and packs(model, bottom, train):
+    if teacher is not None:
+        loss = soft_loss(_logits(model, batch, windows, bottom), batch["labels"], teacher)
+    elif featurizer is not None and packs(model, bottom, train):
         loss = _packed_loss(model, featurizer, bottom, windows, train.lambda_max)
     else:
         loss = token_loss(_logits(model, batch, windows, bottom), targets, train.lambda_max)
@@ -106,8 +111,11 @@ def _train_step(model: NerModel, optimizer, scheduler, batch: dict, targets, tra
 def finetune(model: NerModel, featurizer: Featurizer, sentences: Sequence[Sentence], cfg, *, seed: int,
              num_steps: Optional[int] = None, dev: Optional[Sequence[Sentence]] = None, metrics_logger=None,
              eval_batch_size: int = EVAL_BATCH_SIZE, bottom: Optional[FrozenBottom] = None,
-             bottom_store: Optional[str] = None) -> dict:
+             bottom_store: Optional[str] = None, teacher: Optional[Sequence[Soft]] = None) -> dict:
     """Train in place; with `dev`, evaluate every `train.eval_every` steps and end on the best weights.
+
+    `teacher`: soft labels of each sentence (a student's training set; the sentences' tags then
+    only say which words there are), learnt with `soft_loss`.
 
     `bottom`: the frozen bottom of the source windows, kept (`trainer.modules.bottom.keep_source`), so that
     each step runs only the trainable top, as meta-training does (frozen layers then run without
@@ -123,6 +131,9 @@ def finetune(model: NerModel, featurizer: Featurizer, sentences: Sequence[Senten
     windows = featurizer.encode(sentences)
     if not windows:
         raise ValueError("finetune got no sentences to train on")
+    if teacher is not None and len(teacher) != len(sentences):
+        raise ValueError(f"{len(sentences)} sentences but soft labels of {len(teacher)}")
+    targets = soft_targets(windows, teacher) if teacher is not None else None
     if bottom is not None and (not bottom.num_layers or train.mask_ratio > 0):
         bottom = None
     if bottom is not None and bottom_store:
@@ -146,8 +157,9 @@ def finetune(model: NerModel, featurizer: Featurizer, sentences: Sequence[Senten
         batch = mask_batch(batch, featurizer.mask_id, train.mask_ratio, mask_generator(seed, epoch, salt=step + 2),
                            featurizer.label2id.get("O", 0))
         batch = {k: v.to(device) for k, v in batch.items()}
+        soft = torch.cat([targets[i] for i in idx]).to(device) if targets is not None else None
         loss_value = _train_step(model, optimizer, scheduler, batch, featurizer.loss_labels(batch), train, chosen, bottom,
-                                 featurizer)
+                                 featurizer, soft)
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"fine-tuning step {step}: loss is {loss_value}; lower train.meta_lr")
         if metrics_logger is not None:
