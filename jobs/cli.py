@@ -31,6 +31,7 @@ JOBS = {
     "low-resource": "jobs.low_resource",
     "predict": "jobs.predict",
     "tag": "jobs.tag",
+    "distill": "jobs.distill",
 }
 
 

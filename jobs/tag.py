@@ -19,6 +19,7 @@ import os
 import re
 import time
 from collections import Counter
+from itertools import islice
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -37,12 +38,13 @@ logger = logging.getLogger(__name__)
 
 # Settings that change neither which sentences a shard holds nor their tags: a run started again
 # with other values of these continues the same output.
-_NOT_OUTPUT = ("cluster.", "mlflow.", "tag.shards_in_flight", "tag.start_timeout_s", "retrieval.cache_dir",
+_NOT_OUTPUT = ("cluster.", "mlflow.", "distill.", "tag.shards_in_flight", "tag.start_timeout_s", "retrieval.cache_dir",
                "model.prefix_cache_dir", "train.output_dir", "data.root", "model.name_or_path")
 
 
-def input_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder of a trained run (e.g. <out>/seed95/best)")
+def input_arguments(p, checkpoint: str = "--checkpoint") -> None:
+    p.add_argument(checkpoint, dest="checkpoint", required=True,
+                   help="checkpoint folder of a trained run (e.g. <out>/seed95/best)")
     p.add_argument("--lang", help="language of the input: one of the checkpoint's data.unspaced_languages (zh) "
                                   "is read unspaced, as its test set is")
     p.add_argument("--encoder", help="folder of the retrieval encoder, where the one the checkpoint records is "
@@ -51,10 +53,10 @@ def input_arguments(p) -> None:
                                     "this machine (its content must be the same)")
 
 
-def prepare(job_cfg, args):
+def prepare(job_cfg, args, sections=("cluster", "tag", "mlflow")):
     """(config, AdaptationInputs): the checkpoint's encoder and source, found and checked, and its
-    settings (trainer.training.checkpoint.use_config) with this job's cluster, tag and mlflow settings and
-    the command line's overrides on top."""
+    settings (trainer.training.checkpoint.use_config) with this job's `sections` and the command
+    line's overrides on top."""
     # torch, which trainer.training.checkpoint imports, takes seconds: a bad input or setting is named
     # before it is needed.
     from jobs.inputs import adaptation_inputs
@@ -63,8 +65,7 @@ def prepare(job_cfg, args):
     found = adaptation_inputs(args.checkpoint, encoder=args.encoder, source=args.source)
     job = job_cfg.to_dict()
     # Each sentence is adapted once: keeping its frozen bottom's states on disk would only fill it.
-    overrides = [("cluster", job["cluster"]), ("tag", job["tag"]), ("mlflow", job["mlflow"]),
-                 ("model.prefix_cache_dir", "")]
+    overrides = [*((name, job[name]) for name in sections), ("model.prefix_cache_dir", "")]
     if not os.path.isdir(found.config.retrieval.cache_dir):
         overrides.append(("retrieval.cache_dir", job["retrieval"]["cache_dir"]))
     return use_config(found.checkpoint, overrides + list(args.overrides)), found
@@ -124,7 +125,9 @@ def tag(cfg, found, inputs, total: int, out: Path, conll: bool = False, progress
         try:
             with TagStream(found.checkpoint, found.encoder, cfg, source, RetrievalCache(cfg.retrieval.cache_dir),
                            soft) as stream:
-                stream.run(shards(sentences(inputs), cfg.tag.shard_size, skip=done), write, bar.update)
+                # The first `total` sentences: all of the input, or as many as a caller keeps.
+                stream.run(shards(islice(sentences(inputs), total), cfg.tag.shard_size, skip=done), write,
+                           bar.update)
         finally:
             bar.close()
     seconds = time.perf_counter() - started

@@ -260,6 +260,25 @@ class TagConfig(Section):
     start_timeout_s: Number = setting(300.0, results=False, resume=False, use=True)
 
 
+class DistillConfig(Section):
+    """A student trained on a teacher's soft labels over unlabelled target-language text
+    (jobs.distill). Its model, frozen layers, windows and learning-rate settings are its teacher's;
+    these are what the student adds. Counted by the distill job's own record, not by every
+    seed's (results=False): no other job reads them."""
+
+    # Unlabelled sentences per language, the first ones in input order (0: all).
+    max_sentences: int = setting(10000, results=False, resume=False, use=True, ge=0)
+    # The student's start: the pretrained encoder with a fresh classifier, or the teacher's weights.
+    init: Literal["pretrained", "teacher"] = setting("pretrained", results=False, resume=False, use=True)
+    # Updates of `batch_size` windows; learning rate (unset: the teacher's train.meta_lr).
+    num_steps: int = setting(440, results=False, resume=False, use=True, ge=1)
+    batch_size: int = setting(32, results=False, resume=False, use=True, ge=1)
+    lr: Optional[Number] = setting(None, results=False, resume=False, use=True)
+    # Whether the student adapts to each sentence's English neighbours when it tags: off, since a
+    # student is made to tag without the English source (evaluate/tag adapt.enabled=true turn it on).
+    adapt: bool = setting(False, results=False, resume=False, use=True)
+
+
 class MlflowConfig(Section):
     tracking_uri: Optional[str] = setting(None, results=False, resume=False, use=True)
     experiment: str = setting("metaner", results=False, resume=False, use=True)
@@ -273,6 +292,7 @@ class Config(Section):
     adapt: AdaptConfig = Field(default_factory=AdaptConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     tag: TagConfig = Field(default_factory=TagConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
     def to_dict(self) -> dict[str, Any]:
