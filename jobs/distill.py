@@ -20,7 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 import numpy as np
 
 from cluster.finetune import run_finetune
@@ -88,6 +90,7 @@ def student_record(scfg, soft_work: dict, teacher_weights: str, seed: int, dev_d
 def read_teacher(folder: Path, unspaced: bool) -> tuple[list, list]:
     """(sentences, soft labels) of the soft shards in `folder`: the teacher's tags only say which
     words a sentence has; the probabilities are copied out of the memory maps once."""
+    # torch, which trainer.data.features imports, only once the inputs are checked and tagged.
     from trainer.data.features import Soft
 
     sentences, soft = [], []
@@ -97,13 +100,27 @@ def read_teacher(folder: Path, unspaced: bool) -> tuple[list, list]:
     return sentences, soft
 
 
-def run(argv=None) -> int:
-    job_cfg, args = parse(argv, "distill", arguments, model_from_config=False)
+@dataclass
+class Plan:
+    """A distillation, every input checked and both output folders matched to their records."""
+
+    cfg: Any  # the teacher's settings with this job's on top
+    student: Any  # the student's (student_config)
+    found: Any  # jobs.inputs.AdaptationInputs of the teacher
+    inputs: Any  # jobs.textio.InputSet of the unlabelled text
+    total: int  # sentences taken from it
+    dev: list
+    soft: tuple[Path, dict]  # folder of the soft shards and its record
+    trained: tuple[Path, dict]  # folder of the student and its record
+
+
+def plan(job_cfg, args) -> Plan:
+    """Everything read and checked before any work: a bad input or setting, test sentences in the
+    unlabelled text, or work of other inputs in --out stops the job here."""
     cfg, found = prepare(job_cfg, args, ("cluster", "tag", "distill", "mlflow"))
     seed = args.seed if args.seed is not None else cfg.train.seeds[0]
-    cap = cfg.distill.max_sentences
     inputs, total = open_input(args.unlabelled, cfg, args, args.text_field)
-    total = min(total, cap) if cap else total
+    total = min(total, cfg.distill.max_sentences or total)
     words = [tuple(s.words) for _, s in zip(range(total), inputs.sentences())]
     overlap = test_overlap(cfg, args.lang, args.test, words)
     if overlap:
@@ -113,50 +130,59 @@ def run(argv=None) -> int:
     problems = hub_problems(scfg.model.name_or_path) if cfg.distill.init == "pretrained" else []
     if problems:
         raise InputError(f"the teacher's encoder, the student's start, is not here: {problems[0]}")
-
     dev_file = args.dev or scfg.data.resolve(scfg.data.source_dev)
     dev = sample(read_corpus(dev_file).sentences, scfg.data.dev_sample, seed)
-
-    soft_out = args.out / "soft"
     work = record(cfg, found, inputs, conll=False, soft=True)
     work["values"]["input.max_sentences"] = total
     work["hash"] = values_sha256(work["values"])
-    check_record(soft_out, work)  # soft labels of another teacher or input in --out stop the job here
-    student_out = args.out / "student"
-    srecord = student_record(scfg, work, work["values"]["checkpoint.weights"], seed, file_digest(dev_file))
-    check_record(student_out, srecord)
+    trained = student_record(scfg, work, work["values"]["checkpoint.weights"], seed, file_digest(dev_file))
+    p = Plan(cfg, scfg, found, inputs, total, dev, (args.out / "soft", work), (args.out / "student", trained))
+    for folder, rec in (p.soft, p.trained):
+        check_record(folder, rec)  # soft labels of another teacher, or another student, stop the job here
+    return p
 
-    start_cluster(cfg, ("tag", "train"), args.out)
-    write_record(soft_out, work)
-    logger.info("distill %s: the teacher tags %d sentences", args.lang, total, extra={"stage": True})
-    tag(cfg, found, inputs, total, soft_out, soft=True)
-    sentences, soft = read_teacher(soft_out, inputs.unspaced)
-    # torch, which the checkpoint module imports, only once the inputs are checked and tagged.
+
+def train_student(p: Plan, lang: str) -> Path:
+    """The student of the soft shards, trained unless <out>/student/best holds it already."""
+    folder, rec = p.trained
+    best = folder / "best"
+    write_record(folder, rec)
+    if best.is_dir():
+        logger.info("distill %s: the student is trained already, in %s", lang, best, extra={"stage": True})
+        return best
+    sentences, soft = read_teacher(p.soft[0], p.inputs.unspaced)
+    seed = p.student.train.seeds[0]
+    logger.info("distill %s: training the student on %d sentences", lang, len(sentences), extra={"stage": True})
+    with tracked_run(p.student, f"student-{lang}-seed{seed}", {"seed": seed, "role": "student"}) as run:
+        run.set_tags({"teacher": str(Path(p.found.checkpoint).resolve()), "lang": lang})
+        with watching(run.run_id, p.cfg.distill.num_steps, "distill"):
+            run_finetune(p.student, sentences, p.dev, seed, str(folder), run.run_id,
+                         tracking_uri(p.student.mlflow.tracking_uri),
+                         init_checkpoint=p.found.checkpoint if p.cfg.distill.init == "teacher" else None,
+                         storage=job_storage(p.student, folder), teacher=soft)
+        run.set_tags({"checkpoint": str(best)})
+    return best
+
+
+def run(argv=None) -> int:
+    job_cfg, args = parse(argv, "distill", arguments, model_from_config=False)
+    p = plan(job_cfg, args)
+    started = time.perf_counter()
+    start_cluster(p.cfg, ("tag", "train"), args.out)
+    write_record(*p.soft)
+    logger.info("distill %s: the teacher tags %d sentences", args.lang, p.total, extra={"stage": True})
+    tag(p.cfg, p.found, p.inputs, p.total, p.soft[0], soft=True)
+    best = train_student(p, args.lang)
+    # torch, which the checkpoint module imports, only once the work is done.
     from trainer.training.checkpoint import read_info
 
-
-    write_record(student_out, srecord)
-    best = student_out / "best"
-    started = time.perf_counter()
-    if best.is_dir():
-        logger.info("distill %s: the student is trained already, in %s", args.lang, best, extra={"stage": True})
-    else:
-        logger.info("distill %s: training the student", args.lang, extra={"stage": True})
-        with tracked_run(scfg, f"student-{args.lang}-seed{seed}", {"seed": seed, "role": "student"}) as run_:
-            run_.set_tags({"teacher": str(Path(found.checkpoint).resolve()), "lang": args.lang})
-            with watching(run_.run_id, cfg.distill.num_steps, "distill"):
-                run_finetune(scfg, sentences, dev, seed, str(student_out), run_.run_id,
-                             tracking_uri(scfg.mlflow.tracking_uri),
-                             init_checkpoint=found.checkpoint if cfg.distill.init == "teacher" else None,
-                             storage=job_storage(scfg, student_out), teacher=soft)
-            run_.set_tags({"checkpoint": str(best)})
     meta = read_info(best).get("meta", {})
     logger.info("distill %s: done in %s", args.lang, duration(time.perf_counter() - started), extra={"stage": True})
     print(f"student    {best}")
-    print(f"trained on {len(sentences):,} {args.lang} sentences soft-labelled by {found.checkpoint}")
+    print(f"trained on {p.total:,} {args.lang} sentences soft-labelled by {p.found.checkpoint}")
     if "best_f1" in meta:
         print(f"English dev F1 {meta['best_f1']:.2f} (step {meta['best_step']})")
-    print(f"Next: metaner evaluate --checkpoint {best}   (inputs: {student_out / RECORD})")
+    print(f"Next: metaner evaluate --checkpoint {best}   (inputs: {p.trained[0] / RECORD})")
     return 0
 
 
