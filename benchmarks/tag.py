@@ -1,19 +1,25 @@
-"""Benchmark: tagging throughput (sentences/s) with 1 and 2 adapter actors, and peak memory as the
-input grows, on the demo checkpoint, in one run.
+"""Benchmark: tagging throughput (sentences/s) with 1 and 2 adapter actors, with and without soft
+labels, a student's training rate on them, and peak memory as the input grows, on the demo
+checkpoint, in one run.
 
-    python benchmarks/tag.py [--quick] [--checkpoint DIR] [--sentences N] [--actors 1 2]
+    python benchmarks/tag.py [--quick] [--checkpoint DIR] [--sentences N] [--actors 1 2] [--no-soft]
                              [--memory 10000 100000] [--limit N]
 
 Input: raw text, one sentence per line, made from the synthetic templates of es, nl, de and fr
 (jobs.synthetic; deterministic), written to a file and read back as `metaner tag` reads it.
 Throughput: the job's stream (cluster.tag_stream: embedding actor, index shard, adapter actors,
 jobs/configs/tag.yaml's settings) with every actor started and warmed before the clock, then the
-same sentences through 1 and through 2 of the adapter actors, taking turns, best of --repeats (3) runs each;
-shards are written as the job writes them. Memory (not under --quick): for each input size a fresh stream tags the whole file, and the
+same sentences through 1 and through 2 of the adapter actors, and through all of them keeping soft
+labels (`metaner tag --soft`: probabilities back from the actors, a float16 sidecar per shard),
+taking turns, best of --repeats (3) runs each; shards are written as the job writes them. The
+student's rate: updates/s of `metaner distill`'s training (trainer.training.finetune on the soft
+shards just written) against the same fine-tuning on their hard tags, taking turns. Memory (not under --quick): for each input size a fresh stream tags the whole file, and the
 peak RSS (VmHWM) of the driver and of every actor is read at the end.
 
 Prints the machine, `rate` and `memory` lines and one `ratio <name> <value>` line per ratio:
-tag_actors2_vs_1 (higher is better), tag_peak_rss_<big>_over_<small> (1.0 is flat). Every process
+tag_actors2_vs_1 (higher is better), tag_soft_vs_hard (soft labels' throughput over tags' alone; at
+least 0.85 is the aim), distill_student_vs_finetune (a student's updates/s over plain fine-tuning's),
+tag_peak_rss_<big>_over_<small> (1.0 is flat). Every process
 computes on one thread (OMP_NUM_THREADS=1).
 """
 from __future__ import annotations
@@ -48,6 +54,9 @@ def parse_args(argv):
     parser.add_argument("--memory", type=int, nargs="*", default=None,
                         help=f"input sizes whose peak RSS is compared (default {DEFAULT_MEMORY}; none with --quick)")
     parser.add_argument("--limit", type=int, default=0, help="cap on sentences everywhere (smoke runs)")
+    parser.add_argument("--no-soft", dest="soft", action="store_false",
+                        help="leave out the soft-label runs and the student's rate")
+    parser.add_argument("--student-steps", type=int, default=20, help="updates timed per run of the student")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per actor count; the best counts")
     parser.add_argument("overrides", nargs="*", help="settings over jobs/configs/tag.yaml's, e.g. cluster.adapt_unit_size=64")
     args = parser.parse_args(argv)
@@ -93,48 +102,83 @@ def stream_items(path: str, cfg):
     return shards(sentences(InputSet([path], format="text", max_words=cfg.tag.max_words)), cfg.tag.shard_size)
 
 
-def throughput(args, workdir: str) -> dict[int, float]:
-    """Sentences/s through the stream with each number of adapter actors in args.actors."""
+def throughput(args, workdir: str) -> dict:
+    """Sentences/s through the stream with each number of adapter actors in args.actors, and with
+    all of them keeping soft labels ("soft") unless --no-soft."""
     from cluster.tag_stream import TagStream
     from retrieval.cache import RetrievalCache
 
     cfg, found, source = setup(args, max(args.actors))
     path = write_input(os.path.join(workdir, "throughput.txt"), args.sentences)
     rates = {}
+    runs = [(n, False) for n in sorted(args.actors)] + ([(max(args.actors), True)] if args.soft else [])
     with TagStream(found.checkpoint, found.encoder, cfg, source, RetrievalCache(cfg.retrieval.cache_dir)) as stream:
         everyone = stream.pool.actors
         warm = write_input(os.path.join(workdir, "warm.txt"), 2 * cfg.cluster.adapt_unit_size * len(everyone))
         stream.run(stream_items(warm, cfg), lambda shard: None)  # every actor's first call off the clock
         processes = {"driver": None, "embed": stream.embedder.actors, "index": stream.index.shards}
-        seconds: dict[int, list] = {n: [] for n in args.actors}
-        spent: dict[int, dict] = {n: {} for n in args.actors}
+        seconds: dict = {key: [] for key in runs}
+        spent: dict = {key: {} for key in runs}
         # Actor counts take turns, run after run, so that a drift in the machine's speed (a shared
         # VM's host) falls on every count alike instead of on whichever ran last.
         for r in range(args.repeats):
-            for n in sorted(args.actors):
-                stream.pool.actors = everyone[:n]
+            for n, soft in runs:
+                stream.pool.actors, stream.soft = everyone[:n], soft
                 kinds = {**processes, "adapter": everyone[:n]}
                 before = _cpu_seconds(kinds)
-                seconds[n].append(_timed_run(stream, path, cfg, os.path.join(workdir, f"actors{n}-{r}")))
+                folder = os.path.join(workdir, f"actors{n}{'-soft' if soft else ''}-{r}")
+                seconds[n, soft].append(_timed_run(stream, path, cfg, folder, soft))
                 for k, v in _cpu_seconds(kinds).items():
-                    spent[n][k] = spent[n].get(k, 0.0) + v - before[k]
-        stream.pool.actors = everyone
-    for n in sorted(args.actors):
-        rates[n] = args.sentences / min(seconds[n])
-        print(f"rate tag actors={n} {rates[n]:.1f} sentences/s ({min(seconds[n]):.1f} s for {args.sentences}, best "
+                    spent[n, soft][k] = spent[n, soft].get(k, 0.0) + v - before[k]
+        stream.pool.actors, stream.soft = everyone, False
+    for n, soft in runs:
+        rate = args.sentences / min(seconds[n, soft])
+        rates["soft" if soft else n] = rate
+        name = f"actors={n}{' soft' if soft else ''}"
+        print(f"rate tag {name} {rate:.1f} sentences/s ({min(seconds[n, soft]):.1f} s for {args.sentences}, best "
               f"of {args.repeats}, taking turns)", flush=True)
         done = args.sentences * args.repeats
-        print(f"cpu tag actors={n} " + " ".join(f"{k}={1000 * v / done:.3f}ms/sentence" for k, v in spent[n].items()),
-              flush=True)
+        print(f"cpu tag {name} " + " ".join(f"{k}={1000 * v / done:.3f}ms/sentence"
+                                            for k, v in spent[n, soft].items()), flush=True)
     return rates
 
 
-def _timed_run(stream, path: str, cfg, folder: str) -> float:
+def _timed_run(stream, path: str, cfg, folder: str, soft: bool = False) -> float:
     from jobs.textio import ShardWriter
 
-    writer = ShardWriter(folder)
-    write = lambda s: writer.write(s.number, s.first, s.sentences, s.wheres, s.tags)  # noqa: E731
+    writer = ShardWriter(folder, soft=soft)
+    write = lambda s: writer.write(s.number, s.first, s.sentences, s.wheres, s.tags, s.soft)  # noqa: E731
     return common.timed(stream.run, stream_items(path, cfg), write)[1]
+
+
+def student_rate(args, folder: str) -> float:
+    """Updates/s of a student on the soft shards in `folder` over plain fine-tuning on their tags,
+    the same model, windows and batches, taking turns (best of --repeats)."""
+    from jobs.distill import read_teacher, student_config
+    from trainer.config import with_overrides
+    from trainer.data.features import Featurizer
+    from trainer.modules.bottom import FrozenBottom
+    from trainer.modules.model import load_tokenizer
+    from trainer.training.checkpoint import build_model, use_config
+    from trainer.training.finetune import finetune
+
+    cfg = with_overrides(student_config(use_config(args.checkpoint), 95),
+                         [("train.eval_every", 10 ** 9), ("model.prefix_cache_dir", "")])
+    sentences, soft = read_teacher(folder, unspaced=False)
+    featurizer = Featurizer(load_tokenizer(args.checkpoint), cfg.model.max_length, cfg.model.window_context)
+    model = build_model(cfg, seed=95)
+    bottom = FrozenBottom(model, featurizer)
+    seconds: dict = {"student": [], "finetune": []}
+    for _ in range(args.repeats):
+        for name in seconds:
+            teacher = soft if name == "student" else None
+            seconds[name].append(common.timed(finetune, model, featurizer, sentences, cfg, seed=95,
+                                              num_steps=args.student_steps, bottom=bottom, teacher=teacher)[1])
+    rates = {name: args.student_steps / min(s) for name, s in seconds.items()}
+    for name, rate in rates.items():
+        print(f"rate distill {name} {rate:.2f} updates/s of {cfg.train.base_batch_size} windows "
+              f"({len(sentences)} sentences, best of {args.repeats}, taking turns)", flush=True)
+    return rates["student"] / rates["finetune"]
 
 
 def _cpu_seconds(processes: dict) -> dict[str, float]:
@@ -204,9 +248,14 @@ def run(args) -> dict[str, float]:
     ratios: dict[str, float] = {}
     with common.workdir() as workdir:
         rates = throughput(args, workdir) if args.actors else {}
-        if len(rates) > 1:
-            lo, hi = min(rates), max(rates)
+        counts = sorted(n for n in rates if n != "soft")
+        if len(counts) > 1:
+            lo, hi = counts[0], counts[-1]
             ratios[f"tag_actors{hi}_vs_{lo}"] = rates[hi] / rates[lo]
+        if "soft" in rates:
+            ratios["tag_soft_vs_hard"] = rates["soft"] / rates[counts[-1]]
+            ratios["distill_student_vs_finetune"] = student_rate(
+                args, os.path.join(workdir, f"actors{counts[-1]}-soft-0"))
         peaks = {n: memory(args, workdir, n) for n in args.memory}
     if len(peaks) > 1:
         small, big = min(peaks), max(peaks)

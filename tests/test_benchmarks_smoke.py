@@ -156,12 +156,14 @@ def test_meta_train_benchmark_prints_positive_ratios():
 @pytest.mark.slow
 def test_tag_benchmark_prints_the_actor_and_memory_ratios(trained_checkpoint):
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tag.py"), "--quick", "--limit", "40",
-                           "--checkpoint", str(trained_checkpoint / "best"), "--memory", "40", "80"],
+                           "--checkpoint", str(trained_checkpoint / "best"), "--memory", "40", "80",
+                           "--repeats", "1", "--student-steps", "4"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     ratios = dict((name, float(value)) for _, name, value in
                   (line.split() for line in done.stdout.splitlines() if line.startswith("ratio ")))
-    assert set(ratios) == {"tag_actors2_vs_1", "tag_peak_rss_80_over_40", "tag_driver_peak_rss_80_over_40"}
+    assert set(ratios) == {"tag_actors2_vs_1", "tag_soft_vs_hard", "distill_student_vs_finetune",
+                           "tag_peak_rss_80_over_40", "tag_driver_peak_rss_80_over_40"}
     assert all(v > 0 for v in ratios.values())
 
 
