@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import importlib.util
 
+import pytest
 from conftest import MODELS, REPO, needs_data, needs_tiny_6l
 
 
+@pytest.mark.slow
 @needs_data
 @needs_tiny_6l
 def test_retrieval_benchmark_smoke(ray_local, data_root, capsys):

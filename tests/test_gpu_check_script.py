@@ -9,7 +9,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
+
+# The benchmark scripts run end to end in the end-to-end tier (tests/conftest.py).
+pytestmark = pytest.mark.slow
 
 CHECKS = ["meta-step", "meta-step-bf16", "faiss-k2", "faiss-k2040", "faiss-k2100", "adapt-tags", "pytest-gpu"]
 
