@@ -13,7 +13,8 @@ and `evaluate` take it, without adaptation unless asked (distill.adapt).
 
 Unlabelled text is any input `metaner tag` reads (a CoNLL file's tags are ignored), the first
 distill.max_sentences sentences of it. A sentence of the language's test set in it is refused
-before any work, with the count.
+before any work, with the count, or left out with distill.drop_test_sentences (a training file
+shares boilerplate lines such as "( EFE )" or "-" with its test set).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 import numpy as np
 
 from cluster.finetune import run_finetune
@@ -38,7 +39,7 @@ from .common import (RECORD, check_record, file_digest, main_guard, parse, sampl
                      write_record)
 from .console import duration
 from .environment import hub_problems
-from .tag import input_arguments, open_input, prepare, record, tag
+from .tag import input_arguments, open_input, prepare, record, sentences, tag
 from .textio import FORMATS, read_soft
 
 logger = logging.getLogger(__name__)
@@ -56,16 +57,41 @@ def arguments(p) -> None:
     p.add_argument("--seed", type=int, help="the student's seed (default: the first of train.seeds)")
 
 
-def test_overlap(cfg, lang: str, test: str | None, words) -> int:
-    """How many sentences of `words` (word tuples) are sentences of the language's test set."""
+def test_sentences(cfg, lang: str, test: str | None) -> set:
+    """The words of every sentence of the language's test set."""
     d = cfg.data
     if test is None:
         if lang not in d.target_files:
             raise InputError(f"--lang {lang}: the teacher's data.target_files has no {lang} test set to check the "
                              "unlabelled text against; give it with --test FILE")
         test = d.resolve(d.target_files[lang])
-    tests = {tuple(s.words) for s in read_corpus(test).sentences}
-    return sum(1 for w in words if w in tests)
+    return {tuple(s.words) for s in read_corpus(test).sentences}
+
+
+def unlabelled(items: Iterable, tests: set, cap: int, drop: bool, name: str) -> list:
+    """The first `cap` (0: all) of `items` ((Sentence, where)) that are not test sentences. One of
+    the test set among them is refused with their count, or with `drop` left out; nothing left
+    is refused too."""
+    kept, seen, overlap = [], 0, 0
+    for item in items:
+        if cap and len(kept) == cap:
+            break
+        seen += 1
+        if tuple(item[0].words) in tests:
+            overlap += 1
+            if not drop:
+                continue
+        else:
+            kept.append(item)
+    if overlap and not drop:
+        raise InputError(f"{name}: {overlap} of its first {seen} sentences are in the test set; a student must not "
+                         "see the sentences it is scored on: remove them, or set distill.drop_test_sentences=true to "
+                         "leave them out")
+    if overlap:
+        logger.info("%s: %d of %d sentences left out, being in the test set", name, overlap, seen)
+    if not kept:
+        raise InputError(f"{name}: no sentence left to label ({seen} read, {overlap} in the test set); give other text")
+    return kept
 
 
 def student_config(cfg, seed: int):
@@ -108,7 +134,7 @@ class Plan:
     student: Any  # the student's (student_config)
     found: Any  # jobs.inputs.AdaptationInputs of the teacher
     inputs: Any  # jobs.textio.InputSet of the unlabelled text
-    total: int  # sentences taken from it
+    items: list  # the (Sentence, where) taken from it
     dev: list
     soft: tuple[Path, dict]  # folder of the soft shards and its record
     trained: tuple[Path, dict]  # folder of the student and its record
@@ -119,13 +145,10 @@ def plan(job_cfg, args) -> Plan:
     unlabelled text, or work of other inputs in --out stops the job here."""
     cfg, found = prepare(job_cfg, args, ("cluster", "tag", "distill", "mlflow"))
     seed = args.seed if args.seed is not None else cfg.train.seeds[0]
-    inputs, total = open_input(args.unlabelled, cfg, args, args.text_field)
-    total = min(total, cfg.distill.max_sentences or total)
-    words = [tuple(s.words) for _, s in zip(range(total), inputs.sentences())]
-    overlap = test_overlap(cfg, args.lang, args.test, words)
-    if overlap:
-        raise InputError(f"--unlabelled: {overlap} of its first {total} sentences are in the {args.lang} test set; "
-                         "a student must not see the sentences it is scored on: remove them and run again")
+    inputs, _ = open_input(args.unlabelled, cfg, args, args.text_field)
+    d = cfg.distill
+    items = unlabelled(sentences(inputs), test_sentences(cfg, args.lang, args.test), d.max_sentences,
+                       d.drop_test_sentences, "--unlabelled")
     scfg = student_config(cfg, seed)
     problems = hub_problems(scfg.model.name_or_path) if cfg.distill.init == "pretrained" else []
     if problems:
@@ -133,10 +156,10 @@ def plan(job_cfg, args) -> Plan:
     dev_file = args.dev or scfg.data.resolve(scfg.data.source_dev)
     dev = sample(read_corpus(dev_file).sentences, scfg.data.dev_sample, seed)
     work = record(cfg, found, inputs, conll=False, soft=True)
-    work["values"]["input.max_sentences"] = total
+    work["values"].update({"input.max_sentences": d.max_sentences, "input.drop_test_sentences": d.drop_test_sentences})
     work["hash"] = values_sha256(work["values"])
     trained = student_record(scfg, work, work["values"]["checkpoint.weights"], seed, file_digest(dev_file))
-    p = Plan(cfg, scfg, found, inputs, total, dev, (args.out / "soft", work), (args.out / "student", trained))
+    p = Plan(cfg, scfg, found, inputs, items, dev, (args.out / "soft", work), (args.out / "student", trained))
     for folder, rec in (p.soft, p.trained):
         check_record(folder, rec)  # soft labels of another teacher, or another student, stop the job here
     return p
@@ -170,8 +193,8 @@ def run(argv=None) -> int:
     started = time.perf_counter()
     start_cluster(p.cfg, ("tag", "train"), args.out)
     write_record(*p.soft)
-    logger.info("distill %s: the teacher tags %d sentences", args.lang, p.total, extra={"stage": True})
-    tag(p.cfg, p.found, p.inputs, p.total, p.soft[0], soft=True)
+    logger.info("distill %s: the teacher tags %d sentences", args.lang, len(p.items), extra={"stage": True})
+    tag(p.cfg, p.found, iter(p.items), len(p.items), p.soft[0], soft=True)
     best = train_student(p, args.lang)
     # torch, which the checkpoint module imports, only once the work is done.
     from trainer.training.checkpoint import read_info
@@ -179,7 +202,7 @@ def run(argv=None) -> int:
     meta = read_info(best).get("meta", {})
     logger.info("distill %s: done in %s", args.lang, duration(time.perf_counter() - started), extra={"stage": True})
     print(f"student    {best}")
-    print(f"trained on {p.total:,} {args.lang} sentences soft-labelled by {p.found.checkpoint}")
+    print(f"trained on {len(p.items):,} {args.lang} sentences soft-labelled by {p.found.checkpoint}")
     if "best_f1" in meta:
         print(f"English dev F1 {meta['best_f1']:.2f} (step {meta['best_step']})")
     print(f"Next: metaner evaluate --checkpoint {best}   (inputs: {p.trained[0] / RECORD})")

@@ -17,7 +17,7 @@ from trainer.utils.digest import text_sha256
 from trainer.utils.errors import InputError
 
 from .common import check_record, main_guard, parse, write_record
-from .tag import input_arguments, open_input, prepare, record, tag
+from .tag import input_arguments, open_input, prepare, record, sentences, tag
 
 
 def run(argv=None) -> int:
@@ -45,7 +45,7 @@ def run(argv=None) -> int:
     out = args.out / work["hash"]
     check_record(out, work)
     write_record(out, work)
-    tag(cfg, found, inputs, total, out, progress=False)
+    tag(cfg, found, sentences(inputs), total, out, progress=False)
     _print(out)
     return 0
 

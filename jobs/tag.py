@@ -102,10 +102,11 @@ def record(cfg, found, inputs, conll: bool, soft: bool = False) -> dict:
     return {"hash": values_sha256(values), "values": values}
 
 
-def tag(cfg, found, inputs, total: int, out: Path, conll: bool = False, progress: bool = True,
+def tag(cfg, found, items, total: int, out: Path, conll: bool = False, progress: bool = True,
         soft: bool = False) -> dict:
-    """Stream every shard not yet in `out` through the actors (keeping the model's probabilities
-    with `soft`); the summary of the whole output."""
+    """Stream the first `total` of `items` ((Sentence, where) in input order, as `sentences`
+    yields them), every shard not yet in `out`, through the actors (keeping the model's
+    probabilities with `soft`); the summary of the whole output."""
     # Ray and FAISS take seconds to import: only once the input is read and checked.
     from cluster.tag_stream import TagStream
 
@@ -125,9 +126,7 @@ def tag(cfg, found, inputs, total: int, out: Path, conll: bool = False, progress
         try:
             with TagStream(found.checkpoint, found.encoder, cfg, source, RetrievalCache(cfg.retrieval.cache_dir),
                            soft) as stream:
-                # The first `total` sentences: all of the input, or as many as a caller keeps.
-                stream.run(shards(islice(sentences(inputs), total), cfg.tag.shard_size, skip=done), write,
-                           bar.update)
+                stream.run(shards(islice(items, total), cfg.tag.shard_size, skip=done), write, bar.update)
         finally:
             bar.close()
     seconds = time.perf_counter() - started
@@ -187,7 +186,7 @@ def run(argv=None) -> int:
     work = record(cfg, found, inputs, args.conll, args.soft)
     check_record(args.out, work)  # another run's shards in --out stop the job here
     write_record(args.out, work)
-    print_summary(tag(cfg, found, inputs, total, args.out, args.conll, soft=args.soft))
+    print_summary(tag(cfg, found, sentences(inputs), total, args.out, args.conll, soft=args.soft))
     return 0
 
 

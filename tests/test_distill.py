@@ -104,14 +104,19 @@ def test_test_sentences_or_no_sentence_in_the_unlabelled_text_are_refused_before
     files = _files(tmp_path, toy_corpus)
     leaky = tmp_path / "leaky.conll"
     leaky.write_text(open(files["unlabelled"]).read() + "\n" + open(files["test"]).read().split("\n\n")[0] + "\n")
-    with pytest.raises(InputError, match=r"--unlabelled: 1 of its first 13 sentences are in the es test set"):
+    with pytest.raises(InputError, match=r"--unlabelled: 1 of its first 13 sentences are in the test set.*"
+                                         r"distill.drop_test_sentences=true"):
         _distill(trained_checkpoint / "best", {**files, "unlabelled": str(leaky)}, tmp_path / "out",
                  "distill.max_sentences=0")
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(InputError, match="no sentence to tag"):
         _distill(trained_checkpoint / "best", {**files, "unlabelled": str(empty)}, tmp_path / "out2")
-    for out in ("out", "out2"):
+    # Only test sentences: with them left out, nothing is left.
+    with pytest.raises(InputError, match=r"--unlabelled: no sentence left to label \(8 read, 8 in the test set\)"):
+        _distill(trained_checkpoint / "best", {**files, "unlabelled": files["test"]}, tmp_path / "out3",
+                 "distill.drop_test_sentences=true")
+    for out in ("out", "out2", "out3"):
         assert not (tmp_path / out / "soft").exists() and not (tmp_path / out / "student").exists()
 
 

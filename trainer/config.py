@@ -268,6 +268,9 @@ class DistillConfig(Section):
 
     # Unlabelled sentences per language, the first ones in input order (0: all).
     max_sentences: int = setting(10000, results=False, resume=False, use=True, ge=0)
+    # A sentence of the language's test set among them stops the job (false), or is left out (true:
+    # a corpus's training file shares boilerplate lines such as "( EFE )" with its test set).
+    drop_test_sentences: bool = setting(False, results=False, resume=False, use=True)
     # The student's start: the pretrained encoder with a fresh classifier, or the teacher's weights.
     init: Literal["pretrained", "teacher"] = setting("pretrained", results=False, resume=False, use=True)
     # Updates of `batch_size` windows; learning rate (unset: the teacher's train.meta_lr).
